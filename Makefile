@@ -1,0 +1,36 @@
+# Two entry points: `make train` (set up, then train the enhanced recipe) and `make test`.
+# Both create ./.venv on first use and reinstall only when a requirements file changes.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+# Offline CIFAR-10 builder of our CI workspace; used only when present and ./data is empty.
+LOCAL_CIFAR ?= ../shared/data/make_cifar10.py
+
+.PHONY: install train train-baseline data test benchmark clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+data: install
+	@if [ ! -d data/cifar-10-batches-py ] && [ -f "$(LOCAL_CIFAR)" ]; then \
+		$(BIN)/python "$(LOCAL_CIFAR)" data; fi
+
+train: data
+	$(BIN)/python mobilenetv4_enhanced.py $(ARGS)
+
+train-baseline: data
+	$(BIN)/python mobilenetv4_baseline.py $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+benchmark: data
+	$(BIN)/python benchmarks/throughput.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

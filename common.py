@@ -1,0 +1,1332 @@
+"""MobileNetV4 for CIFAR-10: the model, the data pipeline and the plumbing both training scripts share.
+
+Sections, in order:
+  1. Model      block specs per variant (the paper's tables), the blocks, one builder, a summary
+  2. Data       CIFAR-10 pickles -> uint8 tensors on the device, batched on-device augmentation, TTA views
+  3. Device     device and precision choice, in one place
+  4. Training   command line, checkpoints, signals, the per-epoch run bookkeeping
+  5. Reporting  log lines, metrics files, plots, the final summary
+
+Importing this module has no side effects: nothing is downloaded, no environment variable is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import pickle
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import Conv2dNormActivation, SqueezeExcitation, StochasticDepth
+
+
+# =====================================================================================================
+# 1. Model
+# =====================================================================================================
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Round a channel count to a multiple of `divisor`, never dropping more than 10% (MobileNet rule)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One row of a MobileNetV4 table. `kind` is conv | fused_ib | uib | mqa; unused fields stay 0."""
+    kind: str
+    out: int                 # output channels before the width multiplier
+    stride: int = 1
+    kernel: int = 0          # conv / fused_ib kernel
+    start_dw: int = 0        # UIB start depthwise kernel (0 = absent)
+    middle_dw: int = 0       # UIB middle depthwise kernel (0 = absent)
+    expand: float = 0.0      # UIB / FusedIB expansion ratio
+    heads: int = 0           # MQA query heads
+    key_dim: int = 0         # MQA key / value width per head
+    kv_stride: int = 1       # MQA key / value down-sampling
+
+
+# Short constructors so each table row reads like the paper's notation.
+def conv(k, s, c):
+    return BlockSpec("conv", c, stride=s, kernel=k)
+
+
+def fused_ib(k, s, e, c):
+    return BlockSpec("fused_ib", c, stride=s, kernel=k, expand=e)
+
+
+def uib(a, m, s, e, c):
+    """Universal Inverted Bottleneck (start DW a, middle DW m, stride s, expansion e, out c)."""
+    return BlockSpec("uib", c, stride=s, start_dw=a, middle_dw=m, expand=e)
+
+
+def mqa(heads, key_dim, kv_stride, c):
+    return BlockSpec("mqa", c, heads=heads, key_dim=key_dim, kv_stride=kv_stride)
+
+
+# The paper's block tables (MNV4_SPEC.md section 4). Stage 4 is the 1x1 conv to 960 channels.
+MNV4_SPECS = {
+    "conv_small": dict(stem=32, layer_scale=False, stages=[
+        [conv(3, 2, 32), conv(1, 1, 32)],
+        [conv(3, 2, 96), conv(1, 1, 64)],
+        [uib(5, 5, 2, 3, 96), *[uib(0, 3, 1, 2, 96)] * 4, uib(3, 0, 1, 4, 96)],
+        [uib(3, 3, 2, 6, 128), uib(5, 5, 1, 4, 128), uib(0, 5, 1, 4, 128), uib(0, 5, 1, 3, 128),
+         *[uib(0, 3, 1, 4, 128)] * 2],
+        [conv(1, 1, 960)],
+    ]),
+    "conv_medium": dict(stem=32, layer_scale=False, stages=[
+        [fused_ib(3, 2, 4, 48)],
+        [uib(3, 5, 2, 4, 80), uib(3, 3, 1, 2, 80)],
+        [uib(3, 5, 2, 6, 160), *[uib(3, 3, 1, 4, 160)] * 2, uib(3, 5, 1, 4, 160), uib(3, 3, 1, 4, 160),
+         uib(3, 0, 1, 4, 160), uib(0, 0, 1, 2, 160), uib(3, 0, 1, 4, 160)],
+        [uib(5, 5, 2, 6, 256), uib(5, 5, 1, 4, 256), *[uib(3, 5, 1, 4, 256)] * 2, uib(0, 0, 1, 4, 256),
+         uib(3, 0, 1, 4, 256), uib(3, 5, 1, 2, 256), uib(5, 5, 1, 4, 256), *[uib(0, 0, 1, 4, 256)] * 2,
+         uib(5, 0, 1, 2, 256)],
+        [conv(1, 1, 960)],
+    ]),
+    "conv_large": dict(stem=24, layer_scale=False, stages=[
+        [fused_ib(3, 2, 4, 48)],
+        [uib(3, 5, 2, 4, 96), uib(3, 3, 1, 4, 96)],
+        [uib(3, 5, 2, 4, 192), *[uib(3, 3, 1, 4, 192)] * 3, uib(3, 5, 1, 4, 192),
+         *[uib(5, 3, 1, 4, 192)] * 5, uib(3, 0, 1, 4, 192)],
+        [uib(5, 5, 2, 4, 512), *[uib(5, 5, 1, 4, 512)] * 3, uib(5, 0, 1, 4, 512), uib(5, 3, 1, 4, 512),
+         *[uib(5, 0, 1, 4, 512)] * 2, uib(5, 3, 1, 4, 512), uib(5, 5, 1, 4, 512), *[uib(5, 0, 1, 4, 512)] * 3],
+        [conv(1, 1, 960)],
+    ]),
+    "hybrid_medium": dict(stem=32, layer_scale=True, stages=[
+        [fused_ib(3, 2, 4, 48)],
+        [uib(3, 5, 2, 4, 80), uib(3, 3, 1, 2, 80)],
+        [uib(3, 5, 2, 6, 160), uib(0, 0, 1, 2, 160), uib(3, 3, 1, 4, 160), uib(3, 5, 1, 4, 160),
+         mqa(4, 64, 2, 160), uib(3, 3, 1, 4, 160), mqa(4, 64, 2, 160), uib(3, 0, 1, 4, 160),
+         mqa(4, 64, 2, 160), uib(3, 3, 1, 4, 160), mqa(4, 64, 2, 160), uib(3, 0, 1, 4, 160)],
+        [uib(5, 5, 2, 6, 256), uib(5, 5, 1, 4, 256), *[uib(3, 5, 1, 4, 256)] * 2, uib(0, 0, 1, 2, 256),
+         uib(3, 5, 1, 2, 256), uib(0, 0, 1, 2, 256), uib(0, 0, 1, 4, 256), mqa(4, 64, 1, 256),
+         uib(3, 0, 1, 4, 256), mqa(4, 64, 1, 256), uib(5, 5, 1, 4, 256), mqa(4, 64, 1, 256),
+         uib(5, 0, 1, 4, 256), mqa(4, 64, 1, 256), uib(5, 0, 1, 4, 256)],
+        [conv(1, 1, 960)],
+    ]),
+}
+VARIANTS = tuple(MNV4_SPECS)
+ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU}
+HEADS = ("linear", "mlp")
+HEAD_WIDTH = 1280
+SE_REDUCTION = 16
+
+
+def conv_bn(c_in, c_out, kernel, stride=1, groups=1, act=None):
+    """k x k conv (no bias) -> BN -> optional activation; padding k // 2 at every stride."""
+    return Conv2dNormActivation(c_in, c_out, kernel, stride, groups=groups, activation_layer=act,
+                                inplace=None)
+
+
+class LayerScale2d(nn.Module):
+    """Learnable per-channel scale on a residual branch (CaiT-style), used by the hybrid models."""
+
+    def __init__(self, channels: int, init: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((channels, 1, 1), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Residual(nn.Module):
+    """out = x + DropPath(LayerScale(branch(x))) when shapes allow, else branch(x)."""
+
+    def __init__(self, branch, use_residual, channels, layer_scale, drop_path):
+        super().__init__()
+        self.branch = branch
+        self.use_residual = use_residual
+        self.layer_scale = LayerScale2d(channels) if layer_scale else nn.Identity()
+        self.drop_path = StochasticDepth(drop_path, "row") if use_residual and drop_path > 0 else nn.Identity()
+
+    def forward(self, x):
+        out = self.layer_scale(self.branch(x))
+        return x + self.drop_path(out) if self.use_residual else out
+
+
+def se_layer(channels, act):
+    return SqueezeExcitation(channels, make_divisible(channels / SE_REDUCTION, 8), activation=act)
+
+
+def uib_branch(c_in, c_out, spec: BlockSpec, act, se: bool):
+    """The UIB's branch; absent parts are nn.Identity so one class covers ExtraDW, IB, ConvNext and FFN."""
+    expanded = make_divisible(c_in * spec.expand, 8)
+    start_stride = 1 if spec.middle_dw else spec.stride
+    se_on_start = se and spec.start_dw > 0 and spec.middle_dw == 0
+    return nn.Sequential(
+        conv_bn(c_in, c_in, spec.start_dw, start_stride, groups=c_in) if spec.start_dw else nn.Identity(),
+        se_layer(c_in, act) if se_on_start else nn.Identity(),
+        conv_bn(c_in, expanded, 1, act=act),
+        conv_bn(expanded, expanded, spec.middle_dw, spec.stride, groups=expanded, act=act)
+        if spec.middle_dw else nn.Identity(),
+        se_layer(expanded, act) if se and spec.middle_dw else nn.Identity(),
+        conv_bn(expanded, c_out, 1),
+    )
+
+
+def fused_ib_branch(c_in, c_out, spec: BlockSpec, act):
+    expanded = make_divisible(c_in * spec.expand, 8)
+    return nn.Sequential(conv_bn(c_in, expanded, spec.kernel, spec.stride, act=act), conv_bn(expanded, c_out, 1))
+
+
+class MobileMQA(nn.Module):
+    """Mobile multi-query attention: h query heads share one key and one value head (optionally strided)."""
+
+    def __init__(self, channels: int, heads: int, key_dim: int, kv_stride: int):
+        super().__init__()
+        self.heads, self.key_dim = heads, key_dim
+        self.norm = nn.BatchNorm2d(channels)
+        self.query = nn.Conv2d(channels, heads * key_dim, 1, bias=False)
+        self.key = self._kv_proj(channels, key_dim, kv_stride)
+        self.value = self._kv_proj(channels, key_dim, kv_stride)
+        self.out = nn.Conv2d(heads * key_dim, channels, 1, bias=False)
+
+    @staticmethod
+    def _kv_proj(channels, key_dim, kv_stride):
+        down = conv_bn(channels, channels, 3, kv_stride, groups=channels) if kv_stride > 1 else nn.Identity()
+        return nn.Sequential(down, nn.Conv2d(channels, key_dim, 1, bias=False))
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        x = self.norm(x)
+        # One shared key/value head: fold the query heads into the sequence axis and run one attention.
+        q = self.query(x).reshape(b, self.heads, self.key_dim, h * w)        # [B, heads, d, HW]
+        q = q.transpose(2, 3).reshape(b, 1, self.heads * h * w, self.key_dim)  # [B, 1, heads*HW, d]
+        k = self.key(x).flatten(2).transpose(1, 2).unsqueeze(1)               # [B, 1, HW_kv, d]
+        v = self.value(x).flatten(2).transpose(1, 2).unsqueeze(1)             # [B, 1, HW_kv, d]
+        o = F.scaled_dot_product_attention(q, k, v)                           # [B, 1, heads*HW, d]
+        o = o.reshape(b, self.heads, h * w, self.key_dim).transpose(2, 3)     # [B, heads, d, HW]
+        return self.out(o.reshape(b, self.heads * self.key_dim, h, w))       # [B, C, H, W]
+
+
+def build_block(c_in, spec: BlockSpec, width_mult, act, se, layer_scale, drop_path):
+    """Decode one table row into a module. Returns (module, output channels)."""
+    c_out = make_divisible(spec.out * width_mult, 8)
+    if spec.kind == "conv":
+        return conv_bn(c_in, c_out, spec.kernel, spec.stride, act=act), c_out
+    if spec.kind == "fused_ib":
+        return fused_ib_branch(c_in, c_out, spec, act), c_out
+    residual = spec.stride == 1 and c_in == c_out
+    if spec.kind == "uib":
+        branch = uib_branch(c_in, c_out, spec, act, se)
+    elif spec.kind == "mqa":
+        c_out = c_in  # attention keeps the width; the table's `out` documents it
+        branch = MobileMQA(c_in, spec.heads, spec.key_dim, spec.kv_stride)
+    else:
+        raise ValueError(f"unknown block kind {spec.kind!r}")
+    return Residual(branch, residual, c_out, layer_scale, drop_path), c_out
+
+
+class MobileNetV4(nn.Module):
+    def __init__(self, variant="conv_small", num_classes=10, *, width_mult=1.0, cifar_stem=True, act="relu",
+                 se=False, drop_path_rate=0.0, head="linear", dropout=0.2):
+        super().__init__()
+        spec = MNV4_SPECS[variant]
+        act_layer = ACTIVATIONS[act]
+        stem_width = make_divisible(spec["stem"] * width_mult, 8) if width_mult >= 1 else spec["stem"]
+        self.stem = conv_bn(3, stem_width, 3, 1 if cifar_stem else 2, act=act_layer)
+        n_blocks = sum(len(stage) for stage in spec["stages"])
+        stages, c, index = [], stem_width, 0
+        for stage_index, stage_spec in enumerate(spec["stages"]):
+            blocks = []
+            for row, block_spec in enumerate(stage_spec):
+                if cifar_stem and stage_index == 0 and row == 0:
+                    block_spec = BlockSpec(**{**block_spec.__dict__, "stride": 1})  # 32x32: keep resolution
+                block, c = build_block(c, block_spec, width_mult, act_layer, se, spec["layer_scale"],
+                                       drop_path_rate * index / n_blocks)
+                blocks.append(block)
+                index += 1
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            conv_bn(c, HEAD_WIDTH, 1, act=act_layer),
+            nn.Flatten(1),
+            classifier(head, HEAD_WIDTH, num_classes, dropout, act_layer),
+        )
+        self.config = dict(variant=variant, num_classes=num_classes, width_mult=width_mult, cifar_stem=cifar_stem,
+                           act=act, se=se, drop_path_rate=drop_path_rate, head=head, dropout=dropout)
+        self.apply(init_weights)
+
+    def forward_features(self, x):
+        return self.stages(self.stem(x))   # [B, 3, H, W] -> [B, 960*w, H/8, W/8] with the CIFAR stem
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))  # [B, classes]
+
+
+def classifier(head, width, num_classes, dropout, act_layer):
+    if head == "linear":
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
+    if head == "mlp":  # the enhanced head; its dropouts are part of the design, not the --dropout flag
+        return nn.Sequential(nn.Dropout(0.3), nn.Linear(width, 512), act_layer(), nn.Dropout(0.15),
+                             nn.Linear(512, num_classes))
+    raise ValueError(f"unknown head {head!r}; choose from {HEADS}")
+
+
+def init_weights(m):
+    """The reference port's init (conv N(0, sqrt(2/fan_out)), BN (1, 0)) with one deliberate change: Linear
+    layers get U(+-1/sqrt(in_features)). The reference's U(+-1/sqrt(out_features)) was sized for 1000 classes;
+    with 10 it starts the logits ~10x too large (initial loss 5-9 instead of ln 10)."""
+    if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Linear):
+        bound = 1.0 / math.sqrt(m.in_features)
+        nn.init.uniform_(m.weight, -bound, bound)
+        nn.init.zeros_(m.bias)
+
+
+def mobilenetv4(variant="conv_small", num_classes=10, *, width_mult=1.0, cifar_stem=True, act="relu", se=False,
+                drop_path_rate=0.0, head="linear", dropout=0.2) -> MobileNetV4:
+    """Build a MobileNetV4. `cifar_stem` keeps 32x32 inputs at full resolution through stage 0 (4x4 final map)."""
+    if variant not in MNV4_SPECS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; choose from {', '.join(ACTIVATIONS)}")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
+    return MobileNetV4(variant, num_classes, width_mult=width_mult, cifar_stem=cifar_stem, act=act, se=se,
+                       drop_path_rate=drop_path_rate, head=head, dropout=dropout)
+
+
+def model_from_args(args) -> MobileNetV4:
+    """The model the command-line flags describe (CIFAR stem, 10 classes)."""
+    return mobilenetv4(args.variant, 10, width_mult=args.width_mult, act=args.act, se=args.se,
+                       drop_path_rate=args.drop_path, head=args.head, dropout=args.dropout)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_size=(1, 3, 32, 32)) -> int:
+    """Multiply-accumulates per forward of `input_size`, from torch.utils.flop_counter (FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(input_size, device=device))
+    model.train(was_training)
+    return counter.get_total_flops() // 2 // input_size[0]
+
+
+def model_summary(model: MobileNetV4, image_size=32) -> dict:
+    """Parameters, MACs per image and the feature-map size after the stem and each stage."""
+    device = next(model.parameters()).device
+    shapes = {}
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        x = model.stem(torch.zeros(2, 3, image_size, image_size, device=device))
+        shapes["stem"] = list(x.shape[1:])
+        for i, stage in enumerate(model.stages):
+            x = stage(x)
+            shapes[f"stage{i}"] = list(x.shape[1:])
+        model.train(was_training)
+    return {"params": count_params(model), "macs": count_macs(model, (1, 3, image_size, image_size)),
+            "feature_maps": shapes}
+
+
+def format_summary(summary: dict) -> str:
+    maps = ", ".join(f"{k} {c}x{h}x{w}" for k, (c, h, w) in summary["feature_maps"].items())
+    return f"params {summary['params']:,} | MACs {summary['macs'] / 1e6:.2f} M/image | maps: {maps}"
+
+
+# =====================================================================================================
+# 2. Data
+# =====================================================================================================
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file, ...): reported as one line, exit code 2."""
+
+
+@dataclass
+class Cifar10:
+    """CIFAR-10 as uint8 tensors: images [N, 3, 32, 32], labels [N] (int64)."""
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple = CIFAR10_CLASSES
+
+    def to(self, device):
+        return Cifar10(*(t.to(device) for t in (self.train_images, self.train_labels, self.test_images,
+                                                 self.test_labels)), self.classes)
+
+    def subset(self, max_train=None, max_test=None):
+        """The first N samples of each split: deterministic, and near class-balanced (the files are shuffled)."""
+        return Cifar10(self.train_images[:max_train], self.train_labels[:max_train],
+                       self.test_images[:max_test], self.test_labels[:max_test], self.classes)
+
+
+def _cifar_release():
+    """Official file names, md5 sums and URL, taken from torchvision rather than copied here."""
+    from torchvision.datasets import CIFAR10
+    return CIFAR10
+
+
+def load_cifar10(data_dir, download=True) -> Cifar10:
+    """Read `data_dir/cifar-10-batches-py` (downloading the official archive if allowed and missing)."""
+    release = _cifar_release()
+    root = Path(data_dir).expanduser()
+    folder = root / release.base_folder
+    if not folder.is_dir():
+        _fetch_cifar10(root, release, download)
+    files = release.train_list + release.test_list
+    mismatched = [name for name, md5 in files if (folder / name).is_file() and not _md5_ok(folder / name, md5)]
+    if mismatched:
+        warnings.warn(f"CIFAR-10 files in {folder} differ from the official release (md5 mismatch: "
+                      f"{', '.join(mismatched)}); continuing, but accuracies are not comparable with "
+                      "published numbers", stacklevel=2)
+    train = [_read_batch(folder / name) for name, _ in release.train_list]
+    test_images, test_labels = _read_batch(folder / release.test_list[0][0])
+    return Cifar10(torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), test_images, test_labels)
+
+
+def _md5_ok(path, md5):
+    from torchvision.datasets.utils import check_md5
+    return check_md5(str(path), md5)
+
+
+def _fetch_cifar10(root: Path, release, download: bool):
+    archive = root / release.filename
+    where = (f"put {release.filename} (from {release.url}) or its extracted {release.base_folder}/ folder "
+             f"in {root}")
+    if not root.is_dir():
+        raise UserError(f"data directory {root} does not exist: create it, or point --data-dir at the folder "
+                        f"holding {release.base_folder}/")
+    from torchvision.datasets.utils import download_url, extract_archive
+    if not archive.is_file():
+        if not download:
+            raise UserError(f"CIFAR-10 not found in {root}: {where}")
+        if not os.access(root, os.W_OK):
+            raise UserError(f"data directory {root} is not writable, so CIFAR-10 cannot be downloaded there: "
+                            f"{where}, or choose a writable --data-dir")
+        try:
+            download_url(release.url, str(root), release.filename, release.tgz_md5)
+        except Exception as exc:  # network errors come in many types (URLError, HTTPError, OSError, ...)
+            raise UserError(f"could not download CIFAR-10 ({type(exc).__name__}: {exc}); offline? {where}") from None
+    if not _md5_ok(archive, release.tgz_md5):
+        warnings.warn(f"{archive} differs from the official archive (md5 mismatch); extracting anyway", stacklevel=3)
+    try:
+        extract_archive(str(archive), str(root))
+    except Exception as exc:
+        raise UserError(f"could not extract {archive} ({type(exc).__name__}: {exc}): delete it and "
+                        f"{where}") from None
+    if not (root / release.base_folder).is_dir():
+        raise UserError(f"{archive} did not contain {release.base_folder}/: delete it and {where}")
+
+
+def _read_batch(path: Path):
+    """One CIFAR-10 pickle -> (uint8 [N, 3, 32, 32], int64 [N]), refusing anything that is not one."""
+    fix = "re-download CIFAR-10 or regenerate it (see README, 'Data')"
+    if not path.is_file():
+        raise UserError(f"CIFAR-10 file missing: {path}; {fix}")
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except Exception as exc:  # truncated or foreign files raise anything from EOFError to UnpicklingError
+        raise UserError(f"{path} is not a readable CIFAR-10 batch ({type(exc).__name__}); {fix}") from None
+    data = entry.get("data") if isinstance(entry, dict) else None
+    labels = entry.get("labels") if isinstance(entry, dict) else None
+    if (getattr(data, "dtype", None) != "uint8" or getattr(data, "ndim", 0) != 2 or data.shape[1] != 3072
+            or labels is None or len(labels) != data.shape[0]):
+        raise UserError(f"{path} is not a CIFAR-10 batch (expected 'data' uint8 N x 3072 and N 'labels'); {fix}")
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):
+        raise UserError(f"{path} has labels outside 0..9; {fix}")
+    return torch.from_numpy(data).reshape(-1, 3, 32, 32), labels
+
+
+def batch_seed(seed: int, epoch: int, step: int) -> int:
+    """A distinct RNG seed per (run seed, epoch, step): batches can be replayed exactly after a resume."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{epoch}/{step}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def epoch_order(n: int, seed: int, epoch: int, device) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(batch_seed(seed, epoch, -1))
+    return torch.randperm(n, generator=gen).to(device)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 1] float images -> normalised float32, on the images' device."""
+    mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
+    if images.dtype == torch.uint8:
+        return images.float().mul_(1 / 255).sub_(mean).div_(std)
+    return (images - mean) / std
+
+
+# ---- Batched augmentation on the device ----------------------------------------------------------
+# Written by hand because torchvision.transforms.v2 draws one set of random parameters per call, i.e. per
+# batch, while the enhanced recipe needs per-sample parameters (as the per-image PIL pipeline gives). Running
+# the per-sample torchvision transforms in a Python loop would be the slow pipeline we are replacing.
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The enhanced recipe's torchvision list: RandomCrop(32, 4), RandomHorizontalFlip, RandomRotation(15),
+    ColorJitter(0.2, 0.2, 0.2, 0.1), RandomAffine(0, translate=(0.1, 0.1)); fills are black (zero)."""
+    crop_padding: int = 4
+    flip_prob: float = 0.5
+    rotation: float = 15.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.1
+    translate: float = 0.1
+
+
+def sample_augment_params(n: int, size: int, cfg: AugmentConfig, gen: torch.Generator, device) -> dict:
+    """Per-sample parameters, drawn as torchvision draws them for one image."""
+    def uniform(lo, hi):
+        return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
+
+    max_shift = cfg.translate * size  # RandomAffine: round(U(-0.1 W, 0.1 W)) pixels
+    return {
+        "crop": torch.randint(0, 2 * cfg.crop_padding + 1, (n, 2), generator=gen, device=device) - cfg.crop_padding,
+        "flip": torch.rand(n, generator=gen, device=device) < cfg.flip_prob,
+        "angle": uniform(-cfg.rotation, cfg.rotation),
+        "jitter": torch.stack([uniform(1 - cfg.brightness, 1 + cfg.brightness),
+                               uniform(1 - cfg.contrast, 1 + cfg.contrast),
+                               uniform(1 - cfg.saturation, 1 + cfg.saturation),
+                               uniform(-cfg.hue, cfg.hue)], 1),                 # [n, 4]
+        "jitter_order": torch.rand(n, 4, generator=gen, device=device).argsort(1),  # ColorJitter's random order
+        "shift": torch.stack([uniform(-max_shift, max_shift), uniform(-max_shift, max_shift)], 1).round(),
+    }
+
+
+def geometric_transform(images: torch.Tensor, params: dict):
+    """Crop-with-padding, flip, rotation and translation as ONE gather per image.
+
+    Every step maps integer pixels to integer pixels (nearest interpolation, as torchvision's defaults), so we
+    follow each output pixel back through translate -> rotate -> flip -> crop and read the source pixel once.
+    A pixel that leaves the frame at any intermediate step is fill (black), exactly as in the sequential
+    pipeline. Returns the transformed images and a mask of pixels inside the translated view.
+    """
+    b, c, h, w = images.shape
+    dev = images.device
+    ys, xs = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32),
+                            torch.arange(w, device=dev, dtype=torch.float32), indexing="ij")
+    x = xs.expand(b, h, w) - params["shift"][:, 0, None, None]   # [B, H, W] undo the translation
+    y = ys.expand(b, h, w) - params["shift"][:, 1, None, None]
+    in_view = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    theta = torch.deg2rad(params["angle"])[:, None, None]
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    x, y = (cos * (x - cx) - sin * (y - cy) + cx).round(), (sin * (x - cx) + cos * (y - cy) + cy).round()
+    x = torch.where(params["flip"][:, None, None], w - 1 - x, x)
+    x = x + params["crop"][:, 1, None, None]                      # crop offsets in [-pad, pad]
+    y = y + params["crop"][:, 0, None, None]
+    valid = in_view & (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    index = (y.clamp(0, h - 1) * w + x.clamp(0, w - 1)).long().view(b, 1, h * w).expand(b, c, h * w)
+    out = images.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)  # [B, C, H, W]
+    return out * valid.unsqueeze(1), in_view.unsqueeze(1)
+
+
+def _grayscale(x):
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # [B, 1, H, W]
+
+
+def _adjust_hue(x, shift):
+    """Rotate hue in HSV space by `shift` (fraction of a turn, per sample) as torchvision does."""
+    maxc, minc = x.amax(1), x.amin(1)                                    # [B, H, W]
+    delta = maxc - minc
+    safe_delta = torch.where(delta > 0, delta, 1.0)
+    r, g, b = x.unbind(1)
+    hue = torch.where(r == maxc, (g - b) / safe_delta,
+                      torch.where(g == maxc, (b - r) / safe_delta + 2, (r - g) / safe_delta + 4))
+    hue = torch.where(delta > 0, hue, 0.0) + shift.view(-1, 1, 1) * 6   # in sixths of a turn
+    sat = delta / torch.where(maxc > 0, maxc, 1.0)
+    # HSV -> RGB with k = (n + 6h) mod 6, n = 5, 3, 1 for R, G, B: one expression for all three channels.
+    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue.unsqueeze(1), 6)
+    return maxc.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
+
+
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's op indices
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue on [0, 1] images, in a per-sample random order.
+
+    Brightness, contrast and saturation are all blends x' = f x + (1 - f) m with m = 0, the image's mean grey
+    or the pixel's grey, so one fused blend per position serves every sample (f = 1 leaves a sample alone);
+    hue runs only on the samples whose turn it is.
+    """
+    for position in range(4):
+        op = order[:, position]
+        f = torch.where(op == HUE, 1.0, factors.gather(1, op.view(-1, 1)).squeeze(1)).view(-1, 1, 1, 1)
+        grey = _grayscale(x)                                              # [B, 1, H, W]
+        target = torch.where((op == CONTRAST).view(-1, 1, 1, 1), grey.mean((2, 3), keepdim=True), grey)
+        target = torch.where((op == BRIGHTNESS).view(-1, 1, 1, 1), 0.0, target)
+        x = (f * x + (1 - f) * target).clamp_(0, 1)
+        rows = (op == HUE).nonzero().squeeze(1)
+        if rows.numel():
+            x[rows] = _adjust_hue(x[rows], factors[rows, HUE]).clamp_(0, 1)
+    return x
+
+
+def augment(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig = AugmentConfig()) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> augmented float [B, 3, H, W] in [0, 1], per-sample random parameters.
+
+    Colour jitter runs after all geometry; in torchvision it runs before the translation, so the translated-in
+    border stays black (we re-apply `in_view`), and contrast takes its mean over the visible view.
+    """
+    params = sample_augment_params(images.shape[0], images.shape[-1], cfg, gen, images.device)
+    x, in_view = geometric_transform(images.float().mul_(1 / 255), params)
+    return color_jitter(x, params["jitter"], params["jitter_order"]) * in_view
+
+
+# ---- Test-time augmentation views ------------------------------------------------------------------
+
+def _shift(x, dx, dy):
+    """Translate by whole pixels with black fill (normalised images: fill with the mean-black value later)."""
+    return torch.roll(x, (dy, dx), (2, 3)) * _shift_mask(x, dx, dy)
+
+
+def _shift_mask(x, dx, dy):
+    h, w = x.shape[-2:]
+    mask = torch.zeros(1, 1, h, w, device=x.device, dtype=x.dtype)
+    mask[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = 1
+    return mask
+
+
+TTA_VIEWS = {
+    "none": (lambda x: x,),
+    "flip": (lambda x: x, lambda x: x.flip(3)),
+    "flip_rot90": (lambda x: x, lambda x: x.flip(3), lambda x: x.rot90(1, (2, 3)), lambda x: x.rot90(-1, (2, 3))),
+    "flip_shift": tuple(partial(lambda x, f, dx, dy: _shift(x.flip(3) if f else x, dx, dy), f=f, dx=dx, dy=dy)
+                        for f in (False, True) for dx, dy in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))),
+}
+
+
+def train_batches_for_epoch(data: Cifar10, batch_size: int, seed: int, epoch: int, start_step: int = 0,
+                            augment_cfg: AugmentConfig | None = None, chunk_images: int = 1024):
+    """Yield (normalised images, labels) for one epoch, on the data's device, from `start_step` on.
+
+    The order and every augmentation draw depend only on (seed, epoch, chunk), so a resumed epoch replays the
+    exact batches it would have seen. Augmentation runs on chunks of several batches: per-op overhead dominates
+    at small batch sizes on CPU. The last partial batch is dropped (BatchNorm on the 1x1 head needs > 1 sample).
+    """
+    n = data.train_images.shape[0]
+    steps = n // batch_size
+    order = epoch_order(n, seed, epoch, data.train_images.device)
+    per_chunk = max(1, chunk_images // batch_size)
+    device = data.train_images.device
+    gen = torch.Generator(device=device)
+    for chunk_start in range(start_step - start_step % per_chunk, steps, per_chunk):
+        chunk_steps = min(per_chunk, steps - chunk_start)
+        idx = order[chunk_start * batch_size:(chunk_start + chunk_steps) * batch_size]
+        images = data.train_images[idx]
+        if augment_cfg is not None:
+            gen.manual_seed(batch_seed(seed, epoch, chunk_start))
+            images = augment(images, gen, augment_cfg)
+        images, labels = normalize(images), data.train_labels[idx]
+        for step in range(max(chunk_start, start_step), chunk_start + chunk_steps):
+            rows = slice((step - chunk_start) * batch_size, (step - chunk_start + 1) * batch_size)
+            yield images[rows], labels[rows]
+
+
+# =====================================================================================================
+# 3. Device and precision (chosen here and nowhere else)
+# =====================================================================================================
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """auto: MPS, then CUDA, then CPU. An explicit device that is not available is a user error."""
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("mps" if mps_ok else "cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available to PyTorch; use --device cpu (or auto)")
+    if name == "mps" and not mps_ok:
+        raise UserError("--device mps: the Apple MPS backend is not available here; use --device cpu (or auto)")
+    if name not in DEVICES:
+        raise UserError(f"unknown --device {name!r}; choose from {', '.join(DEVICES)}")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, amp: str):
+    """Mixed-precision dtype for autocast, or None for fp32. auto: bf16 (fp16 without bf16) on CUDA only:
+    on CPU autocast was measured slower than fp32 here (README, Performance), and MPS autocast is young."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if amp == "bf16":
+            raise UserError("--amp bf16: this GPU does not support bfloat16; use --amp fp16 or --amp auto")
+        return torch.float16
+    return torch.bfloat16
+
+
+def default_channels_last(device: torch.device) -> bool:
+    """channels_last helps cuDNN's depthwise and 1x1 kernels; on CPU it was measured no faster here."""
+    return device.type == "cuda"
+
+
+def synchronize(device: torch.device):
+    """Wait for queued kernels, so wall-clock timings measure work done rather than work launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_memory_mb(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20
+    import resource  # CPU: the process's peak resident set (Linux reports KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# =====================================================================================================
+# 4. Training plumbing: command line, checkpoints, signals, the run around each script's loop
+# =====================================================================================================
+
+CHECKPOINT_VERSION = 1
+MODEL_KEYS = ("variant", "width_mult", "act", "se", "head", "cifar_stem", "num_classes")
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM arrived: the run saved last.pt and stops."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the usage block: the message already names the flag
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(recipe: dict, description: str) -> argparse.ArgumentParser:
+    """The flags both scripts share, with the script's recipe as defaults (names follow torchvision / timm)."""
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bool_flag = argparse.BooleanOptionalAction
+    m = p.add_argument_group("model")
+    m.add_argument("--variant", default=recipe["variant"], choices=VARIANTS)
+    m.add_argument("--width-mult", type=float, default=recipe["width_mult"])
+    m.add_argument("--act", default=recipe["act"], choices=tuple(ACTIVATIONS))
+    m.add_argument("--se", action=bool_flag, default=recipe["se"], help="squeeze-and-excitation in every UIB")
+    m.add_argument("--drop-path", type=float, default=recipe["drop_path"], help="stochastic depth rate (max)")
+    m.add_argument("--head", default=recipe["head"], choices=HEADS)
+    m.add_argument("--dropout", type=float, default=recipe["dropout"], help="dropout before the linear head")
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", default=None,
+                   help="folder holding (or receiving) cifar-10-batches-py/ (default: ./data, created if missing)")
+    d.add_argument("--download", action=bool_flag, default=True, help="download CIFAR-10 if missing")
+    d.add_argument("--max-train-samples", type=int, default=None, help="train on the first N images")
+    d.add_argument("--max-test-samples", type=int, default=None, help="evaluate on the first N images")
+    d.add_argument("--augment", action=bool_flag, default=recipe["augment"],
+                   help="crop, flip, rotation, colour jitter, translation (batched on the device)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=recipe["epochs"])
+    t.add_argument("-b", "--batch-size", type=int, default=recipe["batch_size"], help="images per step")
+    t.add_argument("--lr", type=float, default=recipe["lr"])
+    t.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=recipe["wd"])
+    t.add_argument("--label-smoothing", type=float, default=recipe["label_smoothing"])
+    t.add_argument("--clip-grad-norm", type=float, default=recipe["clip_grad_norm"], help="0 disables")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    t.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip steps whose loss is NaN/inf instead of stopping (checks every step: a sync)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", choices=DEVICES, help="auto: mps, then cuda, then cpu")
+    r.add_argument("--amp", default="auto", choices=AMP_MODES, help="auto: bf16 on CUDA, fp32 elsewhere")
+    r.add_argument("--channels-last", action=bool_flag, default=None, help="default: on for CUDA only")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--eval-batch-size", type=int, default=500)
+    o = p.add_argument_group("output")
+    o.add_argument("--output-dir", default=None, help="default: runs/<script>-<timestamp>")
+    o.add_argument("--overwrite", action="store_true", help="allow an output dir that holds another run")
+    o.add_argument("--resume", default=None, metavar="PATH", help="continue (or --test-only) from a checkpoint")
+    o.add_argument("--test-only", action="store_true", help="evaluate --resume PATH (with TTA), no training")
+    o.add_argument("--tta", default=recipe["tta"], choices=tuple(TTA_VIEWS), help="headline TTA")
+    return p
+
+
+# (flag, lowest allowed, highest allowed, inclusive low?) for the numeric flags.
+NUMERIC_LIMITS = [("epochs", 1, 100_000, True), ("batch_size", 2, 65_536, True), ("lr", 0, 10, False),
+                  ("wd", 0, 10, True), ("label_smoothing", 0, 0.99, True), ("clip_grad_norm", 0, 1e6, True),
+                  ("drop_path", 0, 0.99, True), ("dropout", 0, 0.99, True), ("width_mult", 0, 8, False),
+                  ("max_train_samples", 1, 10**9, True), ("max_test_samples", 1, 10**9, True),
+                  ("eval_batch_size", 1, 65_536, True), ("seed", 0, 2**63 - 1, True)]
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None, limits=()) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    for name, low, high, low_ok in [*NUMERIC_LIMITS, *limits]:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value > high or value < low or (value == low and not low_ok):
+            bound = f"{'>=' if low_ok else '>'} {low} and <= {high}"
+            parser.error(f"--{name.replace('_', '-')} {value} is out of range: use a value {bound}")
+    if args.test_only and not args.resume:
+        parser.error("--test-only needs a checkpoint: add --resume PATH")
+    return args
+
+
+def command_line(main):
+    """Run a script's main(): user mistakes end as one line on stderr and exit 2, never a traceback."""
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except NonFiniteLoss as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(3) from None
+        except Interrupted as exc:
+            raise SystemExit(128 + exc.signum) from None
+    wrapper.__doc__, wrapper.__name__ = main.__doc__, main.__name__
+    return wrapper
+
+
+def atomic_write(path: Path, write):
+    """Write via a temporary file in the same folder, then rename: readers see the old or the new file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({exc.strerror or exc}): free space or choose a writable "
+                        f"--output-dir; files already there are intact") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, state: dict):
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path) -> dict:
+    """Load with weights_only=True (no arbitrary unpickling); anything else than our checkpoint is refused."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: pass the path of a last.pt or best.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, foreign pickle, unsafe object: all equally unusable
+        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}); use another last.pt "
+                        f"or best.pt") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "model" not in state:
+        raise UserError(f"{path} is not a checkpoint of these scripts (version {CHECKPOINT_VERSION})")
+    return state
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int, deterministic: bool):
+    torch.manual_seed(seed)  # seeds CPU, CUDA and MPS generators (model init, dropout, stochastic depth)
+    if deterministic:
+        # cuBLAS needs this for deterministic matmuls; the user's own setting wins.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    import numpy
+    import torchvision
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "platform": platform.platform()}
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, *, batch_size=500, views=TTA_VIEWS["none"], autocast=None,
+             channels_last=False):
+    """Loss, accuracy (%) and predictions, averaging softmax over the TTA views; batched on the device."""
+    model.eval()
+    loss_sum, preds = torch.zeros((), device=images.device), []
+    for start in range(0, images.shape[0], batch_size):
+        x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        probs = 0
+        for view in views:
+            v = normalize(view(x))
+            v = v.contiguous(memory_format=torch.channels_last) if channels_last else v
+            with torch.autocast(images.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                probs = probs + model(v).float().softmax(1)
+        probs = probs / len(views)                                          # [B, classes]
+        loss_sum += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
+        preds.append(probs.argmax(1))
+    preds = torch.cat(preds)
+    n = max(1, labels.numel())
+    return loss_sum.item() / n, (preds == labels).sum().item() * 100.0 / n, preds
+
+
+class Run:
+    """The plumbing around a script's own loop: setup and banner, batches, per-step bookkeeping, evaluation,
+    checkpoints and signals, the final report. Use as a context manager:
+
+        with Run(args, "enhanced") as run:
+            model = run.prepare(mobilenetv4(...))          # device, layout, compile; prints the banner
+            start_epoch = run.start(optimizer, scheduler)  # resumes from --resume if given
+            for epoch in range(start_epoch, args.epochs):
+                for images, labels in run.batches(epoch):  # augmented, normalised, on the device
+                    ... forward, backward, step ...
+                    run.step_done(loss, logits, labels)
+                run.end_epoch(epoch)                       # evaluate, log, checkpoint
+            return run.finish()                            # TTA table, summary, plots
+    """
+    REFRESH_EVERY = 25  # steps between progress-bar updates and NaN checks (each is a device sync)
+
+    def __init__(self, args, script: str, augment_cfg: AugmentConfig | None = None):
+        self.args, self.script = args, script
+        self.augment_cfg = augment_cfg if args.augment else None
+        seed_everything(args.seed, args.deterministic)
+        self.device = select_device(args.device)
+        self.amp_dtype = autocast_dtype(self.device, args.amp)
+        self.channels_last = default_channels_last(self.device) if args.channels_last is None else args.channels_last
+        self.checkpoint = load_checkpoint(args.resume) if args.resume else None
+        self.out_dir = self._output_dir()
+        self.data = self._load_data()
+        self.history, self.best_acc, self.stop_signum = [], -1.0, None
+        self.model = self.optimizer = self.scheduler = self.ema = None
+        self.bar, self._old_handlers = None, {}
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def _output_dir(self) -> Path:
+        args, ckpt = self.args, Path(self.args.resume).expanduser() if self.args.resume else None
+        if args.output_dir:
+            out = Path(args.output_dir).expanduser()
+        elif ckpt is not None:
+            out = ckpt.parent / f"eval-{ckpt.stem}" if args.test_only else ckpt.parent
+        else:
+            out = Path("runs") / f"{self.script}-{time.strftime('%Y%m%d-%H%M%S')}"
+        continuing = ckpt is not None and not args.test_only and out.resolve() == ckpt.parent.resolve()
+        held = [n for n in ("last.pt", "best.pt") if (out / n).exists()]
+        if held and not continuing and not args.overwrite:
+            raise UserError(f"output dir {out} already holds a run ({held[0]}): continue it with --resume "
+                            f"{out / held[0]}, replace it with --overwrite, or choose another --output-dir")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create output dir {out} ({exc.strerror}): choose a writable --output-dir") from None
+        if not os.access(out, os.W_OK):
+            raise UserError(f"output dir {out} is not writable: choose a writable --output-dir")
+        return out
+
+    def _load_data(self) -> Cifar10:
+        args = self.args
+        data_dir = Path(args.data_dir or "./data")
+        if args.data_dir is None:
+            data_dir.mkdir(exist_ok=True)  # the default location is ours to create
+        data = load_cifar10(data_dir, args.download).subset(args.max_train_samples, args.max_test_samples)
+        if not args.test_only and data.train_images.shape[0] < args.batch_size:
+            raise UserError(f"--batch-size {args.batch_size} is larger than the {data.train_images.shape[0]} "
+                            "training images: lower it or raise --max-train-samples")
+        return data.to(self.device)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move the model to the device and layout, print the banner and save config.json. Returns the module
+        to train (compiled if --compile); checkpoints always hold the plain module."""
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model, self.summary = model, model_summary(model)
+        if self.checkpoint is not None:
+            self._check_compatible(self.checkpoint)
+        self.config = {"script": self.script, "args": vars(self.args), "device": str(self.device),
+                       "device_name": device_name(self.device), "amp": str(self.amp_dtype),
+                       "channels_last": self.channels_last, "model": model.config, "model_summary": self.summary,
+                       "train_images": self.data.train_images.shape[0], "test_images": self.data.test_images.shape[0],
+                       "versions": versions(), "git_commit": git_commit()}
+        print_banner(self.config, self.out_dir)
+        write_json(self.out_dir / ("config.json" if not self.args.test_only else "test_config.json"), self.config)
+        return torch.compile(model) if self.args.compile else model
+
+    def _check_compatible(self, ckpt):
+        mine, theirs = self.model.config, ckpt.get("model_config", {})
+        diff = [f"{k}={theirs.get(k)!r} (this run: {mine[k]!r})" for k in MODEL_KEYS if theirs.get(k) != mine[k]]
+        if diff:
+            raise UserError(f"checkpoint {self.args.resume} is for another model: {', '.join(diff)}; pass the "
+                            "matching flags or another checkpoint")
+        if ckpt["step"] and not self.args.test_only:  # a mid-epoch resume replays that epoch's batch order
+            for key in ("batch_size", "max_train_samples", "seed"):
+                if ckpt["config"].get(key) != getattr(self.args, key):
+                    raise UserError(f"checkpoint {self.args.resume} stopped mid-epoch with --{key.replace('_', '-')} "
+                                    f"{ckpt['config'].get(key)}; resume with the same value")
+
+    def start(self, optimizer, scheduler, ema=None) -> int:
+        """Register what checkpoints hold, restore it from --resume, install signal handlers; returns the
+        epoch to start from."""
+        self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
+        self.resume_epoch, self.resume_step, self.partial = 0, 0, None
+        ckpt = self.checkpoint
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt["model"])
+            if ema is not None and ckpt.get("ema") is not None:
+                ema.load_state_dict(ckpt["ema"])
+            if not self.args.test_only:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["scheduler"])
+                set_rng_state(ckpt["rng"])
+                self.history, self.best_acc = list(ckpt["history"]), ckpt["best_acc"]
+                self.resume_epoch, self.resume_step, self.partial = ckpt["epoch"], ckpt["step"], ckpt["partial"]
+                print(f"resumed from {self.args.resume}: epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+        self._install_signal_handlers()
+        return self.resume_epoch
+
+    # ---- the epoch ---------------------------------------------------------------------------------
+    def batches(self, epoch: int):
+        """This epoch's training batches, with a progress bar; resumes mid-epoch where a checkpoint stopped."""
+        args = self.args
+        self.epoch, steps = epoch, self.data.train_images.shape[0] // args.batch_size
+        start = self.resume_step if epoch == self.resume_epoch else 0
+        partial = self.partial if start else None
+        self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        self.first_bad_step = torch.full((), -1, device=self.device, dtype=torch.int64)
+        if partial:
+            self.loss_sum += partial["loss_sum"]
+            self.correct += partial["correct"]
+        self.seen, self.skipped = (partial["seen"], partial["skipped"]) if partial else (0, 0)
+        self.time_before = partial["time"] if partial else 0.0
+        self.bar = progress_bar(steps, start, f"epoch {epoch + 1}/{args.epochs}")
+        synchronize(self.device)
+        self.t0 = time.perf_counter()
+        for self.step, (images, labels) in enumerate(train_batches_for_epoch(
+                self.data, args.batch_size, args.seed, epoch, start, self.augment_cfg), start):
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, labels
+        self.bar.close()
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def grad_scaler(self):
+        """Loss scaling for fp16 only (bf16 and fp32 need none): a pass-through when disabled."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def should_skip(self, loss) -> bool:
+        """With --skip-nonfinite: True for a NaN/inf loss (the step is skipped). Otherwise the bad step is
+        recorded on the device and the run stops at the next check, before anything is saved."""
+        bad = ~torch.isfinite(loss.detach())
+        if self.args.skip_nonfinite:
+            if bad.item():
+                self.skipped += 1
+                return True
+            return False
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), self.step, self.first_bad_step)
+        return False
+
+    def step_done(self, loss, logits, labels):
+        """Account one optimizer step; refresh the bar; on SIGINT/SIGTERM save last.pt and stop."""
+        n = labels.shape[0]
+        self.loss_sum += loss.detach().double() * n
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.seen += n
+        done = self.step + 1
+        if done % self.REFRESH_EVERY == 0 or done == self.bar.total:
+            self._check_finite()
+            self.bar.set_postfix(loss=f"{self.loss_sum.item() / self.seen:.3f}",
+                                 acc=f"{self.correct.item() * 100 / self.seen:.1f}",
+                                 lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+        self.bar.update(1)
+        if self.stop_signum is not None:
+            self._save_and_stop(done)
+
+    def _check_finite(self):
+        bad = int(self.first_bad_step.item())
+        if bad >= 0:
+            self.bar.close()
+            raise NonFiniteLoss(
+                f"loss became NaN/inf at epoch {self.epoch + 1}, step {bad + 1}; stopped. The last good checkpoint "
+                f"({self.out_dir / 'last.pt'}, if any epoch finished) is kept. Try a lower --lr, --clip-grad-norm "
+                "1.0, --amp off, or --skip-nonfinite to skip such steps")
+
+    def _partial_state(self, done):
+        synchronize(self.device)
+        return {"loss_sum": self.loss_sum.item(), "correct": int(self.correct.item()), "seen": self.seen,
+                "skipped": self.skipped, "time": self.time_before + time.perf_counter() - self.t0}
+
+    def _save_and_stop(self, done):
+        self._check_finite()
+        self.bar.close()
+        path = self.out_dir / "last.pt"
+        save_checkpoint(path, self._state(self.epoch, done, self._partial_state(done)))
+        name = signal.Signals(self.stop_signum).name
+        print(f"\n{name}: stopped after epoch {self.epoch + 1} step {done}; saved {path}\n"
+              f"resume with: python {self.script_file()} --resume {path}", file=sys.stderr)
+        raise Interrupted(self.stop_signum)
+
+    def script_file(self):
+        return f"mobilenetv4_{self.script}.py"
+
+    def end_epoch(self, epoch: int):
+        """Evaluate, print the epoch's log line, write metrics and plots, save last.pt (and best.pt)."""
+        synchronize(self.device)
+        train_time = self.time_before + time.perf_counter() - self.t0
+        self._check_finite()
+        eval_model = self.ema.module if self.ema is not None else self.model
+        test_loss, test_acc, _ = evaluate(eval_model, self.data.test_images, self.data.test_labels,
+                                          batch_size=self.args.eval_batch_size, autocast=self.amp_dtype,
+                                          channels_last=self.channels_last)
+        seen = max(1, self.seen)
+        row = {"epoch": epoch + 1, "train_loss": self.loss_sum.item() / seen,
+               "train_acc": self.correct.item() * 100 / seen, "test_loss": test_loss, "test_acc": test_acc,
+               "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": train_time,
+               "img_per_s": self.seen / max(train_time, 1e-9), "skipped_steps": self.skipped}
+        self.history.append(row)
+        print_epoch_line(row, header=len(self.history) == 1 or epoch == self.resume_epoch)
+        write_metrics_csv(self.out_dir / "metrics.csv", self.history)
+        plot_curves(self.out_dir / "curves.png", self.history)
+        is_best = test_acc > self.best_acc
+        self.best_acc = max(self.best_acc, test_acc)
+        state = self._state(epoch + 1, 0, None)
+        save_checkpoint(self.out_dir / "last.pt", state)
+        if is_best:
+            save_checkpoint(self.out_dir / "best.pt", state)
+
+    def _state(self, epoch, step, partial) -> dict:
+        return {"version": CHECKPOINT_VERSION, "epoch": epoch, "step": step, "partial": partial,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "rng": rng_state(), "config": vars(self.args), "model_config": self.model.config,
+                "history": self.history, "best_acc": self.best_acc}
+
+    # ---- the end -----------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """TTA table, per-class accuracy, summary.json, plots; returns the summary."""
+        eval_model = self.ema.module if self.ema is not None else self.model
+        tta = {}
+        for name, views in TTA_VIEWS.items():
+            _, acc, preds = evaluate(eval_model, self.data.test_images, self.data.test_labels,
+                                     batch_size=self.args.eval_batch_size, views=views, autocast=self.amp_dtype,
+                                     channels_last=self.channels_last)
+            tta[name] = {"test_acc": acc, "views": len(views)}
+            if name == self.args.tta:
+                headline_preds = preds
+        labels = self.data.test_labels
+        ckpt = self.checkpoint or {}
+        summary = {
+            "script": self.script, "test_acc": tta["none"]["test_acc"], "test_acc_tta": tta[self.args.tta]["test_acc"],
+            "tta": self.args.tta, "tta_table": tta,
+            "best_acc": max([r["test_acc"] for r in self.history], default=None),
+            "epochs_completed": len(self.history) if not self.args.test_only else ckpt.get("epoch"),
+            "train_time_s": sum(r["epoch_time_s"] for r in self.history),
+            "params": self.summary["params"], "macs": self.summary["macs"], "device": str(self.device),
+            "device_name": device_name(self.device), "peak_memory_mb": peak_memory_mb(self.device),
+            "per_class_acc": per_class_accuracy(labels, headline_preds, self.data.classes),
+            "test_images": labels.numel(), "evaluated": "ema" if self.ema is not None else "model",
+            "checkpoint": self.args.resume if self.args.test_only else str(self.out_dir / "last.pt"),
+            "config": self.config,
+        }
+        print_tta_table(tta, self.args.tta)
+        print_summary(summary, self.out_dir)
+        write_json(self.out_dir / "summary.json", summary)
+        plot_confusion(self.out_dir / "confusion.png", labels, headline_preds, self.data.classes)
+        if self.history:
+            plot_curves(self.out_dir / "curves.png", self.history)
+        return summary
+
+    # ---- signals -----------------------------------------------------------------------------------
+    def _install_signal_handlers(self):
+        if threading_main():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.stop_signum is not None:  # second signal: leave now; checkpoints are only ever renamed into place
+            os._exit(128 + signum)
+        self.stop_signum = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving last.pt "
+              "(press Ctrl-C again to quit at once)", file=sys.stderr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() if device.type == "cpu" else device.type
+
+
+def progress_bar(total, initial, desc):
+    from tqdm.auto import tqdm
+    # disable=None turns the bar off when stderr is not a terminal, so logs and CI output stay clean.
+    return tqdm(total=total, initial=initial, desc=desc, disable=None, leave=False, dynamic_ncols=True)
+
+
+# =====================================================================================================
+# 5. Reporting
+# =====================================================================================================
+
+EPOCH_COLUMNS = (("epoch", "{:>5d}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.2f}"),
+                 ("test_loss", "{:>9.4f}"), ("test_acc", "{:>8.2f}"), ("lr", "{:>9.2e}"),
+                 ("epoch_time_s", "{:>8.1f}"), ("img_per_s", "{:>8.0f}"))
+
+
+def print_epoch_line(row: dict, header: bool):
+    from tqdm.auto import tqdm
+    if header:
+        tqdm.write(" ".join(f"{name:>{len(fmt.format(row[name]))}}" for name, fmt in EPOCH_COLUMNS))
+    tqdm.write(" ".join(fmt.format(row[name]) for name, fmt in EPOCH_COLUMNS))
+
+
+def print_banner(config: dict, out_dir: Path):
+    args = config["args"]
+    print(f"== mobilenetv4_{config['script']}.py ==")
+    print("config: " + " ".join(f"{k}={v}" for k, v in args.items()))
+    print(f"device: {config['device']} ({config['device_name']}) | amp: {config['amp']} | "
+          f"channels_last: {config['channels_last']} | torch {config['versions']['torch']}")
+    print(f"model: {config['model']['variant']} | {format_summary(config['model_summary'])}")
+    print(f"data: {config['train_images']} train / {config['test_images']} test images | output: {out_dir}")
+
+
+def print_tta_table(tta: dict, headline: str):
+    print("\nTest-time augmentation (final model):")
+    print(f"  {'tta':<11} {'views':>5} {'test acc':>9}")
+    for name, row in tta.items():
+        mark = "  <- headline (--tta)" if name == headline else ""
+        print(f"  {name:<11} {row['views']:>5d} {row['test_acc']:>8.2f}%{mark}")
+
+
+def print_summary(summary: dict, out_dir: Path):
+    best = "n/a" if summary["best_acc"] is None else f"{summary['best_acc']:.2f}%"
+    print(f"\nfinal test acc {summary['test_acc']:.2f}% | with TTA '{summary['tta']}' {summary['test_acc_tta']:.2f}% | "
+          f"best epoch {best} | epochs {summary['epochs_completed']} | train time {summary['train_time_s']:.1f} s | "
+          f"peak memory {summary['peak_memory_mb']:.0f} MB ({summary['device']})")
+    print("per-class acc: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["per_class_acc"].items()))
+    print(f"files: {out_dir}/{{config.json, metrics.csv, summary.json, curves.png, confusion.png, last.pt, best.pt}}")
+
+
+def per_class_accuracy(labels, preds, classes) -> dict:
+    counts = torch.bincount(labels, minlength=len(classes)).clamp_min(1)
+    hits = torch.bincount(labels[preds == labels], minlength=len(classes))
+    return {name: float(h) * 100 / float(c) for name, h, c in zip(classes, hits.tolist(), counts.tolist())}
+
+
+def write_json(path: Path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+
+
+def write_metrics_csv(path: Path, history: list):
+    def write(f):
+        import io
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+        f.write(text.getvalue().encode())
+    atomic_write(path, write)
+
+
+def _save_figure(fig, path: Path):
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+
+
+def plot_curves(path: Path, history: list):
+    from matplotlib.figure import Figure  # the object API: no pyplot global state, no GUI backend
+    epochs = [r["epoch"] for r in history]
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy (%)")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train")
+        ax.plot(epochs, [r[f"test_{key}"] for r in history], "o-", label="test")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save_figure(fig, path)
+
+
+def plot_confusion(path: Path, labels, preds, classes):
+    from matplotlib.figure import Figure
+    k = len(classes)
+    matrix = torch.bincount(labels.cpu() * k + preds.cpu(), minlength=k * k).view(k, k)  # [true, predicted]
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    im = ax.imshow(matrix.numpy(), cmap="Blues")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    fig.colorbar(im, ax=ax)
+    _save_figure(fig, path)
