@@ -466,9 +466,10 @@ def _read_batch(path: Path):
     return torch.from_numpy(data).reshape(-1, 3, 32, 32), labels
 
 
-def batch_seed(seed: int, epoch: int, step: int) -> int:
-    """A distinct RNG seed per (run seed, epoch, step): batches can be replayed exactly after a resume."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}/{epoch}/{step}".encode(), digest_size=8).digest(), "little") >> 1
+def batch_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    """A distinct RNG seed per (run seed, epoch, step, rank): batches can be replayed exactly after a resume."""
+    key = f"{seed}/{epoch}/{step}/{rank}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
 def epoch_order(n: int, seed: int, epoch: int, device) -> torch.Tensor:
@@ -628,28 +629,31 @@ TTA_VIEWS = {
 
 
 def train_batches_for_epoch(data: Cifar10, batch_size: int, seed: int, epoch: int, start_step: int = 0,
-                            augment_cfg: AugmentConfig | None = None, chunk_images: int = 1024):
+                            augment_cfg: AugmentConfig | None = None, chunk_images: int = 1024,
+                            rank: int = 0, world_size: int = 1):
     """Yield (normalised images, labels) for one epoch, on the data's device, from `start_step` on.
 
-    The order and every augmentation draw depend only on (seed, epoch, chunk), so a resumed epoch replays the
-    exact batches it would have seen. Augmentation runs on chunks of several batches: per-op overhead dominates
-    at small batch sizes on CPU. The last partial batch is dropped (BatchNorm on the 1x1 head needs > 1 sample).
+    The order and every augmentation draw depend only on (seed, epoch, chunk, rank), so a resumed epoch replays
+    the exact batches it would have seen. With several processes all ranks draw the same permutation; global
+    step s covers images [s*B*W, (s+1)*B*W) of it and rank r takes the r-th B of those (disjoint shards).
+    Augmentation runs on chunks of several batches: per-op overhead dominates small batches on CPU. The last
+    partial global batch is dropped (BatchNorm on the 1x1 head needs > 1 sample).
     """
-    n = data.train_images.shape[0]
-    steps = n // batch_size
-    order = epoch_order(n, seed, epoch, data.train_images.device)
-    per_chunk = max(1, chunk_images // batch_size)
+    global_batch = batch_size * world_size
+    steps = data.train_images.shape[0] // global_batch
     device = data.train_images.device
+    order = epoch_order(data.train_images.shape[0], seed, epoch, device)[:steps * global_batch]
+    order = order.view(steps, world_size, batch_size)[:, rank]                 # [steps, B]: this rank's shard
+    per_chunk = max(1, chunk_images // batch_size)
     gen = torch.Generator(device=device)
     for chunk_start in range(start_step - start_step % per_chunk, steps, per_chunk):
-        chunk_steps = min(per_chunk, steps - chunk_start)
-        idx = order[chunk_start * batch_size:(chunk_start + chunk_steps) * batch_size]
+        idx = order[chunk_start:chunk_start + per_chunk].reshape(-1)
         images = data.train_images[idx]
         if augment_cfg is not None:
-            gen.manual_seed(batch_seed(seed, epoch, chunk_start))
+            gen.manual_seed(batch_seed(seed, epoch, chunk_start, rank))
             images = augment(images, gen, augment_cfg)
         images, labels = normalize(images), data.train_labels[idx]
-        for step in range(max(chunk_start, start_step), chunk_start + chunk_steps):
+        for step in range(max(chunk_start, start_step), min(chunk_start + per_chunk, steps)):
             rows = slice((step - chunk_start) * batch_size, (step - chunk_start + 1) * batch_size)
             yield images[rows], labels[rows]
 
@@ -662,11 +666,15 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """auto: MPS, then CUDA, then CPU. An explicit device that is not available is a user error."""
+def select_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """auto: MPS, then CUDA, then CPU (CUDA, then CPU under torchrun: MPS has no distributed backend).
+    An explicit device that is not available is a user error. Under torchrun each process takes cuda:LOCAL_RANK."""
     mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if local_rank is not None and name in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     if name == "auto":
-        return torch.device("mps" if mps_ok else "cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("mps" if mps_ok and local_rank is None else "cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available to PyTorch; use --device cpu (or auto)")
     if name == "mps" and not mps_ok:
@@ -674,6 +682,76 @@ def select_device(name: str = "auto") -> torch.device:
     if name not in DEVICES:
         raise UserError(f"unknown --device {name!r}; choose from {', '.join(DEVICES)}")
     return torch.device(name)
+
+
+class Distributed:
+    """What torchrun tells a process (RANK, WORLD_SIZE, LOCAL_RANK) and the few collectives a run needs.
+    With no torchrun launch it is a world of one and every method is a no-op."""
+
+    def __init__(self, environ=None):
+        env = os.environ if environ is None else environ
+        self.world_size = int(env.get("WORLD_SIZE", "1"))
+        self.rank = int(env.get("RANK", "0"))
+        self.local_rank = int(env.get("LOCAL_RANK", "0"))
+        self.is_main = self.rank == 0
+
+    def __bool__(self):
+        return self.world_size > 1
+
+    def init(self, device: torch.device):
+        """nccl on CUDA, gloo on CPU; rendezvous from torchrun's MASTER_ADDR / MASTER_PORT."""
+        if self and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def close(self):
+        if self and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous part of n items; the last shards may be shorter (no item twice)."""
+        per = -(-n // self.world_size)
+        return slice(min(n, self.rank * per), min(n, (self.rank + 1) * per))
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self:
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def all_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self:
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return tensor
+
+    def gather_shards(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """Concatenate every rank's shard (see `shard`) back into the n items, in order."""
+        if not self:
+            return local
+        per = -(-n // self.world_size)
+        padded = local.new_zeros(per)
+        padded[:local.numel()] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, padded)
+        return torch.cat(parts)[:n]
+
+    def average_buffers(self, *modules):
+        """Average BatchNorm running statistics over ranks. DDP keeps parameters identical but each rank's
+        running stats follow its own batches; averaging makes evaluation and checkpoints agree on every rank."""
+        for module in modules:
+            if self and module is not None:
+                for buffer in module.buffers():
+                    if buffer.is_floating_point():
+                        torch.distributed.all_reduce(buffer)
+                        buffer.div_(self.world_size)
+
+    def broadcast(self, obj):
+        """Rank 0's value of a picklable object, on every rank."""
+        if not self:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def autocast_dtype(device: torch.device, amp: str):
@@ -759,7 +837,9 @@ def build_parser(recipe: dict, description: str) -> argparse.ArgumentParser:
                    help="crop, flip, rotation, colour jitter, translation (batched on the device)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=recipe["epochs"])
-    t.add_argument("-b", "--batch-size", type=int, default=recipe["batch_size"], help="images per step")
+    t.add_argument("-b", "--batch-size", type=int, default=recipe["batch_size"],
+                   help="images per step per process (under torchrun the global batch is this x WORLD_SIZE; "
+                        "--lr is not rescaled)")
     t.add_argument("--lr", type=float, default=recipe["lr"])
     t.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=recipe["wd"])
     t.add_argument("--label-smoothing", type=float, default=recipe["label_smoothing"])
@@ -773,6 +853,7 @@ def build_parser(recipe: dict, description: str) -> argparse.ArgumentParser:
     r.add_argument("--amp", default="auto", choices=AMP_MODES, help="auto: bf16 on CUDA, fp32 elsewhere")
     r.add_argument("--channels-last", action=bool_flag, default=None, help="default: on for CUDA only")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm across processes")
     r.add_argument("--eval-batch-size", type=int, default=500)
     o = p.add_argument_group("output")
     o.add_argument("--output-dir", default=None, help="default: runs/<script>-<timestamp>")
@@ -900,12 +981,18 @@ def versions() -> dict:
 
 @torch.no_grad()
 def evaluate(model, images, labels, *, batch_size=500, views=TTA_VIEWS["none"], autocast=None,
-             channels_last=False):
-    """Loss, accuracy (%) and predictions, averaging softmax over the TTA views; batched on the device."""
+             channels_last=False, dist: "Distributed | None" = None):
+    """Loss, accuracy (%) and predictions over all `images`, averaging softmax over the TTA views.
+
+    Batched on the device. Under torchrun each rank evaluates one contiguous shard (uneven shards, no padding
+    in the counts) and the sums are all-reduced, so every test image counts exactly once."""
     model.eval()
-    loss_sum, preds = torch.zeros((), device=images.device), []
+    n = labels.numel()
+    shard = dist.shard(n) if dist else slice(0, n)
+    images, local_labels = images[shard], labels[shard]
+    loss_sum, preds = torch.zeros((), device=images.device, dtype=torch.float64), []
     for start in range(0, images.shape[0], batch_size):
-        x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        x, y = images[start:start + batch_size], local_labels[start:start + batch_size]
         probs = 0
         for view in views:
             v = normalize(view(x))
@@ -915,9 +1002,10 @@ def evaluate(model, images, labels, *, batch_size=500, views=TTA_VIEWS["none"], 
         probs = probs / len(views)                                          # [B, classes]
         loss_sum += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
         preds.append(probs.argmax(1))
-    preds = torch.cat(preds)
-    n = max(1, labels.numel())
-    return loss_sum.item() / n, (preds == labels).sum().item() * 100.0 / n, preds
+    preds = torch.cat(preds) if preds else local_labels.new_zeros(0)
+    if dist:
+        loss_sum, preds = dist.all_sum(loss_sum), dist.gather_shards(preds, n)
+    return loss_sum.item() / max(1, n), (preds == labels).sum().item() * 100.0 / max(1, n), preds
 
 
 class Run:
@@ -925,7 +1013,7 @@ class Run:
     checkpoints and signals, the final report. Use as a context manager:
 
         with Run(args, "enhanced") as run:
-            model = run.prepare(mobilenetv4(...))          # device, layout, compile; prints the banner
+            model = run.prepare(mobilenetv4(...))          # device, layout, DDP, compile; prints the banner
             start_epoch = run.start(optimizer, scheduler)  # resumes from --resume if given
             for epoch in range(start_epoch, args.epochs):
                 for images, labels in run.batches(epoch):  # augmented, normalised, on the device
@@ -933,22 +1021,26 @@ class Run:
                     run.step_done(loss, logits, labels)
                 run.end_epoch(epoch)                       # evaluate, log, checkpoint
             return run.finish()                            # TTA table, summary, plots
+
+    Under torchrun every rank runs this; only rank 0 prints and writes files.
     """
-    REFRESH_EVERY = 25  # steps between progress-bar updates and NaN checks (each is a device sync)
+    REFRESH_EVERY = 25  # steps between progress-bar updates and NaN / stop checks (each is a device sync)
 
     def __init__(self, args, script: str, augment_cfg: AugmentConfig | None = None):
         self.args, self.script = args, script
         self.augment_cfg = augment_cfg if args.augment else None
+        self.bar, self._old_handlers = None, {}
+        self.dist = Distributed()
         seed_everything(args.seed, args.deterministic)
-        self.device = select_device(args.device)
+        self.device = select_device(args.device, self.dist.local_rank if self.dist else None)
+        self.dist.init(self.device)
         self.amp_dtype = autocast_dtype(self.device, args.amp)
         self.channels_last = default_channels_last(self.device) if args.channels_last is None else args.channels_last
         self.checkpoint = load_checkpoint(args.resume) if args.resume else None
-        self.out_dir = self._output_dir()
+        self.out_dir = self.dist.broadcast(self._output_dir() if self.dist.is_main else None)
         self.data = self._load_data()
         self.history, self.best_acc, self.stop_signum = [], -1.0, None
         self.model = self.optimizer = self.scheduler = self.ema = None
-        self.bar, self._old_handlers = None, {}
 
     # ---- setup -------------------------------------------------------------------------------------
     def _output_dir(self) -> Path:
@@ -977,15 +1069,26 @@ class Run:
         data_dir = Path(args.data_dir or "./data")
         if args.data_dir is None:
             data_dir.mkdir(exist_ok=True)  # the default location is ours to create
-        data = load_cifar10(data_dir, args.download).subset(args.max_train_samples, args.max_test_samples)
-        if not args.test_only and data.train_images.shape[0] < args.batch_size:
-            raise UserError(f"--batch-size {args.batch_size} is larger than the {data.train_images.shape[0]} "
-                            "training images: lower it or raise --max-train-samples")
+        if not self.dist.is_main:  # rank 0 downloads (if needed) first; the others then read what it wrote
+            self.dist.broadcast(None)
+        with warnings.catch_warnings():
+            if not self.dist.is_main:
+                warnings.simplefilter("ignore")  # rank 0 already warned
+            data = load_cifar10(data_dir, args.download)
+        if self.dist.is_main:
+            self.dist.broadcast(None)
+        data = data.subset(args.max_train_samples, args.max_test_samples)
+        needed = args.batch_size * self.dist.world_size
+        if not args.test_only and data.train_images.shape[0] < needed:
+            raise UserError(f"--batch-size {args.batch_size} x {self.dist.world_size} process(es) is more than the "
+                            f"{data.train_images.shape[0]} training images: lower it or raise --max-train-samples")
         return data.to(self.device)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move the model to the device and layout, print the banner and save config.json. Returns the module
-        to train (compiled if --compile); checkpoints always hold the plain module."""
+        to train (DDP-wrapped under torchrun, compiled with --compile); checkpoints hold the plain module."""
+        if self.dist and getattr(self.args, "sync_bn", False):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -994,11 +1097,16 @@ class Run:
             self._check_compatible(self.checkpoint)
         self.config = {"script": self.script, "args": vars(self.args), "device": str(self.device),
                        "device_name": device_name(self.device), "amp": str(self.amp_dtype),
-                       "channels_last": self.channels_last, "model": model.config, "model_summary": self.summary,
+                       "channels_last": self.channels_last, "world_size": self.dist.world_size,
+                       "model": model.config, "model_summary": self.summary,
                        "train_images": self.data.train_images.shape[0], "test_images": self.data.test_images.shape[0],
                        "versions": versions(), "git_commit": git_commit()}
-        print_banner(self.config, self.out_dir)
-        write_json(self.out_dir / ("config.json" if not self.args.test_only else "test_config.json"), self.config)
+        if self.dist.is_main:
+            print_banner(self.config, self.out_dir)
+            write_json(self.out_dir / ("config.json" if not self.args.test_only else "test_config.json"), self.config)
+        if self.dist:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         return torch.compile(model) if self.args.compile else model
 
     def _check_compatible(self, ckpt):
@@ -1008,10 +1116,12 @@ class Run:
             raise UserError(f"checkpoint {self.args.resume} is for another model: {', '.join(diff)}; pass the "
                             "matching flags or another checkpoint")
         if ckpt["step"] and not self.args.test_only:  # a mid-epoch resume replays that epoch's batch order
-            for key in ("batch_size", "max_train_samples", "seed"):
-                if ckpt["config"].get(key) != getattr(self.args, key):
-                    raise UserError(f"checkpoint {self.args.resume} stopped mid-epoch with --{key.replace('_', '-')} "
-                                    f"{ckpt['config'].get(key)}; resume with the same value")
+            saved = {**ckpt["config"], "world_size": ckpt.get("world_size", 1)}
+            mine = {**vars(self.args), "world_size": self.dist.world_size}
+            for key in ("batch_size", "max_train_samples", "seed", "world_size"):
+                if saved.get(key) != mine.get(key):
+                    raise UserError(f"checkpoint {self.args.resume} stopped mid-epoch with {key.replace('_', '-')} "
+                                    f"{saved.get(key)}; resume with the same value (or from an epoch-end checkpoint)")
 
     def start(self, optimizer, scheduler, ema=None) -> int:
         """Register what checkpoints hold, restore it from --resume, install signal handlers; returns the
@@ -1029,30 +1139,37 @@ class Run:
                 set_rng_state(ckpt["rng"])
                 self.history, self.best_acc = list(ckpt["history"]), ckpt["best_acc"]
                 self.resume_epoch, self.resume_step, self.partial = ckpt["epoch"], ckpt["step"], ckpt["partial"]
-                print(f"resumed from {self.args.resume}: epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+                self.print(f"resumed from {self.args.resume}: epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
         self._install_signal_handlers()
         return self.resume_epoch
 
+    def print(self, *args, **kwargs):
+        if self.dist.is_main:
+            print(*args, **kwargs)
+
     # ---- the epoch ---------------------------------------------------------------------------------
     def batches(self, epoch: int):
-        """This epoch's training batches, with a progress bar; resumes mid-epoch where a checkpoint stopped."""
-        args = self.args
-        self.epoch, steps = epoch, self.data.train_images.shape[0] // args.batch_size
+        """This rank's training batches of the epoch, with a progress bar; resumes mid-epoch where a checkpoint
+        stopped."""
+        args, dist = self.args, self.dist
+        self.epoch = epoch
+        steps = self.data.train_images.shape[0] // (args.batch_size * dist.world_size)
         start = self.resume_step if epoch == self.resume_epoch else 0
         partial = self.partial if start else None
-        self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        self.correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        # Running sums on the device, read only at refresh points: [loss sum, correct, samples] of this rank.
+        self.meters = torch.zeros(3, device=self.device, dtype=torch.float64)
         self.first_bad_step = torch.full((), -1, device=self.device, dtype=torch.int64)
         if partial:
-            self.loss_sum += partial["loss_sum"]
-            self.correct += partial["correct"]
-        self.seen, self.skipped = (partial["seen"], partial["skipped"]) if partial else (0, 0)
+            self.meters += torch.tensor([partial["loss_sum"], partial["correct"], partial["seen"]],
+                                        device=self.device, dtype=torch.float64) / dist.world_size
+        self.skipped = partial["skipped"] if partial else 0
         self.time_before = partial["time"] if partial else 0.0
-        self.bar = progress_bar(steps, start, f"epoch {epoch + 1}/{args.epochs}")
+        self.bar = progress_bar(steps, start, f"epoch {epoch + 1}/{args.epochs}", enabled=dist.is_main)
         synchronize(self.device)
         self.t0 = time.perf_counter()
         for self.step, (images, labels) in enumerate(train_batches_for_epoch(
-                self.data, args.batch_size, args.seed, epoch, start, self.augment_cfg), start):
+                self.data, args.batch_size, args.seed, epoch, start, self.augment_cfg,
+                rank=dist.rank, world_size=dist.world_size), start):
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels
@@ -1067,11 +1184,11 @@ class Run:
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
     def should_skip(self, loss) -> bool:
-        """With --skip-nonfinite: True for a NaN/inf loss (the step is skipped). Otherwise the bad step is
-        recorded on the device and the run stops at the next check, before anything is saved."""
+        """With --skip-nonfinite: True for a NaN/inf loss on any rank (every rank skips the step). Otherwise the
+        bad step is recorded on the device and the run stops at the next check, before anything is saved."""
         bad = ~torch.isfinite(loss.detach())
         if self.args.skip_nonfinite:
-            if bad.item():
+            if self.dist.all_max(bad.to(torch.int64)).item():
                 self.skipped += 1
                 return True
             return False
@@ -1081,21 +1198,28 @@ class Run:
     def step_done(self, loss, logits, labels):
         """Account one optimizer step; refresh the bar; on SIGINT/SIGTERM save last.pt and stop."""
         n = labels.shape[0]
-        self.loss_sum += loss.detach().double() * n
-        self.correct += (logits.detach().argmax(1) == labels).sum()
-        self.seen += n
+        self.meters += torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == labels).sum().double(),
+                                    torch.tensor(float(n), device=self.device, dtype=torch.float64)])
         done = self.step + 1
-        if done % self.REFRESH_EVERY == 0 or done == self.bar.total:
+        refresh = done % self.REFRESH_EVERY == 0 or done == self.bar.total
+        if refresh:
             self._check_finite()
-            self.bar.set_postfix(loss=f"{self.loss_sum.item() / self.seen:.3f}",
-                                 acc=f"{self.correct.item() * 100 / self.seen:.1f}",
+            loss_sum, correct, seen = self.dist.all_sum(self.meters).tolist()
+            self.bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct * 100 / seen:.1f}",
                                  lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
         self.bar.update(1)
-        if self.stop_signum is not None:
-            self._save_and_stop(done)
+        # One process checks its flag every step; ranks agree at refresh points (a collective), so all stop together.
+        if not self.dist:
+            stop = self.stop_signum
+        elif refresh:
+            stop = int(self.dist.all_max(torch.tensor(self.stop_signum or 0, device=self.device)).item()) or None
+        else:
+            stop = None
+        if stop is not None:
+            self._save_and_stop(done, stop)
 
     def _check_finite(self):
-        bad = int(self.first_bad_step.item())
+        bad = int(self.dist.all_max(self.first_bad_step).item())
         if bad >= 0:
             self.bar.close()
             raise NonFiniteLoss(
@@ -1103,20 +1227,23 @@ class Run:
                 f"({self.out_dir / 'last.pt'}, if any epoch finished) is kept. Try a lower --lr, --clip-grad-norm "
                 "1.0, --amp off, or --skip-nonfinite to skip such steps")
 
-    def _partial_state(self, done):
+    def _partial_state(self):
         synchronize(self.device)
-        return {"loss_sum": self.loss_sum.item(), "correct": int(self.correct.item()), "seen": self.seen,
-                "skipped": self.skipped, "time": self.time_before + time.perf_counter() - self.t0}
+        loss_sum, correct, seen = self.dist.all_sum(self.meters).tolist()
+        return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "skipped": self.skipped,
+                "time": self.time_before + time.perf_counter() - self.t0}
 
-    def _save_and_stop(self, done):
+    def _save_and_stop(self, done, signum):
         self._check_finite()
         self.bar.close()
+        self.dist.average_buffers(self.model, self.ema)
         path = self.out_dir / "last.pt"
-        save_checkpoint(path, self._state(self.epoch, done, self._partial_state(done)))
-        name = signal.Signals(self.stop_signum).name
-        print(f"\n{name}: stopped after epoch {self.epoch + 1} step {done}; saved {path}\n"
-              f"resume with: python {self.script_file()} --resume {path}", file=sys.stderr)
-        raise Interrupted(self.stop_signum)
+        state = self._state(self.epoch, done, self._partial_state())
+        if self.dist.is_main:
+            save_checkpoint(path, state)
+            print(f"\n{signal.Signals(signum).name}: stopped after epoch {self.epoch + 1} step {done}; saved {path}\n"
+                  f"resume with: python {self.script_file()} --resume {path}", file=sys.stderr)
+        raise Interrupted(signum)
 
     def script_file(self):
         return f"mobilenetv4_{self.script}.py"
@@ -1126,25 +1253,31 @@ class Run:
         synchronize(self.device)
         train_time = self.time_before + time.perf_counter() - self.t0
         self._check_finite()
-        eval_model = self.ema.module if self.ema is not None else self.model
-        test_loss, test_acc, _ = evaluate(eval_model, self.data.test_images, self.data.test_labels,
-                                          batch_size=self.args.eval_batch_size, autocast=self.amp_dtype,
-                                          channels_last=self.channels_last)
-        seen = max(1, self.seen)
-        row = {"epoch": epoch + 1, "train_loss": self.loss_sum.item() / seen,
-               "train_acc": self.correct.item() * 100 / seen, "test_loss": test_loss, "test_acc": test_acc,
-               "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": train_time,
-               "img_per_s": self.seen / max(train_time, 1e-9), "skipped_steps": self.skipped}
+        self.dist.average_buffers(self.model, self.ema)
+        test_loss, test_acc, _ = self._evaluate(TTA_VIEWS["none"])
+        loss_sum, correct, seen = self.dist.all_sum(self.meters).tolist()
+        seen = max(1.0, seen)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct * 100 / seen,
+               "test_loss": test_loss, "test_acc": test_acc, "lr": self.optimizer.param_groups[0]["lr"],
+               "epoch_time_s": train_time, "img_per_s": seen / max(train_time, 1e-9), "skipped_steps": self.skipped}
         self.history.append(row)
+        is_best = test_acc > self.best_acc
+        self.best_acc = max(self.best_acc, test_acc)
+        if not self.dist.is_main:
+            return
         print_epoch_line(row, header=len(self.history) == 1 or epoch == self.resume_epoch)
         write_metrics_csv(self.out_dir / "metrics.csv", self.history)
         plot_curves(self.out_dir / "curves.png", self.history)
-        is_best = test_acc > self.best_acc
-        self.best_acc = max(self.best_acc, test_acc)
         state = self._state(epoch + 1, 0, None)
         save_checkpoint(self.out_dir / "last.pt", state)
         if is_best:
             save_checkpoint(self.out_dir / "best.pt", state)
+
+    def _evaluate(self, views):
+        """The delivered model (the EMA when there is one) on the test set, sharded across ranks."""
+        model = self.ema.module if self.ema is not None else self.model
+        return evaluate(model, self.data.test_images, self.data.test_labels, batch_size=self.args.eval_batch_size,
+                        views=views, autocast=self.amp_dtype, channels_last=self.channels_last, dist=self.dist)
 
     def _state(self, epoch, step, partial) -> dict:
         return {"version": CHECKPOINT_VERSION, "epoch": epoch, "step": step, "partial": partial,
@@ -1152,17 +1285,14 @@ class Run:
                 "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "rng": rng_state(), "config": vars(self.args), "model_config": self.model.config,
-                "history": self.history, "best_acc": self.best_acc}
+                "world_size": self.dist.world_size, "history": self.history, "best_acc": self.best_acc}
 
     # ---- the end -----------------------------------------------------------------------------------
     def finish(self) -> dict:
-        """TTA table, per-class accuracy, summary.json, plots; returns the summary."""
-        eval_model = self.ema.module if self.ema is not None else self.model
+        """TTA table, per-class accuracy, summary.json, plots; returns the summary (on every rank)."""
         tta = {}
         for name, views in TTA_VIEWS.items():
-            _, acc, preds = evaluate(eval_model, self.data.test_images, self.data.test_labels,
-                                     batch_size=self.args.eval_batch_size, views=views, autocast=self.amp_dtype,
-                                     channels_last=self.channels_last)
+            _, acc, preds = self._evaluate(views)
             tta[name] = {"test_acc": acc, "views": len(views)}
             if name == self.args.tta:
                 headline_preds = preds
@@ -1175,18 +1305,20 @@ class Run:
             "epochs_completed": len(self.history) if not self.args.test_only else ckpt.get("epoch"),
             "train_time_s": sum(r["epoch_time_s"] for r in self.history),
             "params": self.summary["params"], "macs": self.summary["macs"], "device": str(self.device),
-            "device_name": device_name(self.device), "peak_memory_mb": peak_memory_mb(self.device),
+            "device_name": device_name(self.device), "world_size": self.dist.world_size,
+            "peak_memory_mb": peak_memory_mb(self.device),
             "per_class_acc": per_class_accuracy(labels, headline_preds, self.data.classes),
             "test_images": labels.numel(), "evaluated": "ema" if self.ema is not None else "model",
             "checkpoint": self.args.resume if self.args.test_only else str(self.out_dir / "last.pt"),
             "config": self.config,
         }
-        print_tta_table(tta, self.args.tta)
-        print_summary(summary, self.out_dir)
-        write_json(self.out_dir / "summary.json", summary)
-        plot_confusion(self.out_dir / "confusion.png", labels, headline_preds, self.data.classes)
-        if self.history:
-            plot_curves(self.out_dir / "curves.png", self.history)
+        if self.dist.is_main:
+            print_tta_table(tta, self.args.tta)
+            print_summary(summary, self.out_dir)
+            write_json(self.out_dir / "summary.json", summary)
+            plot_confusion(self.out_dir / "confusion.png", labels, headline_preds, self.data.classes)
+            if self.history:
+                plot_curves(self.out_dir / "curves.png", self.history)
         return summary
 
     # ---- signals -----------------------------------------------------------------------------------
@@ -1199,8 +1331,9 @@ class Run:
         if self.stop_signum is not None:  # second signal: leave now; checkpoints are only ever renamed into place
             os._exit(128 + signum)
         self.stop_signum = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving last.pt "
-              "(press Ctrl-C again to quit at once)", file=sys.stderr)
+        if self.dist.is_main:
+            print(f"\n{signal.Signals(signum).name} received: finishing this step and saving last.pt "
+                  "(press Ctrl-C again to quit at once)", file=sys.stderr)
 
     def __enter__(self):
         return self
@@ -1210,6 +1343,7 @@ class Run:
             self.bar.close()
         for signum, handler in self._old_handlers.items():
             signal.signal(signum, handler)
+        self.dist.close()
         return False
 
 
@@ -1224,10 +1358,11 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() if device.type == "cpu" else device.type
 
 
-def progress_bar(total, initial, desc):
+def progress_bar(total, initial, desc, enabled=True):
     from tqdm.auto import tqdm
     # disable=None turns the bar off when stderr is not a terminal, so logs and CI output stay clean.
-    return tqdm(total=total, initial=initial, desc=desc, disable=None, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, disable=None if enabled else True, leave=False,
+                dynamic_ncols=True)
 
 
 # =====================================================================================================
