@@ -7,7 +7,8 @@ Sections, in order:
   4. Training   command line, checkpoints, signals, the per-epoch run bookkeeping
   5. Reporting  log lines, metrics files, plots, the final summary
 
-Importing this module has no side effects: nothing is downloaded, no environment variable is touched.
+Importing this module has no side effects of its own: it downloads nothing and sets no environment variable
+(torch and torchvision themselves may set a cache variable when imported).
 """
 from __future__ import annotations
 
@@ -538,18 +539,20 @@ def geometric_transform(images: torch.Tensor, params: dict):
                             torch.arange(w, device=dev, dtype=torch.float32), indexing="ij")
     x = xs.expand(b, h, w) - params["shift"][:, 0, None, None]   # [B, H, W] undo the translation
     y = ys.expand(b, h, w) - params["shift"][:, 1, None, None]
-    in_view = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    translated_in = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    in_view = translated_in
     theta = torch.deg2rad(params["angle"])[:, None, None]
     cx, cy = (w - 1) / 2, (h - 1) / 2
     cos, sin = torch.cos(theta), torch.sin(theta)
     x, y = (cos * (x - cx) - sin * (y - cy) + cx).round(), (sin * (x - cx) + cos * (y - cy) + cy).round()
+    in_view = in_view & (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)  # rotation's source inside the crop
     x = torch.where(params["flip"][:, None, None], w - 1 - x, x)
     x = x + params["crop"][:, 1, None, None]                      # crop offsets in [-pad, pad]
     y = y + params["crop"][:, 0, None, None]
     valid = in_view & (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
     index = (y.clamp(0, h - 1) * w + x.clamp(0, w - 1)).long().view(b, 1, h * w).expand(b, c, h * w)
     out = images.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)  # [B, C, H, W]
-    return out * valid.unsqueeze(1), in_view.unsqueeze(1)
+    return out * valid.unsqueeze(1), translated_in.unsqueeze(1)
 
 
 def _grayscale(x):
@@ -597,8 +600,10 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
 def augment(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig = AugmentConfig()) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> augmented float [B, 3, H, W] in [0, 1], per-sample random parameters.
 
-    Colour jitter runs after all geometry; in torchvision it runs before the translation, so the translated-in
-    border stays black (we re-apply `in_view`), and contrast takes its mean over the visible view.
+    Colour jitter runs after all geometry; in torchvision it runs before the translation. So the translated-in
+    border is re-blackened after jitter (as torchvision leaves it), and contrast's mean grey is taken over the
+    translated frame, border included, rather than the frame before translation: a difference of at most about
+    0.02 on the [0, 1] scale, on translated samples only.
     """
     params = sample_augment_params(images.shape[0], images.shape[-1], cfg, gen, images.device)
     x, in_view = geometric_transform(images.float().mul_(1 / 255), params)
@@ -1369,16 +1374,18 @@ def progress_bar(total, initial, desc, enabled=True):
 # 5. Reporting
 # =====================================================================================================
 
-EPOCH_COLUMNS = (("epoch", "{:>5d}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.2f}"),
-                 ("test_loss", "{:>9.4f}"), ("test_acc", "{:>8.2f}"), ("lr", "{:>9.2e}"),
-                 ("epoch_time_s", "{:>8.1f}"), ("img_per_s", "{:>8.0f}"))
+# (metrics key, column title, format): one fixed-width line per epoch, airbench style.
+EPOCH_COLUMNS = (("epoch", "epoch", "{:>5d}"), ("train_loss", "train_loss", "{:>10.4f}"),
+                 ("train_acc", "train_acc", "{:>9.2f}"), ("test_loss", "test_loss", "{:>9.4f}"),
+                 ("test_acc", "test_acc", "{:>8.2f}"), ("lr", "lr_end", "{:>9.2e}"),
+                 ("epoch_time_s", "train_s", "{:>8.1f}"), ("img_per_s", "img/s", "{:>8.0f}"))
 
 
 def print_epoch_line(row: dict, header: bool):
     from tqdm.auto import tqdm
     if header:
-        tqdm.write(" ".join(f"{name:>{len(fmt.format(row[name]))}}" for name, fmt in EPOCH_COLUMNS))
-    tqdm.write(" ".join(fmt.format(row[name]) for name, fmt in EPOCH_COLUMNS))
+        tqdm.write(" ".join(title.rjust(len(fmt.format(row[key]))) for key, title, fmt in EPOCH_COLUMNS))
+    tqdm.write(" ".join(fmt.format(row[key]) for key, _, fmt in EPOCH_COLUMNS))
 
 
 def print_banner(config: dict, out_dir: Path):

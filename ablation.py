@@ -1,0 +1,549 @@
+"""Ablation studies of the MobileNetV4 CIFAR-10 recipes: how much accuracy each ingredient buys.
+
+Runs a named set of configurations through the training scripts' own main() (their training loop, not a
+second one), for a chosen budget and seeds, and writes into --output-dir (default runs/ablation-<study>):
+  ablation.md         the table: the notebook README's claimed gain beside the measured one (mean ± std)
+  ablation.png        one bar per configuration: mean test accuracy, error bar = std over seeds
+  ablation.json       every per-seed number and the exact command of every run
+  <config>/seed<k>/   each run's own output; a rerun skips finished runs and resumes interrupted ones
+
+Studies (--study):
+  cumulative     the notebook README's order: baseline, + SE, + stochastic depth, + SiLU, + width 1.2,
+                 + MLP head (mobilenetv4_baseline.py, model flags added one by one), + training
+                 optimizations (mobilenetv4_enhanced.py with its defaults), + TTA (flip, read from the previous
+                 row's run: no extra training). Gain = row minus the previous row.
+  leave-one-out  the full enhanced recipe, then each ingredient switched off alone; then options beyond the
+                 notebook added to the full recipe (+ EMA, + warm-up, other TTA views). Gain = row minus
+                 the full recipe (negative: the ingredient helped).
+
+Examples:
+  python ablation.py --study cumulative --epochs 1 --max-train-samples 2000 --seeds 0 --data-dir data
+  python ablation.py --study leave-one-out --configs full no_se ema --seeds 0 1 2 -- --amp off
+Flags after `--` go to every run, after the configuration's own flags, and argparse lets the later flag win:
+`-- --width-mult 0.5` also overrides the width rows (fine for a smoke test, meaningless for the table).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import shlex
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import common
+import mobilenetv4_baseline
+import mobilenetv4_enhanced
+
+# ---- Settings -----------------------------------------------------------------------------------------
+DEFAULT_SEEDS = (0, 1, 2)
+# Looked up at call time (SCRIPTS[name].main), so tests can replace a script's main().
+SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
+# Set by this script for every run; a pass-through copy would break the one-folder-per-run layout.
+RESERVED_FLAGS = ("--output-dir", "--resume", "--overwrite", "--test-only", "--seed")
+# Saved run settings that may change between invocations without making a finished run stale.
+RUNTIME_KEYS = {"output_dir", "resume", "overwrite", "test_only", "data_dir", "download", "device", "amp",
+                "channels_last", "compile", "eval_batch_size", "skip_nonfinite", "deterministic"}
+STOP_CODES = (130, 143)  # a run's exit on SIGINT / SIGTERM: it saved last.pt, and the whole ablation stops
+
+
+@dataclass(frozen=True)
+class Config:
+    """One table row: a training run of `script` with `flags`, or (script None) a TTA accuracy read from
+    the runs of row `source`. The gain is measured against row `reference` (its `reference_tta` accuracy
+    when set, else its own headline)."""
+    key: str                      # folder name and --configs name
+    label: str
+    claimed: str = "-"            # the notebook README's claimed gain
+    script: str | None = None
+    flags: tuple = ()
+    source: str | None = None
+    tta: str | None = None        # None: summary["test_acc"] (final epoch, no TTA)
+    reference: str | None = None
+    reference_tta: str | None = None
+
+
+def _cumulative():
+    """The notebook README's order; the model flags accumulate on the baseline script."""
+    steps = [("se", "+ SE", "+3-4%", ("--se",)), ("drop_path", "+ stochastic depth", "+2-3%", ("--drop-path", "0.1")),
+             ("silu", "+ SiLU", "+1-2%", ("--act", "silu")), ("width", "+ width 1.2", "+2-3%", ("--width-mult", "1.2")),
+             ("mlp_head", "+ MLP head", "+1-2%", ("--head", "mlp"))]
+    rows, flags = [Config("baseline", "baseline", script="baseline")], ()
+    for key, label, claimed, new in steps:
+        flags += new
+        rows.append(Config(key, label, claimed, "baseline", flags, reference=rows[-1].key))
+    # The enhanced defaults are the same model plus the training recipe (and its own batch size 64).
+    rows.append(Config("train_opts", "+ training optimizations", "+3-4%", "enhanced", ("--tta", "none"),
+                       reference="mlp_head"))
+    rows.append(Config("tta", "+ TTA (flip)", "+1-2%", source="train_opts", tta="flip", reference="train_opts"))
+    return tuple(rows)
+
+
+def _leave_one_out():
+    def off(key, label, *flags):
+        return Config(key, label, script="enhanced", flags=flags, reference="full")
+
+    def tta(key, label, views):  # the full run's own TTA accuracies, against its default view set (flip)
+        return Config(key, label, source="full", tta=views, reference="full", reference_tta="flip")
+    return (
+        Config("full", "full recipe", script="enhanced"),
+        off("no_se", "no SE", "--no-se"),
+        off("no_drop_path", "no stochastic depth", "--drop-path", "0"),
+        off("relu6", "ReLU6 instead of SiLU", "--act", "relu6"),
+        off("width_1.0", "width 1.0", "--width-mult", "1.0"),
+        off("linear_head", "linear head", "--head", "linear"),
+        off("no_augment", "no augmentation", "--no-augment"),
+        off("no_label_smoothing", "no label smoothing", "--label-smoothing", "0"),
+        off("adam", "Adam instead of AdamW", "--opt", "adam", "--wd", "1e-4"),
+        off("constant_lr", "constant LR instead of cosine", "--sched", "constant"),
+        off("no_clip", "no gradient clipping", "--clip-grad-norm", "0"),
+        tta("no_tta", "no TTA", "none"),
+        # Beyond the notebook: additions to the full recipe.
+        off("ema", "+ EMA of weights", "--model-ema"),
+        off("warmup", "+ warm-up (1 epoch)", "--warmup-epochs", "1"),
+        tta("tta_flip_rot90", "TTA flip_rot90", "flip_rot90"),
+        tta("tta_flip_shift", "TTA flip_shift", "flip_shift"),
+    )
+
+
+STUDIES = {"cumulative": _cumulative(), "leave-one-out": _leave_one_out()}
+
+STUDY_NOTES = {
+    "cumulative": "Gain = this row minus the previous row. Rows up to '+ MLP head' run mobilenetv4_baseline.py "
+                  "(Adam + StepLR, no augmentation); '+ training optimizations' runs mobilenetv4_enhanced.py with "
+                  "its defaults (augmentation, label smoothing 0.1, AdamW, cosine, clipping 1.0) on the same model. "
+                  "Each script keeps its own default batch size (column 'run'), as it is part of its recipe. "
+                  "'+ TTA' is the flip TTA accuracy of the previous row's run, against that run's plain accuracy.",
+    "leave-one-out": "Gain = this row minus the full recipe (negative: the ingredient helped; rows marked '+' are "
+                     "options beyond the notebook, added to the full recipe). Every row runs "
+                     "mobilenetv4_enhanced.py. TTA rows read the full run's TTA table and compare with its "
+                     "flip TTA (the recipe's default), so 'no TTA' shows what flip TTA buys.",
+}
+
+
+@dataclass
+class Job:
+    """One (configuration, seed) training run and what became of it."""
+    config: Config
+    seed: int
+    run_dir: Path
+    argv: list
+    epochs: int
+    batch_size: int
+    action: str = "fresh"         # fresh | resume | done (finished before this invocation)
+    status: str = "pending"       # pending | ok | failed
+    summary: dict | None = None
+    error: str | None = None
+    wall_s: float | None = None
+    extra_argv: list = field(default_factory=list)  # --resume or --overwrite, decided by the plan
+
+    def command(self):
+        return f"python mobilenetv4_{self.config.script}.py {shlex.join(self.argv + self.extra_argv)}"
+
+
+# ---- Command line -------------------------------------------------------------------------------------
+
+def build_parser():
+    p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              usage="%(prog)s [options] [-- FLAGS FOR EVERY RUN]")
+    p.add_argument("--study", default="cumulative", choices=tuple(STUDIES))
+    p.add_argument("--configs", nargs="+", metavar="KEY",
+                   help="only these rows (keys: --list); a TTA row brings in the run it reads; a gain "
+                        "against a row left out reads n/a")
+    p.add_argument("--list", action="store_true", help="print the study's rows and their flags, then exit")
+    p.add_argument("--dry-run", action="store_true", help="print each run's command and state, train nothing")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
+    p.add_argument("--epochs", type=int, default=None, help="default: the scripts' own (20)")
+    p.add_argument("--max-train-samples", type=int, default=None, help="default: all 50000")
+    p.add_argument("--max-test-samples", type=int, default=None, help="default: all 10000")
+    p.add_argument("--data-dir", default=None, help="default: the scripts' own (./data)")
+    p.add_argument("--device", default=None, choices=common.DEVICES, help="default: the scripts' own (auto)")
+    p.add_argument("--output-dir", default=None, help="default: runs/ablation-<study>")
+    return p
+
+
+def split_passthrough(argv):
+    """(own flags, flags after the first `--` for every run)."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def check_passthrough(extra):
+    for token in extra:
+        name = token.split("=", 1)[0]
+        if name in RESERVED_FLAGS:
+            raise common.UserError(f"{name} is set by ablation.py for every run (one folder per run and seed); "
+                                   "drop it from the flags after --")
+
+
+def select_configs(study, keys):
+    """The study's rows, or the chosen ones in study order plus the runs that chosen TTA rows read."""
+    rows = STUDIES[study]
+    if not keys:
+        return rows
+    known = {c.key for c in rows}
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise common.UserError(f"unknown --configs {' '.join(unknown)} for study {study}; choose from "
+                               f"{' '.join(c.key for c in rows)}")
+    wanted = set(keys) | {c.source for c in rows if c.key in keys and c.source}
+    return tuple(c for c in rows if c.key in wanted)
+
+
+# ---- The plan: which runs to start, resume or just read -----------------------------------------------
+
+def run_argv(cfg, args, extra, seed, run_dir):
+    """The configuration's flags, the budget, the pass-through flags, then what this script owns (last wins)."""
+    budget = []
+    for flag, value in (("--epochs", args.epochs), ("--max-train-samples", args.max_train_samples),
+                        ("--max-test-samples", args.max_test_samples), ("--data-dir", args.data_dir),
+                        ("--device", args.device)):
+        if value is not None:
+            budget += [flag, str(value)]
+    return [*cfg.flags, *budget, *extra, "--seed", str(seed), "--output-dir", str(run_dir)]
+
+
+def parse_run(cfg, argv):
+    """The run's settings as its script will see them; bad pass-through flags stop here, before any training."""
+    try:
+        return common.parse_args(SCRIPTS[cfg.script].build_parser(), argv)
+    except SystemExit as exc:
+        if exc.code in (0, None):  # e.g. -- --help: the script printed its help
+            raise
+        raise common.UserError(f"mobilenetv4_{cfg.script}.py rejected the flags of row {cfg.key!r} "
+                               f"({shlex.join(argv)}): see the message above") from None
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def settings_diff(saved: dict, expected: argparse.Namespace):
+    """Differences between a run folder's saved settings and this invocation's, budget and recipe only."""
+    mine = json.loads(json.dumps(vars(expected), default=str))  # tuples -> lists, as in the saved JSON
+    return [f"--{k.replace('_', '-')} {saved[k]} (now {mine[k]})" for k in sorted(mine)
+            if k in saved and k not in RUNTIME_KEYS and saved[k] != mine[k]]
+
+
+def classify(job: Job, expected):
+    """done (a complete summary.json with these settings), resume (last.pt, no summary) or fresh. A folder
+    holding a run with other settings is refused: mixing budgets in one table would be silent and wrong."""
+    summary = read_json(job.run_dir / "summary.json")
+    saved = (summary or {}).get("config", {}).get("args") or (read_json(job.run_dir / "config.json") or {}).get("args")
+    has_last = (job.run_dir / "last.pt").is_file()
+    if (summary or has_last) and saved:
+        diff = settings_diff(saved, expected)
+        if diff:
+            raise common.UserError(f"{job.run_dir} holds a run with other settings: {', '.join(diff)}; choose "
+                                   "another --output-dir or delete that folder")
+    if summary and summary.get("epochs_completed") == expected.epochs and "tta_table" in summary:
+        job.action, job.status, job.summary = "done", "ok", summary
+    elif has_last:
+        job.action, job.extra_argv = "resume", ["--resume", str(job.run_dir / "last.pt")]
+    else:  # nothing to continue; --overwrite replaces a stray best.pt or partial files
+        job.action, job.extra_argv = "fresh", ["--overwrite"]
+
+
+def plan(configs, args, extra, study_dir: Path):
+    jobs = []
+    for cfg in configs:
+        if cfg.script is None:
+            continue
+        for seed in args.seeds:
+            run_dir = study_dir / cfg.key / f"seed{seed}"
+            argv = run_argv(cfg, args, extra, seed, run_dir)
+            expected = parse_run(cfg, argv)
+            job = Job(cfg, seed, run_dir, argv, expected.epochs, expected.batch_size)
+            classify(job, expected)
+            jobs.append(job)
+    return jobs
+
+
+# ---- Running -------------------------------------------------------------------------------------------
+
+def exit_code(exc: SystemExit) -> int:
+    return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+
+
+def execute(job: Job):
+    """Run one job through its script's main(); a failure is recorded and the ablation goes on, except an
+    interruption (Ctrl-C, SIGTERM), which stops everything (the run has saved last.pt)."""
+    t0 = time.perf_counter()
+    try:
+        summary = SCRIPTS[job.config.script].main(job.argv + job.extra_argv)
+    except SystemExit as exc:
+        code = exit_code(exc)
+        if code in STOP_CODES:
+            raise
+        job.status, job.error = "failed", f"exit {code}"
+    except Exception as exc:  # a bug or a device error in this run only: show it, go on with the others
+        traceback.print_exc()
+        job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
+    else:
+        if isinstance(summary, dict) and "test_acc" in summary:
+            job.status, job.summary = "ok", summary
+        else:
+            job.status, job.error = "failed", "no summary returned"
+    finally:
+        job.wall_s = time.perf_counter() - t0
+        release_memory()
+
+
+def release_memory():
+    """Runs share this process: drop the last run's model and data before the next one loads its own."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def eta_text(jobs, index) -> str:
+    """Mean wall time of the runs executed so far (finished-before runs excluded) times the runs still to go."""
+    timed = [j.wall_s for j in jobs[:index] if j.action != "done" and j.wall_s is not None]
+    to_go = sum(j.action != "done" for j in jobs[index:])
+    if not timed:
+        return "ETA: after the first run"
+    mean = sum(timed) / len(timed)
+    return f"ETA {fmt_duration(mean * to_go)} ({to_go} to go, {fmt_duration(mean)} per run)"
+
+
+def progress(job: Job, index: int, total: int, text: str):
+    print(f"[ablation {index + 1}/{total}] {job.config.label} | seed {job.seed} | {text}", flush=True)
+
+
+def run_all(jobs, write):
+    """Run the plan in order, reporting after every run so the table is never older than the last run."""
+    total = len(jobs)
+    for i, job in enumerate(jobs):
+        if job.action == "done":
+            progress(job, i, total, f"finished before: {job.summary['test_acc']:.2f}% (read summary.json)")
+            continue
+        progress(job, i, total, f"{job.action} | {eta_text(jobs, i)}\n  {job.command()}")
+        execute(job)
+        result = f"{job.summary['test_acc']:.2f}%" if job.status == "ok" else f"FAILED ({job.error})"
+        progress(job, i, total, f"{result} in {fmt_duration(job.wall_s)}")
+        write()
+
+
+# ---- Results: per-row statistics -------------------------------------------------------------------------
+
+def metric(summary: dict, tta: str | None) -> float:
+    return summary["test_acc"] if tta is None else summary["tta_table"][tta]["test_acc"]
+
+
+def mean_std(values):
+    """Mean and sample std (n - 1); std None for a single value."""
+    n = len(values)
+    if n == 0:
+        return None, None
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return mean, std
+
+
+def seed_values(jobs_by_key, key, tta):
+    """{seed: accuracy} of a row's finished runs (the runs of its source for a TTA row)."""
+    return {j.seed: metric(j.summary, tta) for j in jobs_by_key.get(key, []) if j.status == "ok"}
+
+
+def row_result(cfg: Config, rows: dict, jobs_by_key: dict) -> dict:
+    run_key = cfg.source or cfg.key
+    jobs = jobs_by_key.get(run_key, [])
+    values = seed_values(jobs_by_key, run_key, cfg.tta)
+    mean, std = mean_std(list(values.values()))
+    row = {"key": cfg.key, "label": cfg.label, "claimed": cfg.claimed, "values": values, "mean": mean, "std": std,
+           "failed": {j.seed: j.error for j in jobs if j.status == "failed"},
+           "pending": [j.seed for j in jobs if j.status == "pending"], "gain": None, "gain_std": None,
+           "gain_seeds": 0, "script": cfg.script, "flags": list(cfg.flags), "source": cfg.source, "tta": cfg.tta,
+           "reference": cfg.reference, "reference_tta": cfg.reference_tta,
+           "batch_sizes": sorted({j.batch_size for j in jobs})}
+    ref = rows.get(cfg.reference)
+    if ref is not None:
+        ref_values = seed_values(jobs_by_key, ref["source"] or ref["key"], cfg.reference_tta or ref["tta"])
+        # Paired by seed: the same seeds on both sides, so a failed seed does not shift the comparison.
+        diffs = [values[s] - ref_values[s] for s in values if s in ref_values]
+        row["gain"], row["gain_std"] = mean_std(diffs)
+        row["gain_seeds"] = len(diffs)
+    return row
+
+
+def results(study, configs, jobs, args, extra, study_dir, argv):
+    jobs_by_key = {}
+    for j in jobs:
+        jobs_by_key.setdefault(j.config.key, []).append(j)
+    rows = {}
+    for cfg in configs:
+        rows[cfg.key] = row_result(cfg, rows, jobs_by_key)
+    runs = [{"config": j.config.key, "seed": j.seed, "run_dir": str(j.run_dir), "script": j.config.script,
+             "argv": j.argv + j.extra_argv, "command": j.command(), "action": j.action, "status": j.status,
+             "error": j.error, "wall_s": j.wall_s, "batch_size": j.batch_size,
+             **{k: (j.summary or {}).get(k) for k in ("test_acc", "tta_table", "best_acc", "epochs_completed",
+                                                      "train_time_s", "params", "macs", "device")}}
+            for j in jobs]
+    return {"study": study, "output_dir": str(study_dir), "argv": argv, "passthrough": extra, "seeds": args.seeds,
+            "budget": {"epochs": jobs[0].epochs if jobs else args.epochs, "max_train_samples": args.max_train_samples,
+                       "max_test_samples": args.max_test_samples},
+            "notes": STUDY_NOTES[study], "rows": list(rows.values()), "runs": runs}
+
+
+# ---- Reporting: ablation.md, ablation.png, ablation.json -------------------------------------------------
+
+def fmt_stat(mean, std, signed=False) -> str:
+    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    return text + (f" ± {std:.2f}" if std is not None else "")
+
+
+def row_cells(row: dict, res: dict, labels: dict) -> list:
+    n_seeds = len(res["seeds"])
+    if row["mean"] is None:
+        acc = "failed" if row["failed"] else "pending"
+    else:
+        acc = fmt_stat(row["mean"], row["std"])
+    if row["reference"] is None:
+        gain = "(reference)"
+    elif row["gain"] is None:
+        gain = "n/a" if row["mean"] is not None else "-"
+    else:
+        gain = fmt_stat(row["gain"], row["gain_std"], signed=True)
+    seeds = f"{len(row['values'])}/{n_seeds}"
+    if row["failed"]:
+        seeds += f" ({len(row['failed'])} failed: {'; '.join(sorted(set(row['failed'].values())))})"
+    if row["script"] is None:
+        run = f"TTA '{row['tta']}' of row '{labels[row['source']]}'"
+    else:
+        run = (f"{row['script']}.py, batch {'/'.join(map(str, row['batch_sizes'])) or '?'}"
+               + (f": `{' '.join(row['flags'])}`" if row["flags"] else ""))
+    return [row["label"], row["claimed"], gain, acc, seeds, run]
+
+
+def markdown(res: dict) -> str:
+    labels = {r["key"]: r["label"] for r in res["rows"]}
+    b = res["budget"]
+    budget = (f"{b['epochs']} epoch(s), {b['max_train_samples'] or 'all'} training / "
+              f"{b['max_test_samples'] or 'all'} test images, seeds {' '.join(map(str, res['seeds']))}")
+    head = ["configuration", "claimed gain", "measured gain (% points)", "test acc (%)", "seeds", "run"]
+    lines = [f"# Ablation: {res['study']}", "", f"Budget: {budget}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row_cells(r, res, labels)) + " |" for r in res["rows"]]
+    lines += ["", "Notes:",
+              f"- {res['notes']}",
+              "- Test accuracy: the final epoch's, without TTA (summary `test_acc`), except TTA rows (summary "
+              "`tta_table`). Mean ± sample std over seeds (std only with more than one seed); gains are paired "
+              "by seed. Claimed gains: the notebook README's; '-' where it claims none.",
+              "- Flags passed to every run (after each row's own flags, so they win): "
+              + (f"`{shlex.join(res['passthrough'])}`." if res["passthrough"] else "none."),
+              f"- Command: `python ablation.py {shlex.join(res['argv'])}`; every run's command and per-seed "
+              "numbers are in ablation.json, its outputs in <config>/seed<k>/."]
+    failed = [r for r in res["runs"] if r["status"] == "failed"]
+    if failed:
+        lines += [f"- Failed runs: " + "; ".join(f"{r['config']} seed {r['seed']} ({r['error']})" for r in failed)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, res: dict):
+    from matplotlib.figure import Figure  # the object API: no pyplot global state, no GUI backend
+    rows = res["rows"]
+    fig = Figure(figsize=(9, 1.2 + 0.42 * len(rows)))
+    ax = fig.subplots()
+    y = range(len(rows))
+    means = [r["mean"] or 0.0 for r in rows]
+    colors = ["0.55" if r["reference"] is None else "tab:orange" if r["script"] is None else "tab:blue"
+              for r in rows]
+    errors = [r["std"] if r["std"] is not None else math.nan for r in rows]  # NaN: no error bar drawn
+    ax.barh(y, means, xerr=errors, color=colors, capsize=3, error_kw={"elinewidth": 1})
+    top = max(means + [1.0])
+    for i, r in enumerate(rows):
+        text = fmt_stat(r["mean"], r["std"]) if r["mean"] is not None else ("failed" if r["failed"] else "pending")
+        ax.text((r["mean"] or 0.0) + (r["std"] or 0.0) + top * 0.01, i, text, va="center", fontsize=8)
+    ax.set_yticks(list(y), [r["label"] for r in rows])
+    ax.invert_yaxis()  # study order, top to bottom
+    ax.set_xlim(0, top * 1.18)
+    ax.set_xlabel("test accuracy (%)")
+    b, seeds = res["budget"], res["seeds"]
+    spread = f"mean ± std over seeds {' '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    ax.set_title(f"{res['study']} ablation: test accuracy, {spread} ({b['epochs']} epoch(s), "
+                 f"{b['max_train_samples'] or 'all'} train / {b['max_test_samples'] or 'all'} test images)",
+                 fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+
+
+def write_report(study_dir: Path, res: dict, chart: bool):
+    common.write_json(study_dir / "ablation.json", res)
+    text = markdown(res)
+    common.atomic_write(study_dir / "ablation.md", lambda f: f.write(text.encode()))
+    if chart:  # a second or so per chart: drawn at the end (or on a stop), not after every run
+        plot(study_dir / "ablation.png", res)
+
+
+# ---- Main ------------------------------------------------------------------------------------------------
+
+def print_rows(configs):
+    for c in configs:
+        what = (f"mobilenetv4_{c.script}.py {' '.join(c.flags)}" if c.script
+                else f"TTA '{c.tta}' of the {c.source} run")
+        print(f"  {c.key:<20} {c.label:<32} claimed {c.claimed:<6} {what}")
+
+
+@common.command_line
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own, extra = split_passthrough(argv)
+    args = build_parser().parse_args(own)
+    args.seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would be the same run twice
+    check_passthrough(extra)
+    configs = select_configs(args.study, args.configs)
+    if args.list:
+        print_rows(configs)
+        return None
+    study_dir = Path(args.output_dir or f"runs/ablation-{args.study}").expanduser()
+    jobs = plan(configs, args, extra, study_dir)
+    if args.dry_run:
+        for i, job in enumerate(jobs):
+            progress(job, i, len(jobs), f"{job.action}\n  {job.command()}")
+        return None
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise common.UserError(f"cannot create {study_dir} ({exc.strerror}): choose a writable --output-dir") from None
+
+    def write(chart=False):
+        res = results(args.study, configs, jobs, args, extra, study_dir, argv)
+        write_report(study_dir, res, chart)
+        return res
+
+    t0 = time.perf_counter()
+    try:
+        run_all(jobs, write)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        code = 130 if isinstance(exc, KeyboardInterrupt) else exit_code(exc)
+        write(chart=True)
+        print(f"\nablation stopped (exit {code}); rerun the same command to resume: finished runs are kept, "
+              "an interrupted one continues from its last.pt", file=sys.stderr)
+        raise SystemExit(code) from None
+    res = write(chart=True)
+    print("\n" + markdown(res))
+    failed = sum(j.status == "failed" for j in jobs)
+    print(f"ablation {args.study}: {len(jobs)} runs ({failed} failed) in {fmt_duration(time.perf_counter() - t0)}; "
+          f"wrote {study_dir}/ablation.md, ablation.png, ablation.json")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Model training-step speed: forward + backward + optimizer step of MobileNetV4 on synthetic batches.
+
+Times the baseline and the enhanced model configuration (median of several steps after warm-up, synchronised)
+in fp32 and with each layout / precision option, so the defaults can be chosen by measurement.
+
+    python benchmarks/model_step.py [--batch-size 128] [--steps 8] [--device auto] [--variant conv_small]
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+CONFIGS = {
+    "baseline": dict(act="relu6"),
+    "enhanced": dict(act="silu", se=True, drop_path_rate=0.1, width_mult=1.2, head="mlp"),
+}
+
+
+def step_time(variant, config, batch_size, steps, device, channels_last, amp_dtype):
+    torch.manual_seed(0)
+    model = common.mobilenetv4(variant, 10, **config).to(device).train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    times = []
+    for i in range(steps + 2):  # two warm-up steps
+        common.synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        common.synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-b", "--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--device", default="auto", choices=common.DEVICES)
+    parser.add_argument("--variant", default="conv_small", choices=common.VARIANTS)
+    args = parser.parse_args(argv)
+    device = common.select_device(args.device)
+    options = {"fp32": (False, None), "fp32 channels_last": (True, None), "bf16 autocast": (False, torch.bfloat16),
+               "bf16 channels_last": (True, torch.bfloat16)}
+    print(f"{args.variant}, CIFAR stem, batch {args.batch_size}, {device} ({common.device_name(device)}), "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.steps} steps")
+    print(f"| config | option | ms/step | img/s |\n|---|---|---|---|")
+    results = {}
+    for name, config in CONFIGS.items():
+        for option, (channels_last, amp_dtype) in options.items():
+            t = step_time(args.variant, config, args.batch_size, args.steps, device, channels_last, amp_dtype)
+            results[(name, option)] = args.batch_size / t
+            print(f"| {name} | {option} | {t * 1e3:.0f} | {args.batch_size / t:.0f} |", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Tests for ablation.py: the plan (fresh / resume / skip), the table and chart, failures and interruptions.
+
+Most tests replace the scripts' main() by a stub that writes a summary.json with made-up accuracies (fast, and
+the expected gains are known exactly); one test trains for real on the tiny CIFAR fixture, with a tiny model.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import ablation
+import common
+import mobilenetv4_baseline
+import mobilenetv4_enhanced
+
+SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
+# What a stub run scores: each ingredient adds its own amount, so every row's expected gain is known.
+BASE_ACC = 40.0
+SEED_OFFSET = 0.5  # per seed, the same on every row: paired gains have std 0
+TTA_ACC = {"none": 0.0, "flip": 1.5, "flip_rot90": 0.75, "flip_shift": 2.25}
+NOTEBOOK_CLAIMS = {"+ SE": "+3-4%", "+ stochastic depth": "+2-3%", "+ SiLU": "+1-2%", "+ width 1.2": "+2-3%",
+                   "+ MLP head": "+1-2%", "+ training optimizations": "+3-4%", "+ TTA (flip)": "+1-2%"}
+TINY = ["--epochs", "1", "--max-train-samples", "32", "--max-test-samples", "16", "--seeds", "0"]
+TINY_MODEL = ["--", "--width-mult", "0.25", "-b", "16"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: robust when the two cores are shared (see test_model.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def stub_accuracy(script, args):
+    """Made-up final accuracy: + SE 3, + drop path 2, SiLU 1, width 1.2 2, MLP head 1, the enhanced training
+    recipe 4, EMA 0.5, warm-up -0.25; a seed shifts every row alike."""
+    acc = BASE_ACC + SEED_OFFSET * args.seed + 3 * args.se + 2 * (args.drop_path > 0) + (args.act == "silu")
+    acc += 2 * (args.width_mult > 1) + (args.head == "mlp")
+    if script == "enhanced":
+        acc += 4 - 0.5 * (not args.augment) - 0.25 * (args.label_smoothing == 0) - 0.125 * (args.opt == "adam")
+        acc += 0.5 * args.model_ema - 0.25 * (args.warmup_epochs > 0) - 0.0625 * (args.sched == "constant")
+    return acc
+
+
+def make_stub(script, calls, fail=None):
+    """A stand-in for SCRIPTS[script].main: parses the real flags, writes config.json and summary.json as the
+    script would, and records its argv. `fail(args)` may return an exit code to raise instead."""
+    def main(argv=None):
+        calls.append((script, list(argv)))
+        args = common.parse_args(SCRIPTS[script].build_parser(), argv)
+        code = fail(args) if fail else None
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config = {"script": script, "args": vars(args)}
+        common.write_json(out / "config.json", config)
+        if code:
+            (out / "last.pt").write_bytes(b"stub")  # what an interrupted run leaves behind
+            raise SystemExit(code)
+        acc = stub_accuracy(script, args)
+        summary = {"script": script, "test_acc": acc, "epochs_completed": args.epochs, "config": config,
+                   "tta_table": {k: {"test_acc": acc + v} for k, v in TTA_ACC.items()}}
+        common.write_json(out / "summary.json", summary)
+        return summary
+    return main
+
+
+@pytest.fixture
+def stubs(monkeypatch):
+    """Replace both scripts' main() by stubs; returns the list of calls they receive."""
+    calls = []
+    for name, module in SCRIPTS.items():
+        monkeypatch.setattr(module, "main", make_stub(name, calls))
+    return calls
+
+
+def table_rows(md_path: Path) -> dict:
+    """{configuration: {column: cell}} from the markdown table."""
+    lines = [l for l in md_path.read_text().splitlines() if l.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
+    return {r[0]: dict(zip(head, r)) for r in rows}
+
+
+def run_ablation(*argv):
+    return ablation.main(list(argv))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The table and the chart
+# ---------------------------------------------------------------------------------------------------
+def test_cumulative_table_claims_and_gains(tmp_path, stubs):
+    out = tmp_path / "cum"
+    res = run_ablation("--study", "cumulative", "--seeds", "0", "1", "--epochs", "1", "--output-dir", str(out))
+    assert (out / "ablation.md").is_file() and (out / "ablation.png").stat().st_size > 1000
+    rows = table_rows(out / "ablation.md")
+    assert list(rows) == [c.label for c in ablation.STUDIES["cumulative"]]
+    assert {"claimed gain", "measured gain (% points)", "test acc (%)"} <= set(rows["baseline"])
+    for label, claim in NOTEBOOK_CLAIMS.items():
+        assert rows[label]["claimed gain"] == claim
+    expected_gain = {"+ SE": 3, "+ stochastic depth": 2, "+ SiLU": 1, "+ width 1.2": 2, "+ MLP head": 1,
+                     "+ training optimizations": 4, "+ TTA (flip)": TTA_ACC["flip"]}
+    for label, gain in expected_gain.items():
+        assert rows[label]["measured gain (% points)"] == f"{gain:+.2f} ± 0.00", label
+    assert rows["baseline"]["test acc (%)"] == f"{BASE_ACC + SEED_OFFSET / 2:.2f} ± 0.35"  # seeds 0, 1
+    # The baseline script keeps batch 128, the enhanced one 64 (their recipes), and the table says so.
+    assert "batch 128" in rows["+ SE"]["run"] and "batch 64" in rows["+ training optimizations"]["run"]
+    # Six baseline runs with cumulative model flags, one enhanced run, no run for the TTA row; x 2 seeds.
+    assert [s for s, _ in stubs].count("baseline") == 12 and [s for s, _ in stubs].count("enhanced") == 2
+    mlp_head_argv = next(a for s, a in stubs if "--head" in a)
+    assert mlp_head_argv[:9] == ["--se", "--drop-path", "0.1", "--act", "silu", "--width-mult", "1.2", "--head", "mlp"]
+    saved = json.loads((out / "ablation.json").read_text())
+    assert len(saved["runs"]) == 14 and all(r["argv"] and r["test_acc"] is not None for r in saved["runs"])
+    assert saved["rows"] == json.loads(json.dumps(res["rows"]))
+
+
+def test_leave_one_out_table(tmp_path, stubs):
+    out = tmp_path / "loo"
+    run_ablation("--study", "leave-one-out", "--seeds", "0", "--epochs", "1", "--output-dir", str(out))
+    rows = table_rows(out / "ablation.md")
+    assert list(rows) == [c.label for c in ablation.STUDIES["leave-one-out"]]
+    assert all(r["claimed gain"] == "-" for r in rows.values())
+    gain = {label: r["measured gain (% points)"] for label, r in rows.items()}
+    assert gain["full recipe"] == "(reference)"
+    assert gain["no SE"] == "-3.00" and gain["width 1.0"] == "-2.00" and gain["no augmentation"] == "-0.50"
+    assert gain["Adam instead of AdamW"] == "-0.12" and gain["+ EMA of weights"] == "+0.50"
+    # TTA rows compare the full run's TTA accuracies with its default flip TTA.
+    assert gain["no TTA"] == f"{-TTA_ACC['flip']:+.2f}" and gain["TTA flip_shift"] == "+0.75"
+    adam_argv = next(a for _, a in stubs if "--opt" in a)
+    assert adam_argv[:4] == ["--opt", "adam", "--wd", "1e-4"]
+
+
+def test_configs_filter_brings_in_the_run_a_tta_row_reads(tmp_path, stubs):
+    out = tmp_path / "sub"
+    run_ablation("--study", "leave-one-out", "--configs", "no_se", "no_tta", "--seeds", "0", "--output-dir", str(out))
+    rows = table_rows(out / "ablation.md")
+    assert list(rows) == ["full recipe", "no SE", "no TTA"]
+    assert len(stubs) == 2  # full and no SE; the TTA row reads the full run
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resuming: finished runs are read, interrupted ones continue from last.pt
+# ---------------------------------------------------------------------------------------------------
+def test_second_invocation_runs_nothing(tmp_path, stubs):
+    argv = ["--study", "cumulative", "--seeds", "0", "--epochs", "1", "--output-dir", str(tmp_path)]
+    first = run_ablation(*argv)
+    n = len(stubs)
+    second = run_ablation(*argv)
+    assert len(stubs) == n
+    assert [r["mean"] for r in second["rows"]] == [r["mean"] for r in first["rows"]]
+    assert all(r["action"] == "done" for r in second["runs"])
+
+
+def test_interruption_stops_the_ablation_and_the_next_invocation_resumes(tmp_path, monkeypatch, stubs, capsys):
+    argv = ["--study", "cumulative", "--configs", "baseline", "se", "silu", "--seeds", "0", "--epochs", "1",
+            "--output-dir", str(tmp_path)]
+    interrupted = []
+    monkeypatch.setattr(mobilenetv4_baseline, "main", make_stub(
+        "baseline", interrupted, fail=lambda args: 130 if args.se and args.act != "silu" else None))
+    with pytest.raises(SystemExit) as exc:
+        run_ablation(*argv)
+    assert exc.value.code == 130
+    assert len(interrupted) == 2  # baseline ran, + SE was interrupted, + SiLU never started
+    assert "rerun the same command" in capsys.readouterr().err
+    assert table_rows(tmp_path / "ablation.md")["+ SiLU"]["test acc (%)"] == "pending"
+
+    resumed = []
+    monkeypatch.setattr(mobilenetv4_baseline, "main", make_stub("baseline", resumed))
+    run_ablation(*argv)
+    se_dir = tmp_path / "se" / "seed0"
+    (_, se_argv), (_, silu_argv) = resumed
+    assert se_argv[-2:] == ["--resume", str(se_dir / "last.pt")] and "--overwrite" not in se_argv
+    assert silu_argv[-1] == "--overwrite"
+
+
+def test_keyboard_interrupt_outside_a_run_stops_with_130(tmp_path, monkeypatch, stubs):
+    def ctrl_c(argv=None):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(mobilenetv4_enhanced, "main", ctrl_c)
+    with pytest.raises(SystemExit) as exc:
+        run_ablation("--study", "leave-one-out", "--configs", "full", "no_se", "--seeds", "0",
+                     "--output-dir", str(tmp_path))
+    assert exc.value.code == 130 and (tmp_path / "ablation.md").is_file()
+
+
+def test_failed_runs_are_reported_and_the_rest_goes_on(tmp_path, monkeypatch, stubs):
+    calls = []
+    monkeypatch.setattr(mobilenetv4_enhanced, "main", make_stub(
+        "enhanced", calls, fail=lambda args: 2 if args.opt == "adam" else None))
+    res = run_ablation("--study", "leave-one-out", "--configs", "adam", "ema", "--seeds", "0", "1",
+                       "--output-dir", str(tmp_path))
+    assert len(calls) == 6  # full, adam, ema x 2 seeds: the failures did not stop the ablation
+    rows = table_rows(tmp_path / "ablation.md")
+    assert rows["Adam instead of AdamW"]["test acc (%)"] == "failed"
+    assert "2 failed" in rows["Adam instead of AdamW"]["seeds"] and "exit 2" in rows["Adam instead of AdamW"]["seeds"]
+    assert rows["+ EMA of weights"]["measured gain (% points)"] == "+0.50 ± 0.00"
+    assert sum(r["status"] == "failed" for r in res["runs"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Refusals before any training
+# ---------------------------------------------------------------------------------------------------
+def test_a_folder_with_other_settings_is_refused(tmp_path, stubs, capsys):
+    run_ablation("--configs", "baseline", "--seeds", "0", "--epochs", "1", "--output-dir", str(tmp_path))
+    n = len(stubs)
+    with pytest.raises(SystemExit) as exc:
+        run_ablation("--configs", "baseline", "--seeds", "0", "--epochs", "2", "--output-dir", str(tmp_path))
+    assert exc.value.code == 2 and len(stubs) == n
+    assert "--epochs 1 (now 2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--seed", "3"], ["--output-dir=x"], ["--no-such-flag"], ["--epochs", "0"]])
+def test_bad_passthrough_flags_stop_before_training(tmp_path, stubs, extra):
+    with pytest.raises(SystemExit) as exc:
+        run_ablation("--seeds", "0", "--output-dir", str(tmp_path), "--", *extra)
+    assert exc.value.code == 2 and stubs == []
+
+
+def test_unknown_config_key(tmp_path, stubs, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_ablation("--study", "leave-one-out", "--configs", "se", "--output-dir", str(tmp_path))
+    assert exc.value.code == 2 and "no_se" in capsys.readouterr().err
+
+
+def test_import_has_no_side_effects_and_argv_order():
+    job_argv = ablation.run_argv(ablation.STUDIES["cumulative"][1], ablation.build_parser().parse_args(
+        ["--epochs", "3", "--data-dir", "d"]), ["--width-mult", "0.5"], 2, Path("o/se/seed2"))
+    # The row's flags, the budget, the pass-through flags (they win over the row's), then what ablation owns.
+    assert job_argv == ["--se", "--epochs", "3", "--data-dir", "d", "--width-mult", "0.5",
+                        "--seed", "2", "--output-dir", "o/se/seed2"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real scripts, on the tiny CIFAR files with a tiny model
+# ---------------------------------------------------------------------------------------------------
+def test_real_runs_on_tiny_cifar(tmp_path, tiny_cifar, monkeypatch):
+    data = ["--data-dir", str(tiny_cifar)]
+    cum, loo = tmp_path / "cum", tmp_path / "loo"
+    res = run_ablation("--study", "cumulative", "--configs", "baseline", "se", "tta", *TINY, *data,
+                       "--output-dir", str(cum), *TINY_MODEL)
+    rows = table_rows(cum / "ablation.md")
+    assert list(rows) == ["baseline", "+ SE", "+ training optimizations", "+ TTA (flip)"]
+    assert (cum / "ablation.png").is_file() and all(r["status"] == "ok" for r in res["runs"])
+    assert rows["+ SE"]["claimed gain"] == "+3-4%" and rows["+ SE"]["measured gain (% points)"] != "n/a"
+    for row in res["rows"]:
+        assert 0 <= row["mean"] <= 100
+
+    res = run_ablation("--study", "leave-one-out", "--configs", "full", "no_se", "no_tta", *TINY, *data,
+                       "--output-dir", str(loo), *TINY_MODEL)
+    assert list(table_rows(loo / "ablation.md")) == ["full recipe", "no SE", "no TTA"]
+    summary = json.loads((loo / "full" / "seed0" / "summary.json").read_text())
+    no_tta = next(r for r in res["rows"] if r["key"] == "no_tta")
+    assert no_tta["gain"] == pytest.approx(summary["tta_table"]["none"]["test_acc"]
+                                           - summary["tta_table"]["flip"]["test_acc"])
+
+    # An interrupted run (last.pt, no summary.json) continues with --resume; the finished one is only read.
+    run_dir = loo / "no_se" / "seed0"
+    (run_dir / "summary.json").unlink()
+    calls, real_main = [], mobilenetv4_enhanced.main
+    monkeypatch.setattr(mobilenetv4_enhanced, "main", lambda argv=None: calls.append(argv) or real_main(argv))
+    res = run_ablation("--study", "leave-one-out", "--configs", "full", "no_se", "no_tta", *TINY, *data,
+                       "--output-dir", str(loo), *TINY_MODEL)
+    assert len(calls) == 1 and calls[0][-2:] == ["--resume", str(run_dir / "last.pt")]
+    assert (run_dir / "summary.json").is_file()
+    assert [r["action"] for r in res["runs"]] == ["done", "resume"]
