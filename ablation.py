@@ -118,7 +118,8 @@ STUDY_NOTES = {
     "cumulative": "Gain = this row minus the previous row. Rows up to '+ MLP head' run mobilenetv4_baseline.py "
                   "(Adam + StepLR, no augmentation); '+ training optimizations' runs mobilenetv4_enhanced.py with "
                   "its defaults (augmentation, label smoothing 0.1, AdamW, cosine, clipping 1.0) on the same model. "
-                  "Each script keeps its own default batch size (column 'run'), as it is part of its recipe. "
+                  "Each script keeps its own default batch size (column 'run'), as it is part of its recipe: the "
+                  "'+ training optimizations' gain includes the change from batch 128 to 64. "
                   "'+ TTA' is the flip TTA accuracy of the previous row's run, against that run's plain accuracy.",
     "leave-one-out": "Gain = this row minus the full recipe (negative: the ingredient helped; rows marked '+' are "
                      "options beyond the notebook, added to the full recipe). Every row runs "
@@ -154,8 +155,8 @@ def build_parser():
                               usage="%(prog)s [options] [-- FLAGS FOR EVERY RUN]")
     p.add_argument("--study", default="cumulative", choices=tuple(STUDIES))
     p.add_argument("--configs", nargs="+", metavar="KEY",
-                   help="only these rows (keys: --list); a TTA row brings in the run it reads; a gain "
-                        "against a row left out reads n/a")
+                   help="only these rows (keys: --list), plus the row each one's gain is measured against "
+                        "and the run a TTA row reads")
     p.add_argument("--list", action="store_true", help="print the study's rows and their flags, then exit")
     p.add_argument("--dry-run", action="store_true", help="print each run's command and state, train nothing")
     p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
@@ -185,7 +186,8 @@ def check_passthrough(extra):
 
 
 def select_configs(study, keys):
-    """The study's rows, or the chosen ones in study order plus the runs that chosen TTA rows read."""
+    """The study's rows, or the chosen ones in study order, each with the row its gain is measured against
+    and the run a TTA row reads (so every chosen row gets its gain, at the cost of one more row at most)."""
     rows = STUDIES[study]
     if not keys:
         return rows
@@ -194,7 +196,9 @@ def select_configs(study, keys):
     if unknown:
         raise common.UserError(f"unknown --configs {' '.join(unknown)} for study {study}; choose from "
                                f"{' '.join(c.key for c in rows)}")
-    wanted = set(keys) | {c.source for c in rows if c.key in keys and c.source}
+    by_key = {c.key: c for c in rows}
+    wanted = set(keys) | {k for c in rows if c.key in keys for k in (c.source, c.reference) if k}
+    wanted |= {by_key[k].source for k in list(wanted) if by_key[k].source}
     return tuple(c for c in rows if c.key in wanted)
 
 
@@ -343,8 +347,12 @@ def run_all(jobs, write):
 
 # ---- Results: per-row statistics -------------------------------------------------------------------------
 
-def metric(summary: dict, tta: str | None) -> float:
-    return summary["test_acc"] if tta is None else summary["tta_table"][tta]["test_acc"]
+def metric(summary: dict, tta: str | None):
+    """The row's accuracy from a run's summary; None if the summary lacks it (a script without that TTA)."""
+    try:
+        return summary["test_acc"] if tta is None else summary["tta_table"][tta]["test_acc"]
+    except (KeyError, TypeError):
+        return None
 
 
 def mean_std(values):
@@ -359,7 +367,8 @@ def mean_std(values):
 
 def seed_values(jobs_by_key, key, tta):
     """{seed: accuracy} of a row's finished runs (the runs of its source for a TTA row)."""
-    return {j.seed: metric(j.summary, tta) for j in jobs_by_key.get(key, []) if j.status == "ok"}
+    values = {j.seed: metric(j.summary, tta) for j in jobs_by_key.get(key, []) if j.status == "ok"}
+    return {seed: v for seed, v in values.items() if v is not None}
 
 
 def row_result(cfg: Config, rows: dict, jobs_by_key: dict) -> dict:
@@ -368,7 +377,8 @@ def row_result(cfg: Config, rows: dict, jobs_by_key: dict) -> dict:
     values = seed_values(jobs_by_key, run_key, cfg.tta)
     mean, std = mean_std(list(values.values()))
     row = {"key": cfg.key, "label": cfg.label, "claimed": cfg.claimed, "values": values, "mean": mean, "std": std,
-           "failed": {j.seed: j.error for j in jobs if j.status == "failed"},
+           "failed": {j.seed: j.error if j.status == "failed" else f"no {cfg.tta or 'test_acc'} in summary"
+                      for j in jobs if j.status == "failed" or (j.status == "ok" and j.seed not in values)},
            "pending": [j.seed for j in jobs if j.status == "pending"], "gain": None, "gain_std": None,
            "gain_seeds": 0, "script": cfg.script, "flags": list(cfg.flags), "source": cfg.source, "tta": cfg.tta,
            "reference": cfg.reference, "reference_tta": cfg.reference_tta,
@@ -409,6 +419,11 @@ def fmt_stat(mean, std, signed=False) -> str:
     return text + (f" ± {std:.2f}" if std is not None else "")
 
 
+def md_cell(text: str) -> str:
+    """An error message may hold a newline or a pipe; either would break the table row."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def row_cells(row: dict, res: dict, labels: dict) -> list:
     n_seeds = len(res["seeds"])
     if row["mean"] is None:
@@ -440,7 +455,7 @@ def markdown(res: dict) -> str:
     head = ["configuration", "claimed gain", "measured gain (% points)", "test acc (%)", "seeds", "run"]
     lines = [f"# Ablation: {res['study']}", "", f"Budget: {budget}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row_cells(r, res, labels)) + " |" for r in res["rows"]]
+    lines += ["| " + " | ".join(md_cell(c) for c in row_cells(r, res, labels)) + " |" for r in res["rows"]]
     lines += ["", "Notes:",
               f"- {res['notes']}",
               "- Test accuracy: the final epoch's, without TTA (summary `test_acc`), except TTA rows (summary "
@@ -452,7 +467,7 @@ def markdown(res: dict) -> str:
               "numbers are in ablation.json, its outputs in <config>/seed<k>/."]
     failed = [r for r in res["runs"] if r["status"] == "failed"]
     if failed:
-        lines += [f"- Failed runs: " + "; ".join(f"{r['config']} seed {r['seed']} ({r['error']})" for r in failed)]
+        lines += ["- Failed runs: " + "; ".join(f"{r['config']} seed {r['seed']} ({r['error']})" for r in failed)]
     return "\n".join(lines) + "\n"
 
 
@@ -498,7 +513,7 @@ def print_rows(configs):
     for c in configs:
         what = (f"mobilenetv4_{c.script}.py {' '.join(c.flags)}" if c.script
                 else f"TTA '{c.tta}' of the {c.source} run")
-        print(f"  {c.key:<20} {c.label:<32} claimed {c.claimed:<6} {what}")
+        print(f"  {c.key:<20} {c.label:<32} claimed {c.claimed:<6} {what}".rstrip())
 
 
 @common.command_line

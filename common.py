@@ -611,25 +611,37 @@ def augment(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig = Aug
 
 
 # ---- Test-time augmentation views ------------------------------------------------------------------
+# Each view maps uint8 [B, 3, H, W] -> [B, 3, H, W]. Modes share view objects, so a TTA table computes each
+# distinct view once (12 forward passes for the 17 views of the four modes).
 
-def _shift(x, dx, dy):
-    """Translate by whole pixels with black fill (normalised images: fill with the mean-black value later)."""
-    return torch.roll(x, (dy, dx), (2, 3)) * _shift_mask(x, dx, dy)
+def _identity(x):
+    return x
 
 
-def _shift_mask(x, dx, dy):
+def _hflip(x):
+    return x.flip(3)
+
+
+def _rotate(x, quarter_turns):
+    return x.rot90(quarter_turns, (2, 3))
+
+
+def _shift(x, dx, dy, flip=False):
+    """Translate by whole pixels with black (zero) fill, optionally after a horizontal flip."""
+    x = x.flip(3) if flip else x
     h, w = x.shape[-2:]
     mask = torch.zeros(1, 1, h, w, device=x.device, dtype=x.dtype)
     mask[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = 1
-    return mask
+    return torch.roll(x, (dy, dx), (2, 3)) * mask
 
 
+_SHIFTS = tuple(partial(_shift, dx=dx, dy=dy, flip=f) for f in (False, True)
+                for dx, dy in ((2, 0), (-2, 0), (0, 2), (0, -2)))
 TTA_VIEWS = {
-    "none": (lambda x: x,),
-    "flip": (lambda x: x, lambda x: x.flip(3)),
-    "flip_rot90": (lambda x: x, lambda x: x.flip(3), lambda x: x.rot90(1, (2, 3)), lambda x: x.rot90(-1, (2, 3))),
-    "flip_shift": tuple(partial(lambda x, f, dx, dy: _shift(x.flip(3) if f else x, dx, dy), f=f, dx=dx, dy=dy)
-                        for f in (False, True) for dx, dy in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))),
+    "none": (_identity,),
+    "flip": (_identity, _hflip),
+    "flip_rot90": (_identity, _hflip, partial(_rotate, quarter_turns=1), partial(_rotate, quarter_turns=-1)),
+    "flip_shift": (_identity, _hflip, *_SHIFTS),
 }
 
 
@@ -985,32 +997,47 @@ def versions() -> dict:
 
 
 @torch.no_grad()
+def predict(model, images, view=_identity, *, batch_size=500, autocast=None, channels_last=False):
+    """Softmax probabilities [N, classes] of `model` on view(images), batched on the images' device."""
+    model.eval()
+    probs = []
+    for start in range(0, images.shape[0], batch_size):
+        x = normalize(view(images[start:start + batch_size]))
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        with torch.autocast(images.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            probs.append(model(x).float().softmax(1))
+    return torch.cat(probs) if probs else images.new_zeros(0, 10, dtype=torch.float32)
+
+
+def score(probs, labels, dist: "Distributed | None" = None):
+    """Loss, accuracy (%) and predictions of this rank's `probs` against all `labels` (see `evaluate`)."""
+    n = labels.numel()
+    local_labels = labels[dist.shard(n)] if dist else labels
+    loss_sum = F.nll_loss(probs.clamp_min(1e-12).log(), local_labels, reduction="sum").double()
+    preds = probs.argmax(1)
+    if dist:
+        loss_sum, preds = dist.all_sum(loss_sum), dist.gather_shards(preds, n)
+    return loss_sum.item() / max(1, n), (preds == labels).sum().item() * 100.0 / max(1, n), preds
+
+
 def evaluate(model, images, labels, *, batch_size=500, views=TTA_VIEWS["none"], autocast=None,
              channels_last=False, dist: "Distributed | None" = None):
     """Loss, accuracy (%) and predictions over all `images`, averaging softmax over the TTA views.
 
-    Batched on the device. Under torchrun each rank evaluates one contiguous shard (uneven shards, no padding
-    in the counts) and the sums are all-reduced, so every test image counts exactly once."""
-    model.eval()
-    n = labels.numel()
-    shard = dist.shard(n) if dist else slice(0, n)
-    images, local_labels = images[shard], labels[shard]
-    loss_sum, preds = torch.zeros((), device=images.device, dtype=torch.float64), []
-    for start in range(0, images.shape[0], batch_size):
-        x, y = images[start:start + batch_size], local_labels[start:start + batch_size]
-        probs = 0
-        for view in views:
-            v = normalize(view(x))
-            v = v.contiguous(memory_format=torch.channels_last) if channels_last else v
-            with torch.autocast(images.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                probs = probs + model(v).float().softmax(1)
-        probs = probs / len(views)                                          # [B, classes]
-        loss_sum += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
-        preds.append(probs.argmax(1))
-    preds = torch.cat(preds) if preds else local_labels.new_zeros(0)
-    if dist:
-        loss_sum, preds = dist.all_sum(loss_sum), dist.gather_shards(preds, n)
-    return loss_sum.item() / max(1, n), (preds == labels).sum().item() * 100.0 / max(1, n), preds
+    Under torchrun each rank evaluates one contiguous shard (uneven shards, no padding in the counts) and the
+    sums are all-reduced, so every test image counts exactly once."""
+    images = images[dist.shard(labels.numel())] if dist else images
+    probs = sum(predict(model, images, view, batch_size=batch_size, autocast=autocast, channels_last=channels_last)
+                for view in views) / len(views)                             # [N_local, classes]
+    return score(probs, labels, dist)
+
+
+def tta_table(model, images, labels, *, dist=None, **predict_kwargs) -> dict:
+    """{mode: (loss, accuracy, predictions)} for every TTA mode, each distinct view evaluated once."""
+    images = images[dist.shard(labels.numel())] if dist else images
+    views = {view for mode in TTA_VIEWS.values() for view in mode}
+    probs = {view: predict(model, images, view, **predict_kwargs) for view in views}
+    return {name: score(sum(probs[v] for v in mode) / len(mode), labels, dist) for name, mode in TTA_VIEWS.items()}
 
 
 class Run:
@@ -1259,7 +1286,9 @@ class Run:
         train_time = self.time_before + time.perf_counter() - self.t0
         self._check_finite()
         self.dist.average_buffers(self.model, self.ema)
-        test_loss, test_acc, _ = self._evaluate(TTA_VIEWS["none"])
+        test_loss, test_acc, _ = evaluate(self.delivered_model(), self.data.test_images, self.data.test_labels,
+                                          batch_size=self.args.eval_batch_size, autocast=self.amp_dtype,
+                                          channels_last=self.channels_last, dist=self.dist)
         loss_sum, correct, seen = self.dist.all_sum(self.meters).tolist()
         seen = max(1.0, seen)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct * 100 / seen,
@@ -1278,11 +1307,9 @@ class Run:
         if is_best:
             save_checkpoint(self.out_dir / "best.pt", state)
 
-    def _evaluate(self, views):
-        """The delivered model (the EMA when there is one) on the test set, sharded across ranks."""
-        model = self.ema.module if self.ema is not None else self.model
-        return evaluate(model, self.data.test_images, self.data.test_labels, batch_size=self.args.eval_batch_size,
-                        views=views, autocast=self.amp_dtype, channels_last=self.channels_last, dist=self.dist)
+    def delivered_model(self):
+        """The model evaluated, reported and used for TTA: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def _state(self, epoch, step, partial) -> dict:
         return {"version": CHECKPOINT_VERSION, "epoch": epoch, "step": step, "partial": partial,
@@ -1295,12 +1322,10 @@ class Run:
     # ---- the end -----------------------------------------------------------------------------------
     def finish(self) -> dict:
         """TTA table, per-class accuracy, summary.json, plots; returns the summary (on every rank)."""
-        tta = {}
-        for name, views in TTA_VIEWS.items():
-            _, acc, preds = self._evaluate(views)
-            tta[name] = {"test_acc": acc, "views": len(views)}
-            if name == self.args.tta:
-                headline_preds = preds
+        table = tta_table(self.delivered_model(), self.data.test_images, self.data.test_labels, dist=self.dist,
+                          batch_size=self.args.eval_batch_size, autocast=self.amp_dtype, channels_last=self.channels_last)
+        tta = {name: {"test_acc": acc, "views": len(TTA_VIEWS[name])} for name, (_, acc, _) in table.items()}
+        headline_preds = table[self.args.tta][2]
         labels = self.data.test_labels
         ckpt = self.checkpoint or {}
         summary = {

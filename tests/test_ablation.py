@@ -4,7 +4,6 @@ Most tests replace the scripts' main() by a stub that writes a summary.json with
 the expected gains are known exactly); one test trains for real on the tiny CIFAR fixture, with a tiny model.
 """
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -71,6 +70,7 @@ def make_stub(script, calls, fail=None):
 @pytest.fixture
 def stubs(monkeypatch):
     """Replace both scripts' main() by stubs; returns the list of calls they receive."""
+    monkeypatch.setattr(ablation, "release_memory", lambda: None)  # gc.collect: ~0.4 s a run with torch loaded
     calls = []
     for name, module in SCRIPTS.items():
         monkeypatch.setattr(module, "main", make_stub(name, calls))
@@ -133,12 +133,14 @@ def test_leave_one_out_table(tmp_path, stubs):
     assert adam_argv[:4] == ["--opt", "adam", "--wd", "1e-4"]
 
 
-def test_configs_filter_brings_in_the_run_a_tta_row_reads(tmp_path, stubs):
+def test_configs_filter_brings_in_references_and_sources(tmp_path, stubs):
     out = tmp_path / "sub"
     run_ablation("--study", "leave-one-out", "--configs", "no_se", "no_tta", "--seeds", "0", "--output-dir", str(out))
     rows = table_rows(out / "ablation.md")
     assert list(rows) == ["full recipe", "no SE", "no TTA"]
     assert len(stubs) == 2  # full and no SE; the TTA row reads the full run
+    assert [c.key for c in ablation.select_configs("cumulative", ["silu", "tta"])] == [
+        "drop_path", "silu", "train_opts", "tta"]  # + SiLU is measured against + stochastic depth
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,25 +157,25 @@ def test_second_invocation_runs_nothing(tmp_path, stubs):
 
 
 def test_interruption_stops_the_ablation_and_the_next_invocation_resumes(tmp_path, monkeypatch, stubs, capsys):
-    argv = ["--study", "cumulative", "--configs", "baseline", "se", "silu", "--seeds", "0", "--epochs", "1",
+    argv = ["--study", "cumulative", "--configs", "se", "drop_path", "--seeds", "0", "--epochs", "1",
             "--output-dir", str(tmp_path)]
     interrupted = []
     monkeypatch.setattr(mobilenetv4_baseline, "main", make_stub(
-        "baseline", interrupted, fail=lambda args: 130 if args.se and args.act != "silu" else None))
+        "baseline", interrupted, fail=lambda args: 130 if args.se and args.drop_path == 0 else None))
     with pytest.raises(SystemExit) as exc:
         run_ablation(*argv)
     assert exc.value.code == 130
-    assert len(interrupted) == 2  # baseline ran, + SE was interrupted, + SiLU never started
+    assert len(interrupted) == 2  # baseline ran, + SE was interrupted, + stochastic depth never started
     assert "rerun the same command" in capsys.readouterr().err
-    assert table_rows(tmp_path / "ablation.md")["+ SiLU"]["test acc (%)"] == "pending"
+    assert table_rows(tmp_path / "ablation.md")["+ stochastic depth"]["test acc (%)"] == "pending"
 
     resumed = []
     monkeypatch.setattr(mobilenetv4_baseline, "main", make_stub("baseline", resumed))
     run_ablation(*argv)
     se_dir = tmp_path / "se" / "seed0"
-    (_, se_argv), (_, silu_argv) = resumed
+    (_, se_argv), (_, drop_path_argv) = resumed
     assert se_argv[-2:] == ["--resume", str(se_dir / "last.pt")] and "--overwrite" not in se_argv
-    assert silu_argv[-1] == "--overwrite"
+    assert drop_path_argv[-1] == "--overwrite"
 
 
 def test_keyboard_interrupt_outside_a_run_stops_with_130(tmp_path, monkeypatch, stubs):
@@ -192,7 +194,7 @@ def test_failed_runs_are_reported_and_the_rest_goes_on(tmp_path, monkeypatch, st
         "enhanced", calls, fail=lambda args: 2 if args.opt == "adam" else None))
     res = run_ablation("--study", "leave-one-out", "--configs", "adam", "ema", "--seeds", "0", "1",
                        "--output-dir", str(tmp_path))
-    assert len(calls) == 6  # full, adam, ema x 2 seeds: the failures did not stop the ablation
+    assert len(calls) == 6  # full (their reference), adam, ema x 2 seeds: failures did not stop the ablation
     rows = table_rows(tmp_path / "ablation.md")
     assert rows["Adam instead of AdamW"]["test acc (%)"] == "failed"
     assert "2 failed" in rows["Adam instead of AdamW"]["seeds"] and "exit 2" in rows["Adam instead of AdamW"]["seeds"]
@@ -239,7 +241,7 @@ def test_import_has_no_side_effects_and_argv_order():
 def test_real_runs_on_tiny_cifar(tmp_path, tiny_cifar, monkeypatch):
     data = ["--data-dir", str(tiny_cifar)]
     cum, loo = tmp_path / "cum", tmp_path / "loo"
-    res = run_ablation("--study", "cumulative", "--configs", "baseline", "se", "tta", *TINY, *data,
+    res = run_ablation("--study", "cumulative", "--configs", "se", "tta", *TINY, *data,
                        "--output-dir", str(cum), *TINY_MODEL)
     rows = table_rows(cum / "ablation.md")
     assert list(rows) == ["baseline", "+ SE", "+ training optimizations", "+ TTA (flip)"]

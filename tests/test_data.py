@@ -753,18 +753,44 @@ def test_tta_views_shapes_and_counts():
 
 
 def test_tta_shift_views_fill_with_zeros():
+    """flip_shift is {identity, flip} x {no shift, +-2 px in x, +-2 px in y}, zero-filled, each view once."""
     x = torch.randint(1, 256, (2, 3, 32, 32), dtype=torch.uint8)  # no zero pixels of its own
-    seen = set()
+    expected = {}
+    for f in (False, True):
+        for dx, dy in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2)):
+            src = torch.flip(x, [3]) if f else x
+            expected[(f, dx, dy)] = TF.affine(src, angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0],
+                                              interpolation=InterpolationMode.NEAREST)
+    seen = []
     for view in common.TTA_VIEWS["flip_shift"]:
-        f, dx, dy = view.keywords["f"], view.keywords["dx"], view.keywords["dy"]
-        seen.add((f, dx, dy))
-        src = torch.flip(x, [3]) if f else x
-        expected = TF.affine(src, angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0],
-                             interpolation=InterpolationMode.NEAREST)
         out = view(x)
-        assert torch.equal(out, expected), (f, dx, dy)
+        match = [key for key, ref in expected.items() if torch.equal(out, ref)]
+        assert len(match) == 1, "a flip_shift view matches no expected zero-filled shift"
+        f, dx, dy = match[0]
         assert (out == 0).all(1).sum().item() == 2 * 32 * (abs(dx) + abs(dy))
-    assert seen == {(f, dx, dy) for f in (False, True) for dx, dy in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))}
+        seen.append(match[0])
+    assert sorted(seen) == sorted(expected)
+
+
+def test_tta_modes_share_view_objects():
+    """The TTA table evaluates each distinct view once: identity and flip are the same objects in every mode."""
+    views = common.TTA_VIEWS
+    assert views["none"][0] is views["flip"][0] is views["flip_rot90"][0] is views["flip_shift"][0]
+    assert views["flip"][1] is views["flip_rot90"][1] is views["flip_shift"][1]
+    assert len({v for mode in views.values() for v in mode}) == 12
+
+
+def test_tta_table_matches_evaluate_per_mode():
+    torch.manual_seed(0)
+    model = PixelLinear()
+    images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (24,))
+    table = common.tta_table(model, images, labels, batch_size=7)
+    for name, views in common.TTA_VIEWS.items():
+        loss, acc, preds = common.evaluate(model, images, labels, batch_size=7, views=views)
+        assert table[name][1] == pytest.approx(acc)
+        assert table[name][0] == pytest.approx(loss, rel=1e-5)
+        assert torch.equal(table[name][2], preds)
 
 
 class PixelLinear(nn.Module):
