@@ -890,14 +890,16 @@ NUMERIC_LIMITS = [("epochs", 1, 100_000, True), ("batch_size", 2, 65_536, True),
 
 
 def parse_args(parser: argparse.ArgumentParser, argv=None, limits=()) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     for name, low, high, low_ok in [*NUMERIC_LIMITS, *limits]:
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if not math.isfinite(value) or value > high or value < low or (value == low and not low_ok):
-            bound = f"{'>=' if low_ok else '>'} {low} and <= {high}"
-            parser.error(f"--{name.replace('_', '-')} {value} is out of range: use a value {bound}")
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value is not None and (not math.isfinite(value) or value > high or value < low
+                                      or (value == low and not low_ok)):
+                bound = f"{'>=' if low_ok else '>'} {low} and <= {high}"
+                parser.error(f"--{name.replace('_', '-')} {value} is out of range: use values {bound}")
+    args.argv = argv  # the command line as given: saved in config.json, repeated in the resume hint
     if args.test_only and not args.resume:
         parser.error("--test-only needs a checkpoint: add --resume PATH")
     return args
@@ -923,20 +925,30 @@ def command_line(main):
 def atomic_write(path: Path, write):
     """Write via a temporary file in the same folder, then rename: readers see the old or the new file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise UserError(f"could not write {path} ({exc.strerror or exc}): free space or choose a writable "
                         f"--output-dir; files already there are intact") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(path: Path, state: dict):
@@ -1094,6 +1106,8 @@ class Run:
             raise UserError(f"cannot create output dir {out} ({exc.strerror}): choose a writable --output-dir") from None
         if not os.access(out, os.W_OK):
             raise UserError(f"output dir {out} is not writable: choose a writable --output-dir")
+        for stale in out.glob(".*.tmp"):  # left by a run killed mid-save (kill -9): never a complete file
+            stale.unlink(missing_ok=True)
         return out
 
     def _load_data(self) -> Cifar10:
@@ -1147,6 +1161,9 @@ class Run:
         if diff:
             raise UserError(f"checkpoint {self.args.resume} is for another model: {', '.join(diff)}; pass the "
                             "matching flags or another checkpoint")
+        if ckpt.get("script") != self.script and not self.args.test_only:  # optimizer/schedule states differ
+            raise UserError(f"checkpoint {self.args.resume} was written by mobilenetv4_{ckpt.get('script')}.py: "
+                            f"resume it with that script (--test-only evaluates it with either)")
         if ckpt["step"] and not self.args.test_only:  # a mid-epoch resume replays that epoch's batch order
             saved = {**ckpt["config"], "world_size": ckpt.get("world_size", 1)}
             mine = {**vars(self.args), "world_size": self.dist.world_size}
@@ -1274,11 +1291,21 @@ class Run:
         if self.dist.is_main:
             save_checkpoint(path, state)
             print(f"\n{signal.Signals(signum).name}: stopped after epoch {self.epoch + 1} step {done}; saved {path}\n"
-                  f"resume with: python {self.script_file()} --resume {path}", file=sys.stderr)
+                  f"resume with: {self.resume_command(path)}", file=sys.stderr)
         raise Interrupted(signum)
 
-    def script_file(self):
-        return f"mobilenetv4_{self.script}.py"
+    def resume_command(self, path) -> str:
+        """The command that continues this run: its own flags, with --resume pointing at `path`."""
+        import shlex
+        argv, kept, skip = self.args.argv, [], False
+        for token in argv:
+            if skip:
+                skip = False
+            elif token == "--resume":
+                skip = True
+            elif not token.startswith("--resume=") and token != "--overwrite":
+                kept.append(token)
+        return shlex.join(["python", f"mobilenetv4_{self.script}.py", *kept, "--resume", str(path)])
 
     def end_epoch(self, epoch: int):
         """Evaluate, print the epoch's log line, write metrics and plots, save last.pt (and best.pt)."""
@@ -1303,16 +1330,16 @@ class Run:
         write_metrics_csv(self.out_dir / "metrics.csv", self.history)
         plot_curves(self.out_dir / "curves.png", self.history)
         state = self._state(epoch + 1, 0, None)
-        save_checkpoint(self.out_dir / "last.pt", state)
-        if is_best:
+        if is_best:  # best.pt first: a crash in between must not leave last.pt claiming a best.pt that is missing
             save_checkpoint(self.out_dir / "best.pt", state)
+        save_checkpoint(self.out_dir / "last.pt", state)
 
     def delivered_model(self):
         """The model evaluated, reported and used for TTA: the EMA when there is one."""
         return self.ema.module if self.ema is not None else self.model
 
     def _state(self, epoch, step, partial) -> dict:
-        return {"version": CHECKPOINT_VERSION, "epoch": epoch, "step": step, "partial": partial,
+        return {"version": CHECKPOINT_VERSION, "script": self.script, "epoch": epoch, "step": step, "partial": partial,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,

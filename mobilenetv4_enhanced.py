@@ -58,7 +58,7 @@ def lr_lambda(args, steps_per_epoch):
 @common.command_line
 def main(argv=None):
     args = common.parse_args(build_parser(), argv, limits=[("min_lr", 0, 10, True), ("warmup_epochs", 0, 10**4, True),
-                                                           ("model_ema_decay", 0, 1, False)])
+                                                           ("model_ema_decay", 0, 1, False), ("betas", 0, 0.9999999, True)])
     with common.Run(args, "enhanced", augment_cfg=common.AugmentConfig()) as run:
         model = run.prepare(common.model_from_args(args))
         if args.opt == "adamw":

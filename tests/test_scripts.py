@@ -326,8 +326,6 @@ def test_baseline_learns_above_chance(learned):
     assert res.summary["best_acc"] >= res.summary["test_acc"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: common.atomic_write creates every output with tempfile.mkstemp's "
-                                       "mode 0600 and renames it, ignoring the umask")
 def test_outputs_get_umask_permissions(base3):
     out, _ = base3
     umask = os.umask(0)
@@ -450,7 +448,7 @@ def test_kill9_then_resume(wrapper, tiny_cifar, base3, tmp_path):
         cwd=ROOT, env=cli_env(MNV4_SLEEP_FROM_EPOCH=1, MNV4_SLEEP_S=0.3), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     try:
-        wait_for(out / "best.pt", proc)  # epoch 1 always improves on nothing: written right after last.pt
+        wait_for(out / "last.pt", proc)  # written after best.pt: both of epoch 1 are in place
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -469,9 +467,6 @@ def test_kill9_then_resume(wrapper, tiny_cifar, base3, tmp_path):
     assert_same_run(out, base3[0], res.summary, base3[1].summary)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Run.end_epoch renames last.pt (best_acc updated) into place before "
-                                       "best.pt: a crash in between leaves no/stale best.pt, and resuming never "
-                                       "rewrites it")
 def test_crash_between_checkpoint_writes(tiny_cifar, tmp_path, monkeypatch):
     """Die right after the first checkpoint file of epoch 1 is in place: whatever is on disk must be consistent
     (a last.pt recording a best accuracy comes with the best.pt holding it), and resuming ends with a best.pt."""
@@ -522,8 +517,6 @@ def test_failed_save_keeps_previous_checkpoint(base1, tiny_cifar, tmp_path, monk
     assert not no_temp_files(out), no_temp_files(out)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: common.atomic_write calls tempfile.mkstemp outside its try, so an "
-                                       "output dir that turns unwritable (EROFS/EACCES) gives a traceback, exit 1")
 def test_output_dir_unwritable_mid_run(base1, tiny_cifar, tmp_path, monkeypatch):
     """The file system turns read-only during the run (or refuses creation despite os.access): exit 2, one line,
     previous checkpoint intact."""
@@ -578,8 +571,8 @@ def test_nan_loss_stops_with_exit_3(script, tiny_cifar, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert res.code == 3, res.err
     assert_one_error_line(res.err, "epoch 2, step 3")
-    assert [(name, epoch) for name, epoch, _ in saved] == [("last.pt", 1), ("best.pt", 1)]  # nothing after NaN
-    assert (out / "last.pt").read_bytes() == saved[0][2]
+    assert [(name, epoch) for name, epoch, _ in saved] == [("best.pt", 1), ("last.pt", 1)]  # nothing after NaN
+    assert (out / "last.pt").read_bytes() == saved[1][2]
     ckpt = load(out / "last.pt")
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
     assert len(read_metrics(out / "metrics.csv")) == 1
@@ -692,8 +685,6 @@ def test_resume_checkpoint_of_another_model(flags, names, test_only, base1, tiny
     assert ckpt.read_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, reason="bug: common.Run.start loads the baseline's StepLR state into the "
-                                       "enhanced LambdaLR: KeyError 'lr_lambdas' traceback, exit 1")
 def test_resume_checkpoint_of_the_other_script(base1, tiny_cifar, tmp_path):
     """Same model flags, other script: the optimizer/scheduler state does not fit; refuse in one line."""
     res = run_main("enhanced", [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path / "o", "--epochs", 2,
@@ -703,8 +694,6 @@ def test_resume_checkpoint_of_the_other_script(base1, tiny_cifar, tmp_path):
     assert_one_error_line(res.err, "last.pt")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: --betas is not range-checked (common.parse_args limits of "
-                                       "mobilenetv4_enhanced.py): torch's ValueError traceback, exit 1")
 @pytest.mark.parametrize("betas", [["1.5", "0.999"], ["nan", "0.999"]])
 def test_bad_betas(betas, tiny_cifar, tmp_path):
     res = run_main("enhanced", [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path / "o", "--epochs", 1,
