@@ -227,7 +227,7 @@ def test_unknown_config_key(tmp_path, stubs, capsys):
     assert exc.value.code == 2 and "no_se" in capsys.readouterr().err
 
 
-def test_import_has_no_side_effects_and_argv_order():
+def test_run_argv_order():
     job_argv = ablation.run_argv(ablation.STUDIES["cumulative"][1], ablation.build_parser().parse_args(
         ["--epochs", "3", "--data-dir", "d"]), ["--width-mult", "0.5"], 2, Path("o/se/seed2"))
     # The row's flags, the budget, the pass-through flags (they win over the row's), then what ablation owns.

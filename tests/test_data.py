@@ -947,8 +947,11 @@ def test_autocast_dtype_cpu():
     assert common.autocast_dtype(cpu, "fp16") is torch.float16
 
 
-def test_default_channels_last_cpu():
-    assert common.default_channels_last(torch.device("cpu")) is False
+def test_default_channels_last_by_device():
+    # Measured default (benchmarks/model_step.py): channels_last on CPU and CUDA, contiguous on MPS (unmeasured).
+    assert common.default_channels_last(torch.device("cpu")) is True
+    assert common.default_channels_last(torch.device("cuda")) is True
+    assert common.default_channels_last(torch.device("mps")) is False
 
 
 IMPORT_CHECK = """

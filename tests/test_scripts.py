@@ -825,3 +825,13 @@ def test_epoch_log_columns_align_with_header(base3):
     assert len(rows) == 3
     for row in rows:
         assert field_ends(row) == field_ends(header), f"\n{header}\n{row}"
+
+
+def test_tta_table_off_reports_only_none_and_headline(tiny_cifar, tmp_path, base3):
+    """--no-tta-table evaluates just 'none' and the --tta mode, and their figures equal the full table's."""
+    res = train("baseline", tiny_cifar, tmp_path / "t", 3, "--no-tta-table", "--tta", "flip_rot90")
+    assert set(res.summary["tta_table"]) == {"none", "flip_rot90"}
+    full = base3[1].summary["tta_table"]  # same seed and flags, full table
+    for mode in ("none", "flip_rot90"):
+        assert res.summary["tta_table"][mode]["test_acc"] == pytest.approx(full[mode]["test_acc"])
+    assert res.summary["test_acc_tta"] == res.summary["tta_table"]["flip_rot90"]["test_acc"]

@@ -1,0 +1,42 @@
+"""Smoke tests for the benchmark scripts: they run end to end on tiny inputs and report sane numbers.
+(Timing targets live in the benchmarks' printed figures, not here.)"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402
+import model_step  # noqa: E402
+import throughput  # noqa: E402
+
+
+def test_throughput_main_writes_speedups(tiny_cifar, tmp_path, monkeypatch):
+    """The whole report on tiny sizes: every figure positive, speedups are ratios of the measured figures."""
+    monkeypatch.setattr(throughput, "BATCH", 16)
+    monkeypatch.setattr(throughput, "ENHANCED", {**throughput.ENHANCED, "width_mult": 0.25})
+    monkeypatch.setattr(throughput, "bench_inference", lambda device, repeats, channels_last: {"latency ms (batch 1)": 1.0})
+    monkeypatch.setattr(throughput, "sizes", lambda quick, device: (64, 2, 1))
+    report = throughput.main(["--quick", "--device", "cpu", "--data-dir", str(tiny_cifar),
+                              "--json", str(tmp_path / "t.json")])
+    saved = json.loads((tmp_path / "t.json").read_text())
+    aug, train = saved["results"]["augmentation img/s"], saved["results"]["training img/s"]
+    assert all(v > 0 for v in aug.values())
+    assert saved["aug_speedup"] == pytest.approx(aug["ours (batched, on device)"] / aug["torchvision PIL, 0 workers"])
+    notebook = max(v for k, v in train.items() if k.startswith("notebook"))
+    assert saved["train_speedup"] == pytest.approx(train[throughput.DEFAULTS_NAME] / notebook)
+    assert report["train_defaults"]["channels_last"] == "True"  # the CPU default
+
+
+def test_pil_dataset_matches_the_notebook_transform_shapes(tiny_cifar):
+    data = common.load_cifar10(tiny_cifar)
+    dataset = throughput.PilCifar(data.train_images[:4], data.train_labels[:4])
+    image, label = dataset[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == int(data.train_labels[0])
+
+
+def test_model_step_times_a_step():
+    seconds = model_step.step_time("conv_small", {"width_mult": 0.25}, 4, 1, torch.device("cpu"), True, None)
+    assert 0 < seconds < 60
