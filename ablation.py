@@ -48,7 +48,7 @@ SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
 # Set by this script for every run; a pass-through copy would break the one-folder-per-run layout.
 RESERVED_FLAGS = ("--output-dir", "--resume", "--overwrite", "--test-only", "--seed")
 # Saved run settings that may change between invocations without making a finished run stale.
-RUNTIME_KEYS = {"output_dir", "resume", "overwrite", "test_only", "data_dir", "download", "device", "amp",
+RUNTIME_KEYS = {"argv", "output_dir", "resume", "overwrite", "test_only", "data_dir", "download", "device", "amp",
                 "channels_last", "compile", "eval_batch_size", "skip_nonfinite", "deterministic"}
 STOP_CODES = (130, 143)  # a run's exit on SIGINT / SIGTERM: it saved last.pt, and the whole ablation stops
 

@@ -1093,6 +1093,7 @@ class Run:
         self.history, self.best_acc, self.stop_signum = [], -1.0, None
         self.model = self.optimizer = self.scheduler = self.ema = None
         self.identity_probs = None  # the last evaluation's probabilities, reused by the TTA table
+        self.finishing = False
 
     # ---- setup -------------------------------------------------------------------------------------
     def _output_dir(self) -> Path:
@@ -1333,15 +1334,26 @@ class Run:
         self.history.append(row)
         is_best = test_acc > self.best_acc
         self.best_acc = max(self.best_acc, test_acc)
-        if not self.dist.is_main:
-            return
-        print_epoch_line(row, header=len(self.history) == 1 or epoch == self.resume_epoch)
-        write_metrics_csv(self.out_dir / "metrics.csv", self.history)
-        plot_curves(self.out_dir / "curves.png", self.history)
-        state = self._state(epoch + 1, 0, None)
-        if is_best:  # best.pt first: a crash in between must not leave last.pt claiming a best.pt that is missing
-            save_checkpoint(self.out_dir / "best.pt", state)
-        save_checkpoint(self.out_dir / "last.pt", state)
+        if self.dist.is_main:
+            print_epoch_line(row, header=len(self.history) == 1 or epoch == self.resume_epoch)
+            write_metrics_csv(self.out_dir / "metrics.csv", self.history)
+            plot_curves(self.out_dir / "curves.png", self.history)
+            state = self._state(epoch + 1, 0, None)
+            if is_best:  # best.pt first: a crash in between must not leave last.pt claiming a missing best.pt
+                save_checkpoint(self.out_dir / "best.pt", state)
+            save_checkpoint(self.out_dir / "last.pt", state)
+        self._stop_if_signalled("after epoch", epoch + 1)
+
+    def _stop_if_signalled(self, where, epoch):
+        """A signal that arrived during evaluation or saving: the epoch is saved, so stop here."""
+        signum = self.stop_signum if not self.dist else int(
+            self.dist.all_max(torch.tensor(self.stop_signum or 0, device=self.device)).item()) or None
+        if signum is not None:
+            path = self.out_dir / "last.pt"
+            if self.dist.is_main:
+                print(f"\n{signal.Signals(signum).name}: stopped {where} {epoch}; saved {path}\n"
+                      f"resume with: {self.resume_command(path)}", file=sys.stderr)
+            raise Interrupted(signum)
 
     def delivered_model(self):
         """The model evaluated, reported and used for TTA: the EMA when there is one."""
@@ -1358,6 +1370,7 @@ class Run:
     # ---- the end -----------------------------------------------------------------------------------
     def finish(self) -> dict:
         """TTA table, per-class accuracy, summary.json, plots; returns the summary (on every rank)."""
+        self.finishing = True  # from here a signal stops at once (see _on_signal)
         modes = TTA_VIEWS if self.args.tta_table else {m: TTA_VIEWS[m] for m in dict.fromkeys(("none", self.args.tta))}
         known = {_identity: self.identity_probs} if self.identity_probs is not None else None  # last epoch's eval
         table = tta_table(self.delivered_model(), self.data.test_images, self.data.test_labels, modes=modes,
@@ -1400,6 +1413,10 @@ class Run:
         if self.stop_signum is not None:  # second signal: leave now; checkpoints are only ever renamed into place
             os._exit(128 + signum)
         self.stop_signum = signum
+        if self.finishing:  # training is over and saved: nothing to finish, stop the final evaluation now
+            print(f"\n{signal.Signals(signum).name} received during the final evaluation: stopping; "
+                  f"{self.out_dir / 'last.pt'} holds the trained model", file=sys.stderr)
+            raise Interrupted(signum)
         if self.dist.is_main:
             print(f"\n{signal.Signals(signum).name} received: finishing this step and saving last.pt "
                   "(press Ctrl-C again to quit at once)", file=sys.stderr)

@@ -835,3 +835,37 @@ def test_tta_table_off_reports_only_none_and_headline(tiny_cifar, tmp_path, base
     for mode in ("none", "flip_rot90"):
         assert res.summary["tta_table"][mode]["test_acc"] == pytest.approx(full[mode]["test_acc"])
     assert res.summary["test_acc_tta"] == res.summary["tta_table"]["flip_rot90"]["test_acc"]
+
+
+def test_signal_during_epoch_evaluation_stops_after_saving_that_epoch(tiny_cifar, tmp_path, monkeypatch):
+    """SIGTERM while the epoch is being evaluated: the epoch is still saved, then the run stops with 143."""
+    predict, sent = common.predict, []
+
+    def predict_and_signal(*args, **kwargs):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(common, "predict", predict_and_signal)
+    res = run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path / "r", "--epochs", 3])
+    assert res.code == 143, res.err
+    assert "stopped after epoch 1" in res.err and "--resume" in res.err
+    ckpt = load(tmp_path / "r" / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 0
+
+
+def test_signal_during_final_tta_stops_at_once(tiny_cifar, tmp_path, monkeypatch):
+    """Training is over and saved: a signal during the TTA table ends the run with 143, last.pt untouched."""
+    tta_table = common.tta_table
+
+    def signal_then_table(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return tta_table(*args, **kwargs)
+
+    monkeypatch.setattr(common, "tta_table", signal_then_table)
+    res = run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path / "r", "--epochs", 1])
+    assert res.code == 130, res.err
+    assert "final evaluation" in res.err
+    assert load(tmp_path / "r" / "last.pt")["epoch"] == 1
+    assert not (tmp_path / "r" / "summary.json").exists()
