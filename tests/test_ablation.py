@@ -60,8 +60,9 @@ def make_stub(script, calls, fail=None):
             (out / "last.pt").write_bytes(b"stub")  # what an interrupted run leaves behind
             raise SystemExit(code)
         acc = stub_accuracy(script, args)
+        modes = TTA_ACC if getattr(args, "tta_table", True) else ("none", args.tta)  # as Run.finish() does
         summary = {"script": script, "test_acc": acc, "epochs_completed": args.epochs, "config": config,
-                   "tta_table": {k: {"test_acc": acc + v} for k, v in TTA_ACC.items()}}
+                   "tta_table": {k: {"test_acc": acc + TTA_ACC[k]} for k in modes}}
         common.write_json(out / "summary.json", summary)
         return summary
     return main
@@ -112,6 +113,8 @@ def test_cumulative_table_claims_and_gains(tmp_path, stubs):
     assert [s for s, _ in stubs].count("baseline") == 12 and [s for s, _ in stubs].count("enhanced") == 2
     mlp_head_argv = next(a for s, a in stubs if "--head" in a)
     assert mlp_head_argv[:9] == ["--se", "--drop-path", "0.1", "--act", "silu", "--width-mult", "1.2", "--head", "mlp"]
+    # No run needs the full TTA table here: + TTA reads flip, the enhanced script's own --tta.
+    assert all("--no-tta-table" in a and "--tta" not in a for _, a in stubs)
     saved = json.loads((out / "ablation.json").read_text())
     assert len(saved["runs"]) == 14 and all(r["argv"] and r["test_acc"] is not None for r in saved["runs"])
     assert saved["rows"] == json.loads(json.dumps(res["rows"]))
@@ -131,6 +134,9 @@ def test_leave_one_out_table(tmp_path, stubs):
     assert gain["no TTA"] == f"{-TTA_ACC['flip']:+.2f}" and gain["TTA flip_shift"] == "+0.75"
     adam_argv = next(a for _, a in stubs if "--opt" in a)
     assert adam_argv[:4] == ["--opt", "adam", "--wd", "1e-4"]
+    # The TTA rows read every mode of the full run: only it keeps the full TTA table.
+    assert [("--no-tta-table" in a) for _, a in stubs if "full/seed0" in a[a.index("--output-dir") + 1]] == [False]
+    assert sum("--no-tta-table" in a for _, a in stubs) == len(stubs) - 1
 
 
 def test_configs_filter_brings_in_references_and_sources(tmp_path, stubs):
@@ -154,6 +160,18 @@ def test_second_invocation_runs_nothing(tmp_path, stubs):
     assert len(stubs) == n
     assert [r["mean"] for r in second["rows"]] == [r["mean"] for r in first["rows"]]
     assert all(r["action"] == "done" for r in second["runs"])
+
+
+def test_a_summary_without_a_needed_tta_mode_is_evaluated_again(tmp_path, stubs):
+    argv = ["--study", "leave-one-out", "--configs", "tta_flip_shift", "--seeds", "0", "--output-dir", str(tmp_path)]
+    run_ablation(*argv)
+    path = tmp_path / "full" / "seed0" / "summary.json"
+    summary = json.loads(path.read_text())
+    del summary["tta_table"]["flip_shift"]  # e.g. a run made with --no-tta-table
+    path.write_text(json.dumps(summary))
+    (tmp_path / "full" / "seed0" / "last.pt").write_bytes(b"stub")
+    res = run_ablation(*argv)
+    assert res["runs"][0]["action"] == "resume" and stubs[-1][1][-2] == "--resume"
 
 
 def test_interruption_stops_the_ablation_and_the_next_invocation_resumes(tmp_path, monkeypatch, stubs, capsys):
@@ -212,6 +230,21 @@ def test_a_folder_with_other_settings_is_refused(tmp_path, stubs, capsys):
         run_ablation("--configs", "baseline", "--seeds", "0", "--epochs", "2", "--output-dir", str(tmp_path))
     assert exc.value.code == 2 and len(stubs) == n
     assert "--epochs 1 (now 2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_settings_check_ignores_what_changes_per_invocation(script):
+    """A resumed or overwritten run saves other --resume/--overwrite/argv values than the plan expects: none of
+    that may count as other settings (a new per-invocation key in the scripts' args belongs in RUNTIME_KEYS)."""
+    parser = SCRIPTS[script].build_parser
+    planned = ["--epochs", "1", "--seed", "0", "--output-dir", "a/b"]
+    expected = common.parse_args(parser(), planned)
+    for ran in (planned + ["--overwrite"], planned + ["--resume", "a/b/last.pt"],
+                ["--epochs", "1", "--seed", "0", "--output-dir", "elsewhere", "--device", "cpu", "--data-dir", "d"]):
+        saved = json.loads(json.dumps(vars(common.parse_args(parser(), ran)), default=str))
+        assert ablation.settings_diff(saved, expected) == []
+    saved = json.loads(json.dumps(vars(common.parse_args(parser(), planned + ["--lr", "0.5"])), default=str))
+    assert ablation.settings_diff(saved, expected) == ["--lr 0.5 (now 0.001)"]
 
 
 @pytest.mark.parametrize("extra", [["--seed", "3"], ["--output-dir=x"], ["--no-such-flag"], ["--epochs", "0"]])
