@@ -321,7 +321,7 @@ def test_end_to_end_outputs(script, base3, enh2):
 def test_baseline_learns_above_chance(learned):
     out, res = learned
     rows = read_metrics(out / "metrics.csv")
-    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]) - 0.5
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]) - 0.3
     assert res.summary["test_acc"] >= 20.0, rows  # twice chance on 40 images
     assert res.summary["best_acc"] >= res.summary["test_acc"]
 
