@@ -1211,7 +1211,7 @@ class Run:
         stopped."""
         args, dist = self.args, self.dist
         self.epoch = epoch
-        steps = self.data.train_images.shape[0] // (args.batch_size * dist.world_size)
+        steps = self.steps_per_epoch()
         start = self.resume_step if epoch == self.resume_epoch else 0
         partial = self.partial if start else None
         # Running sums on the device, read only at refresh points: [loss sum, correct, samples] of this rank.
@@ -1232,6 +1232,10 @@ class Run:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels
         self.bar.close()
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: the global batch is --batch-size x processes, the last partial one dropped."""
+        return self.data.train_images.shape[0] // (self.args.batch_size * self.dist.world_size)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,

@@ -65,8 +65,7 @@ def main(argv=None):
             optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd, betas=args.betas)
         else:
             optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd, betas=args.betas)
-        steps_per_epoch = run.data.train_images.shape[0] // args.batch_size
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, steps_per_epoch))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, run.steps_per_epoch()))
         ema = AveragedModel(run.model, multi_avg_fn=get_ema_multi_avg_fn(args.model_ema_decay),
                             use_buffers=True) if args.model_ema else None
         criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)

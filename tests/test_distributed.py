@@ -108,3 +108,10 @@ def test_single_process_checkpoint_resumes_under_two_processes(tiny_cifar, tmp_p
                    "--resume", str(tmp_path / "run" / "last.pt"), *TINY)
     assert "epoch 2, step 0" in out.stdout
     assert len(metrics(tmp_path / "run")) == 2
+
+
+def test_enhanced_cosine_schedule_spans_the_sharded_epoch(tiny_cifar, tmp_path):
+    """Under 2 processes an epoch has half the steps: the cosine must still reach --min-lr at the last one."""
+    torchrun(tmp_path, "mobilenetv4_enhanced", "--data-dir", str(tiny_cifar), "--epochs", "1",
+             "--output-dir", str(tmp_path / "run"), *TINY)
+    assert float(metrics(tmp_path / "run")[-1]["lr"]) == pytest.approx(1e-6, rel=1e-3)
