@@ -540,12 +540,11 @@ def geometric_transform(images: torch.Tensor, params: dict):
     x = xs.expand(b, h, w) - params["shift"][:, 0, None, None]   # [B, H, W] undo the translation
     y = ys.expand(b, h, w) - params["shift"][:, 1, None, None]
     translated_in = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
-    in_view = translated_in
     theta = torch.deg2rad(params["angle"])[:, None, None]
     cx, cy = (w - 1) / 2, (h - 1) / 2
     cos, sin = torch.cos(theta), torch.sin(theta)
     x, y = (cos * (x - cx) - sin * (y - cy) + cx).round(), (sin * (x - cx) + cos * (y - cy) + cy).round()
-    in_view = in_view & (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)  # rotation's source inside the crop
+    in_view = translated_in & (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)  # rotation's source in the crop
     x = torch.where(params["flip"][:, None, None], w - 1 - x, x)
     x = x + params["crop"][:, 1, None, None]                      # crop offsets in [-pad, pad]
     y = y + params["crop"][:, 0, None, None]
@@ -1271,12 +1270,7 @@ class Run:
                                  lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
         self.bar.update(1)
         # One process checks its flag every step; ranks agree at refresh points (a collective), so all stop together.
-        if not self.dist:
-            stop = self.stop_signum
-        elif refresh:
-            stop = int(self.dist.all_max(torch.tensor(self.stop_signum or 0, device=self.device)).item()) or None
-        else:
-            stop = None
+        stop = self._agreed_stop_signal() if refresh or not self.dist else None
         if stop is not None:
             self._save_and_stop(done, stop)
 
@@ -1303,7 +1297,18 @@ class Run:
         state = self._state(self.epoch, done, self._partial_state())
         if self.dist.is_main:
             save_checkpoint(path, state)
-            print(f"\n{signal.Signals(signum).name}: stopped after epoch {self.epoch + 1} step {done}; saved {path}\n"
+        self._stop(signum, f"after epoch {self.epoch + 1} step {done}")
+
+    def _agreed_stop_signal(self):
+        """The signal to stop for, or None. Under torchrun a collective: every rank stops if any rank was told."""
+        if not self.dist:
+            return self.stop_signum
+        return int(self.dist.all_max(torch.tensor(self.stop_signum or 0, device=self.device)).item()) or None
+
+    def _stop(self, signum, where):
+        path = self.out_dir / "last.pt"
+        if self.dist.is_main:
+            print(f"\n{signal.Signals(signum).name}: stopped {where}; saved {path}\n"
                   f"resume with: {self.resume_command(path)}", file=sys.stderr)
         raise Interrupted(signum)
 
@@ -1346,18 +1351,13 @@ class Run:
             if is_best:  # best.pt first: a crash in between must not leave last.pt claiming a missing best.pt
                 save_checkpoint(self.out_dir / "best.pt", state)
             save_checkpoint(self.out_dir / "last.pt", state)
-        self._stop_if_signalled("after epoch", epoch + 1)
+        self._stop_if_signalled(epoch + 1)
 
-    def _stop_if_signalled(self, where, epoch):
+    def _stop_if_signalled(self, epoch):
         """A signal that arrived during evaluation or saving: the epoch is saved, so stop here."""
-        signum = self.stop_signum if not self.dist else int(
-            self.dist.all_max(torch.tensor(self.stop_signum or 0, device=self.device)).item()) or None
+        signum = self._agreed_stop_signal()
         if signum is not None:
-            path = self.out_dir / "last.pt"
-            if self.dist.is_main:
-                print(f"\n{signal.Signals(signum).name}: stopped {where} {epoch}; saved {path}\n"
-                      f"resume with: {self.resume_command(path)}", file=sys.stderr)
-            raise Interrupted(signum)
+            self._stop(signum, f"after epoch {epoch}")
 
     def delivered_model(self):
         """The model evaluated, reported and used for TTA: the EMA when there is one."""
