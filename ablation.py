@@ -76,7 +76,7 @@ def _cumulative():
     """The notebook README's order; the model flags accumulate on the baseline script."""
     steps = [("se", "+ SE", "+3-4%", ("--se",)), ("drop_path", "+ stochastic depth", "+2-3%", ("--drop-path", "0.1")),
              ("silu", "+ SiLU", "+1-2%", ("--act", "silu")), ("width", "+ width 1.2", "+2-3%", ("--width-mult", "1.2")),
-             ("mlp_head", "+ MLP head", "+1-2%", ("--head", "mlp"))]
+             ("mlp_head", "+ MLP head", "+1-2%", ("--head", "mlp", "--dropout", "0.3"))]  # the enhanced head
     rows, flags = [Config("baseline", "baseline", script="baseline")], ()
     for key, label, claimed, new in steps:
         flags += new
@@ -101,7 +101,7 @@ def _leave_one_out():
         off("no_drop_path", "no stochastic depth", "--drop-path", "0"),
         off("relu6", "ReLU6 instead of SiLU", "--act", "relu6"),
         off("width_1.0", "width 1.0", "--width-mult", "1.0"),
-        off("linear_head", "linear head", "--head", "linear"),
+        off("linear_head", "linear head", "--head", "linear", "--dropout", "0.2"),  # the baseline's head
         off("no_augment", "no augmentation", "--no-augment"),
         off("no_label_smoothing", "no label smoothing", "--label-smoothing", "0"),
         off("adam", "Adam instead of AdamW", "--opt", "adam", "--wd", "1e-4"),

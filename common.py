@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.ops import Conv2dNormActivation, SqueezeExcitation, StochasticDepth
 
 
@@ -170,14 +171,13 @@ def uib_branch(c_in, c_out, spec: BlockSpec, act, se: bool):
     """The UIB's branch; absent parts are nn.Identity so one class covers ExtraDW, IB, ConvNext and FFN."""
     expanded = make_divisible(c_in * spec.expand, 8)
     start_stride = 1 if spec.middle_dw else spec.stride
-    se_on_start = se and spec.start_dw > 0 and spec.middle_dw == 0
     return nn.Sequential(
         conv_bn(c_in, c_in, spec.start_dw, start_stride, groups=c_in) if spec.start_dw else nn.Identity(),
-        se_layer(c_in, act) if se_on_start else nn.Identity(),
         conv_bn(c_in, expanded, 1, act=act),
         conv_bn(expanded, expanded, spec.middle_dw, spec.stride, groups=expanded, act=act)
         if spec.middle_dw else nn.Identity(),
-        se_layer(expanded, act) if se and spec.middle_dw else nn.Identity(),
+        # SE on the expanded channels of every UIB: after the middle DW, else right after the expansion (timm).
+        se_layer(expanded, act) if se else nn.Identity(),
         conv_bn(expanded, c_out, 1),
     )
 
@@ -276,18 +276,21 @@ class MobileNetV4(nn.Module):
 def classifier(head, width, num_classes, dropout, act_layer):
     if head == "linear":
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
-    if head == "mlp":  # the enhanced head; its dropouts are part of the design, not the --dropout flag
-        return nn.Sequential(nn.Dropout(0.3), nn.Linear(width, 512), act_layer(), nn.Dropout(0.15),
+    if head == "mlp":  # the enhanced head: `dropout` before the hidden layer, half of it after (0.3 / 0.15)
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(width, 512), act_layer(), nn.Dropout(dropout / 2),
                              nn.Linear(512, num_classes))
     raise ValueError(f"unknown head {head!r}; choose from {HEADS}")
 
 
 def init_weights(m):
-    """The reference port's init (conv N(0, sqrt(2/fan_out)), BN (1, 0)) with one deliberate change: Linear
-    layers get U(+-1/sqrt(in_features)). The reference's U(+-1/sqrt(out_features)) was sized for 1000 classes;
-    with 10 it starts the logits ~10x too large (initial loss 5-9 instead of ln 10)."""
+    """timm's MobileNet init: conv N(0, sqrt(2 / fan_out)) with fan_out = k*k*out_channels / groups (so a
+    depthwise 3x3 gets std sqrt(2/9), not sqrt(2/(9*C)) as torch's kaiming_normal_ computes for grouped convs),
+    BN (1, 0); with one deliberate change: Linear layers get U(+-1/sqrt(in_features)). The reference's
+    U(+-1/sqrt(out_features)) was sized for 1000 classes; with 10 it starts the logits ~10x too large (initial
+    loss 5-9 instead of ln 10)."""
     if isinstance(m, nn.Conv2d):
-        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.BatchNorm2d):
@@ -763,6 +766,14 @@ class Distributed:
                         torch.distributed.all_reduce(buffer)
                         buffer.div_(self.world_size)
 
+    def gather(self, obj) -> list:
+        """Every rank's value of a picklable object, in rank order, on every rank."""
+        if not self:
+            return [obj]
+        box = [None] * self.world_size
+        torch.distributed.all_gather_object(box, obj)
+        return box
+
     def broadcast(self, obj):
         """Rank 0's value of a picklable object, on every rank."""
         if not self:
@@ -813,7 +824,7 @@ def peak_memory_mb(device: torch.device):
 # 4. Training plumbing: command line, checkpoints, signals, the run around each script's loop
 # =====================================================================================================
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: SE on every UIB's expanded channels (new module layout), per-rank RNG states
 MODEL_KEYS = ("variant", "width_mult", "act", "se", "head", "cifar_stem", "num_classes")
 
 
@@ -834,50 +845,71 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag shows its default once: argparse appends '(default: X)' unless the help text already says
+    what the default is (the flags whose default None means something: all images, ./data, ...)."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 def build_parser(recipe: dict, description: str) -> argparse.ArgumentParser:
     """The flags both scripts share, with the script's recipe as defaults (names follow torchvision / timm)."""
-    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=HelpFormatter)
     bool_flag = argparse.BooleanOptionalAction
     m = p.add_argument_group("model")
-    m.add_argument("--variant", default=recipe["variant"], choices=VARIANTS)
-    m.add_argument("--width-mult", type=float, default=recipe["width_mult"])
-    m.add_argument("--act", default=recipe["act"], choices=tuple(ACTIVATIONS))
+    m.add_argument("--variant", default=recipe["variant"], choices=VARIANTS, help="MobileNetV4 block table")
+    m.add_argument("--width-mult", type=float, default=recipe["width_mult"], help="channel width multiplier")
+    m.add_argument("--act", default=recipe["act"], choices=tuple(ACTIVATIONS), help="activation function")
     m.add_argument("--se", action=bool_flag, default=recipe["se"], help="squeeze-and-excitation in every UIB")
     m.add_argument("--drop-path", type=float, default=recipe["drop_path"], help="stochastic depth rate (max)")
-    m.add_argument("--head", default=recipe["head"], choices=HEADS)
-    m.add_argument("--dropout", type=float, default=recipe["dropout"], help="dropout before the linear head")
+    m.add_argument("--head", default=recipe["head"], choices=HEADS, help="classifier after the 1280-wide 1x1 conv")
+    m.add_argument("--dropout", type=float, default=recipe["dropout"],
+                   help="dropout before the classifier (mlp head: before its hidden layer, half of it after)")
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", default=None,
                    help="folder holding (or receiving) cifar-10-batches-py/ (default: ./data, created if missing)")
     d.add_argument("--download", action=bool_flag, default=True, help="download CIFAR-10 if missing")
-    d.add_argument("--max-train-samples", type=int, default=None, help="train on the first N images")
-    d.add_argument("--max-test-samples", type=int, default=None, help="evaluate on the first N images")
+    d.add_argument("--max-train-samples", type=int, default=None,
+                   help="train on the first N images (default: all 50,000)")
+    d.add_argument("--max-test-samples", type=int, default=None,
+                   help="evaluate on the first N images (default: all 10,000)")
     d.add_argument("--augment", action=bool_flag, default=recipe["augment"],
                    help="crop, flip, rotation, colour jitter, translation (batched on the device)")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=recipe["epochs"])
+    t.add_argument("--epochs", type=int, default=recipe["epochs"], help="training epochs")
     t.add_argument("-b", "--batch-size", type=int, default=recipe["batch_size"],
                    help="images per step per process (under torchrun the global batch is this x WORLD_SIZE; "
                         "--lr is not rescaled)")
-    t.add_argument("--lr", type=float, default=recipe["lr"])
-    t.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=recipe["wd"])
-    t.add_argument("--label-smoothing", type=float, default=recipe["label_smoothing"])
-    t.add_argument("--clip-grad-norm", type=float, default=recipe["clip_grad_norm"], help="0 disables")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lr", type=float, default=recipe["lr"], help="peak learning rate")
+    t.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=recipe["wd"],
+                   help="weight decay of conv and linear weights")
+    t.add_argument("--norm-weight-decay", type=float, default=recipe["norm_weight_decay"],
+                   help="weight decay of norm weights/biases, all biases and layer-scale gammas (set it equal "
+                        "to --wd to decay everything, as the notebook did)")
+    t.add_argument("--label-smoothing", type=float, default=recipe["label_smoothing"],
+                   help="cross-entropy label smoothing")
+    t.add_argument("--clip-grad-norm", type=float, default=recipe["clip_grad_norm"],
+                   help="clip the gradient's global L2 norm to this (0 disables)")
+    t.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation, dropout")
     t.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     t.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps whose loss is NaN/inf instead of stopping (checks every step: a sync)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", choices=DEVICES, help="auto: mps, then cuda, then cpu")
     r.add_argument("--amp", default="auto", choices=AMP_MODES, help="auto: bf16 on CUDA, fp32 elsewhere")
-    r.add_argument("--channels-last", action=bool_flag, default=None, help="default: on for CUDA and CPU")
+    r.add_argument("--channels-last", action=bool_flag, default=None,
+                   help="channels_last memory layout (default: on for CUDA and CPU, off for MPS)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm across processes")
-    r.add_argument("--eval-batch-size", type=int, default=500)
+    r.add_argument("--eval-batch-size", type=int, default=500, help="images per evaluation batch")
     o = p.add_argument_group("output")
-    o.add_argument("--output-dir", default=None, help="default: runs/<script>-<timestamp>")
+    o.add_argument("--output-dir", default=None,
+                   help="where files go (default: runs/<script>-<timestamp>; with --resume, the checkpoint's "
+                        "folder)")
     o.add_argument("--overwrite", action="store_true", help="allow an output dir that holds another run")
-    o.add_argument("--resume", default=None, metavar="PATH", help="continue (or --test-only) from a checkpoint")
+    o.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue (or --test-only) from a checkpoint (default: none, start from scratch)")
     o.add_argument("--test-only", action="store_true", help="evaluate --resume PATH (with TTA), no training")
     o.add_argument("--tta", default=recipe["tta"], choices=tuple(TTA_VIEWS), help="headline TTA")
     o.add_argument("--tta-table", action=bool_flag, default=True,
@@ -887,7 +919,7 @@ def build_parser(recipe: dict, description: str) -> argparse.ArgumentParser:
 
 # (flag, lowest allowed, highest allowed, inclusive low?) for the numeric flags.
 NUMERIC_LIMITS = [("epochs", 1, 100_000, True), ("batch_size", 2, 65_536, True), ("lr", 0, 10, False),
-                  ("wd", 0, 10, True), ("label_smoothing", 0, 0.99, True), ("clip_grad_norm", 0, 1e6, True),
+                  ("wd", 0, 10, True), ("norm_weight_decay", 0, 10, True), ("label_smoothing", 0, 0.99, True), ("clip_grad_norm", 0, 1e6, True),
                   ("drop_path", 0, 0.99, True), ("dropout", 0, 0.99, True), ("width_mult", 0, 8, False),
                   ("max_train_samples", 1, 10**9, True), ("max_test_samples", 1, 10**9, True),
                   ("eval_batch_size", 1, 65_536, True), ("seed", 0, 2**63 - 1, True)]
@@ -969,22 +1001,83 @@ def load_checkpoint(path) -> dict:
     except Exception as exc:  # truncated zip, foreign pickle, unsafe object: all equally unusable
         raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}); use another last.pt "
                         f"or best.pt") from None
+    if isinstance(state, dict) and state.get("version") == 1:
+        raise UserError(f"{path} was written by an older version of these scripts (checkpoint format 1, before SE "
+                        f"moved to every UIB's expanded channels): its weights do not fit this model; retrain")
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "model" not in state:
         raise UserError(f"{path} is not a checkpoint of these scripts (version {CHECKPOINT_VERSION})")
     return state
 
 
-def rng_state() -> dict:
+def evaluated_weights(state: dict) -> tuple[dict, str]:
+    """The weights a checkpoint's run evaluated and reported, and which they are: the EMA when the run kept
+    one (its AveragedModel state, `module.` prefix and `n_averaged` stripped), else the raw model."""
+    ema = state.get("ema")
+    if ema is None:
+        return state["model"], "model"
+    prefix = "module."
+    return {k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)}, "ema"
+
+
+def model_from_checkpoint(state: dict) -> tuple[MobileNetV4, str]:
+    """Rebuild the model a checkpoint describes from its own saved configuration and load the evaluated weights
+    (see `evaluated_weights`). Returns (model on CPU in eval mode, "ema" | "model")."""
+    cfg = state.get("model_config") or {}
+    try:
+        model = mobilenetv4(cfg["variant"], cfg["num_classes"], width_mult=cfg["width_mult"],
+                            cifar_stem=cfg["cifar_stem"], act=cfg["act"], se=cfg["se"],
+                            drop_path_rate=cfg.get("drop_path_rate", 0.0), head=cfg["head"],
+                            dropout=cfg.get("dropout", 0.2))
+        weights, which = evaluated_weights(state)
+        model.load_state_dict(weights)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # missing keys, shape mismatch, bad config
+        raise UserError(f"checkpoint does not describe a model these scripts build ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]})") from None
+    return model.eval(), which
+
+
+# Parameters that timm's optimizer factory and torchvision's references leave out of weight decay, chosen by the
+# owning module's kind and the parameter's name, not by ndim: a layer-scale gamma is (C, 1, 1). Written here
+# because torchvision's helper (ops._utils.split_normalization_params) is private and ignores biases.
+NO_DECAY_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, LayerScale2d)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups: `weight_decay` for conv and linear weights, `norm_weight_decay` for norm
+    weights and biases, every bias and layer-scale gammas (the notebook decayed everything alike)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            exempt = isinstance(module, NO_DECAY_MODULES) or name == "bias"
+            (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": norm_weight_decay}]
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random state: the CPU generator and the training device's own (not every visible GPU's,
+    so a checkpoint resumes on a machine with fewer GPUs, or on another device type)."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict):
+def set_rng_state(state: dict, device: torch.device):
+    """Restore `rng_state`'s result; a device state from another device type is not applicable and is skipped."""
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def model_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """EMA of the weights and buffers with timm ModelEmaV3's warm-up: step t uses min(decay, (1 + t) / (10 + t)),
+    so the average follows the fast-moving early weights instead of staying near the initial ones for ~1/(1 -
+    decay) steps (without it: 144 steps left the EMA at 25% where the raw weights scored 100%)."""
+    def update(ema_params, params, num_averaged):
+        t = int(num_averaged)
+        get_ema_multi_avg_fn(min(decay, (1 + t) / (10 + t)))(ema_params, params, num_averaged)
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def seed_everything(seed: int, deterministic: bool):
@@ -1090,6 +1183,7 @@ class Run:
         self.out_dir = self.dist.broadcast(self._output_dir() if self.dist.is_main else None)
         self.data = self._load_data()
         self.history, self.best_acc, self.stop_signum = [], -1.0, None
+        self.resume_epoch, self.resume_step, self.partial, self.step = 0, 0, None, None
         self.model = self.optimizer = self.scheduler = self.ema = None
         self.identity_probs = None  # the last evaluation's probabilities, reused by the TTA table
         self.finishing = False
@@ -1184,19 +1278,24 @@ class Run:
         """Register what checkpoints hold, restore it from --resume, install signal handlers; returns the
         epoch to start from."""
         self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
-        self.resume_epoch, self.resume_step, self.partial = 0, 0, None
+        self.evaluated = "ema" if ema is not None else "model"
         ckpt = self.checkpoint
-        if ckpt is not None:
+        if ckpt is not None and self.args.test_only:
+            # What the training run evaluated (its EMA when it kept one), whatever --model-ema says now.
+            weights, self.evaluated = evaluated_weights(ckpt)
+            self.model.load_state_dict(weights)
+            self.ema = None
+        elif ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
             if ema is not None and ckpt.get("ema") is not None:
                 ema.load_state_dict(ckpt["ema"])
-            if not self.args.test_only:
-                optimizer.load_state_dict(ckpt["optimizer"])
-                scheduler.load_state_dict(ckpt["scheduler"])
-                set_rng_state(ckpt["rng"])
-                self.history, self.best_acc = list(ckpt["history"]), ckpt["best_acc"]
-                self.resume_epoch, self.resume_step, self.partial = ckpt["epoch"], ckpt["step"], ckpt["partial"]
-                self.print(f"resumed from {self.args.resume}: epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt["step"]:  # mid-epoch (same world size, checked): this rank's own random stream
+                set_rng_state(ckpt["rng"][self.dist.rank], self.device)
+            self.history, self.best_acc = list(ckpt["history"]), ckpt["best_acc"]
+            self.resume_epoch, self.resume_step, self.partial = ckpt["epoch"], ckpt["step"], ckpt["partial"]
+            self.print(f"resumed from {self.args.resume}: epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
         self._install_signal_handlers()
         return self.resume_epoch
 
@@ -1221,6 +1320,10 @@ class Run:
                                         device=self.device, dtype=torch.float64) / dist.world_size
         self.skipped = partial["skipped"] if partial else 0
         self.time_before = partial["time"] if partial else 0.0
+        if not start:
+            # Dropout and stochastic-depth masks: one stream per (seed, epoch, rank), so ranks draw different masks
+            # and an epoch-boundary resume needs no saved random state, whatever the new world size.
+            torch.manual_seed(batch_seed(args.seed, epoch, -2, dist.rank))
         self.bar = progress_bar(steps, start, f"epoch {epoch + 1}/{args.epochs}", enabled=dist.is_main)
         synchronize(self.device)
         self.t0 = time.perf_counter()
@@ -1231,6 +1334,14 @@ class Run:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels
         self.bar.close()
+
+    def progress(self) -> float:
+        """Epochs of training done, counting the steps done in the current epoch as a fraction of it. Schedules
+        read this rather than a step counter, so a resume with another batch size, --max-train-samples or
+        world size continues the same learning-rate curve."""
+        if self.step is None:
+            return self.resume_epoch + self.resume_step / self.steps_per_epoch()
+        return self.epoch + (self.step + 1) / self.steps_per_epoch()
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch: the global batch is --batch-size x processes, the last partial one dropped."""
@@ -1294,7 +1405,7 @@ class Run:
         self.bar.close()
         self.dist.average_buffers(self.model, self.ema)
         path = self.out_dir / "last.pt"
-        state = self._state(self.epoch, done, self._partial_state())
+        state = self._state(self.epoch, done, self._partial_state(), rng=self.dist.gather(rng_state(self.device)))
         if self.dist.is_main:
             save_checkpoint(path, state)
         self._stop(signum, f"after epoch {self.epoch + 1} step {done}")
@@ -1345,12 +1456,14 @@ class Run:
         self.best_acc = max(self.best_acc, test_acc)
         if self.dist.is_main:
             print_epoch_line(row, header=len(self.history) == 1 or epoch == self.resume_epoch)
-            write_metrics_csv(self.out_dir / "metrics.csv", self.history)
-            plot_curves(self.out_dir / "curves.png", self.history)
+            # Checkpoints before the logs: a crash in between must not leave metrics.csv claiming an epoch that
+            # no checkpoint holds; best.pt before last.pt, so last.pt never claims a missing best.pt.
             state = self._state(epoch + 1, 0, None)
-            if is_best:  # best.pt first: a crash in between must not leave last.pt claiming a missing best.pt
+            if is_best:
                 save_checkpoint(self.out_dir / "best.pt", state)
             save_checkpoint(self.out_dir / "last.pt", state)
+            write_metrics_csv(self.out_dir / "metrics.csv", self.history)
+            plot_curves(self.out_dir / "curves.png", self.history)
         self._stop_if_signalled(epoch + 1)
 
     def _stop_if_signalled(self, epoch):
@@ -1363,12 +1476,13 @@ class Run:
         """The model evaluated, reported and used for TTA: the EMA when there is one."""
         return self.ema.module if self.ema is not None else self.model
 
-    def _state(self, epoch, step, partial) -> dict:
+    def _state(self, epoch, step, partial, rng=None) -> dict:
+        """A checkpoint. `rng` (every rank's random state) only mid-epoch: epochs start from a fixed seed."""
         return {"version": CHECKPOINT_VERSION, "script": self.script, "epoch": epoch, "step": step, "partial": partial,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
-                "rng": rng_state(), "config": vars(self.args), "model_config": self.model.config,
+                "rng": rng, "config": vars(self.args), "model_config": self.model.config,
                 "world_size": self.dist.world_size, "history": self.history, "best_acc": self.best_acc}
 
     # ---- the end -----------------------------------------------------------------------------------
@@ -1394,7 +1508,7 @@ class Run:
             "device_name": device_name(self.device), "world_size": self.dist.world_size,
             "peak_memory_mb": peak_memory_mb(self.device),
             "per_class_acc": per_class_accuracy(labels, headline_preds, self.data.classes),
-            "test_images": labels.numel(), "evaluated": "ema" if self.ema is not None else "model",
+            "test_images": labels.numel(), "evaluated": self.evaluated,
             "checkpoint": self.args.resume if self.args.test_only else str(self.out_dir / "last.pt"),
             "config": self.config,
         }

@@ -12,7 +12,8 @@ import common
 RECIPE = dict(
     variant="conv_small", width_mult=1.0, act="relu6", se=False, drop_path=0.0, head="linear", dropout=0.2,
     augment=False, epochs=20, batch_size=128,
-    lr=1e-3, wd=1e-4,                    # Adam, L2 weight decay as in the notebook
+    lr=1e-3, wd=1e-4,                    # Adam, L2 weight decay as in the notebook ...
+    norm_weight_decay=0.0,               # ... but not on norm / bias / layer-scale parameters (timm, torchvision)
     lr_step_size=30, lr_gamma=0.1,       # StepLR in epochs (never fires within 20 epochs, as in the notebook)
     label_smoothing=0.0, clip_grad_norm=0.0, tta="flip",
 )
@@ -32,7 +33,8 @@ def main(argv=None):
                                                            ("lr_gamma", 0, 1, False)])
     with common.Run(args, "baseline") as run:
         model = run.prepare(common.model_from_args(args))
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)
+        params = common.weight_decay_groups(run.model, args.wd, args.norm_weight_decay)
+        optimizer = torch.optim.Adam(params, lr=args.lr)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
         criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         scaler = run.grad_scaler()

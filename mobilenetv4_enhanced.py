@@ -8,19 +8,19 @@ import math
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import common
 
 # ---- The recipe (every entry is a flag) -------------------------------------------------------------
 RECIPE = dict(
-    variant="conv_small", width_mult=1.2, act="silu", se=True, drop_path=0.1, head="mlp", dropout=0.2,
+    variant="conv_small", width_mult=1.2, act="silu", se=True, drop_path=0.1, head="mlp", dropout=0.3,
     augment=True,                          # crop 32 pad 4, flip, rotate 15, jitter .2/.2/.2/.1, translate 10%
     epochs=20, batch_size=64,
     opt="adamw", lr=1e-3, wd=0.05, betas=(0.9, 0.999),
+    norm_weight_decay=0.0,                 # no decay on norm / bias / layer-scale parameters (timm, torchvision)
     sched="cosine", min_lr=1e-6, warmup_epochs=0,   # per-step cosine to min_lr after optional linear warm-up
     label_smoothing=0.1, clip_grad_norm=1.0,
-    model_ema=False, model_ema_decay=0.999,
+    model_ema=False, model_ema_decay=0.999,         # decay warmed up: min(decay, (1 + t) / (10 + t)) at step t
     tta="flip",
 )
 
@@ -30,29 +30,30 @@ def build_parser():
     group = parser.add_argument_group("optimizer and schedule")
     group.add_argument("--opt", default=RECIPE["opt"], choices=("adamw", "adam"),
                        help="adam couples --wd as L2 (the baseline's optimizer)")
-    group.add_argument("--betas", type=float, nargs=2, default=RECIPE["betas"])
-    group.add_argument("--sched", default=RECIPE["sched"], choices=("cosine", "constant"))
-    group.add_argument("--min-lr", type=float, default=RECIPE["min_lr"], help="cosine floor")
-    group.add_argument("--warmup-epochs", type=float, default=RECIPE["warmup_epochs"], help="linear warm-up")
+    group.add_argument("--betas", type=float, nargs=2, default=RECIPE["betas"], help="Adam(W) beta1 beta2")
+    group.add_argument("--sched", default=RECIPE["sched"], choices=("cosine", "constant"),
+                       help="learning rate after warm-up, updated every step")
+    group.add_argument("--min-lr", type=float, default=RECIPE["min_lr"], help="cosine floor and warm-up start")
+    group.add_argument("--warmup-epochs", type=float, default=RECIPE["warmup_epochs"],
+                       help="linear warm-up from --min-lr to --lr over this many epochs")
     group.add_argument("--model-ema", action="store_true", default=RECIPE["model_ema"],
                        help="keep an EMA of the weights (evaluated and checkpointed instead of the raw model)")
-    group.add_argument("--model-ema-decay", type=float, default=RECIPE["model_ema_decay"])
+    group.add_argument("--model-ema-decay", type=float, default=RECIPE["model_ema_decay"],
+                       help="EMA decay, reached after a warm-up: step t uses min(decay, (1 + t) / (10 + t))")
     return parser
 
 
-def lr_lambda(args, steps_per_epoch):
-    """Multiplier of --lr at optimizer step s: linear warm-up, then cosine to --min-lr (or constant)."""
-    warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+def lr_factor(args, epochs_done: float) -> float:
+    """Multiplier of --lr after `epochs_done` (fractional) epochs: linear warm-up from --min-lr, then cosine to
+    --min-lr at --epochs (or constant). A function of progress, not of a step count, so a resume with another
+    batch size or number of processes continues the same curve."""
     floor = args.min_lr / args.lr
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        if args.sched == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+    if epochs_done < args.warmup_epochs:
+        return floor + (1 - floor) * epochs_done / args.warmup_epochs
+    if args.sched == "constant":
+        return 1.0
+    progress = (epochs_done - args.warmup_epochs) / max(1e-9, args.epochs - args.warmup_epochs)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @common.command_line
@@ -61,13 +62,11 @@ def main(argv=None):
                                                            ("model_ema_decay", 0, 1, False), ("betas", 0, 0.9999999, True)])
     with common.Run(args, "enhanced", augment_cfg=common.AugmentConfig()) as run:
         model = run.prepare(common.model_from_args(args))
-        if args.opt == "adamw":
-            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd, betas=args.betas)
-        else:
-            optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd, betas=args.betas)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, run.steps_per_epoch()))
-        ema = AveragedModel(run.model, multi_avg_fn=get_ema_multi_avg_fn(args.model_ema_decay),
-                            use_buffers=True) if args.model_ema else None
+        params = common.weight_decay_groups(run.model, args.wd, args.norm_weight_decay)
+        optimizer_class = torch.optim.AdamW if args.opt == "adamw" else torch.optim.Adam
+        optimizer = optimizer_class(params, lr=args.lr, betas=args.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: lr_factor(args, run.progress()))
+        ema = common.model_ema(run.model, args.model_ema_decay) if args.model_ema else None
         criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         scaler = run.grad_scaler()
         start_epoch = run.start(optimizer, scheduler, ema)

@@ -284,11 +284,8 @@ def _expected_se_delta(variant):
     delta = 0
     for stage in spec["stages"]:
         for block in stage:
-            if block.kind == "uib":
-                if block.middle_dw:
-                    delta += _se_params(spec_make_divisible(c * block.expand))
-                elif block.start_dw:
-                    delta += _se_params(c)
+            if block.kind == "uib":  # every UIB, FFN included, on its expanded width
+                delta += _se_params(spec_make_divisible(c * block.expand))
             if block.kind != "mqa":
                 c = spec_make_divisible(block.out)
     return delta
@@ -304,13 +301,53 @@ def test_se_param_delta(variant):
 
 
 def test_se_placement_conv_small():
-    # conv_small: UIBs are 1 ExtraDW + 4 IB (stage 2) + 1 ConvNext, 2 ExtraDW + 4 IB (stage 3) = 12 SE layers;
-    # the ConvNext block's SE sits on its start DW (96 channels), the others on the expanded width.
+    # conv_small: UIBs are 1 ExtraDW + 4 IB (stage 2) + 1 ConvNext, 2 ExtraDW + 4 IB (stage 3) = 12 SE layers,
+    # every one on the expanded width (the ConvNext block's too: 96 x 4 = 384).
     model = build("conv_small", se=True)
     se = [m for m in model.modules() if isinstance(m, SqueezeExcitation)]
     widths = sorted(m.fc1.in_channels for m in se)
-    assert widths == sorted([192, 192, 192, 192, 192, 96, 576, 512, 512, 384, 512, 512])
+    assert widths == sorted([192, 192, 192, 192, 192, 384, 576, 512, 512, 384, 512, 512])
     assert all(m.fc1.out_channels == spec_make_divisible(m.fc1.in_channels / 16) for m in se)
+
+
+def _uib_parts(branch):
+    """The UIB branch's non-Identity modules as kinds, in forward order: dw / expand / se / project."""
+    kinds = []
+    for m in branch:
+        if isinstance(m, SqueezeExcitation):
+            kinds.append("se")
+        elif not isinstance(m, nn.Identity):
+            conv = m[0]
+            kinds.append("dw" if conv.groups > 1 else "expand" if conv.out_channels > conv.in_channels else "project")
+    return kinds
+
+
+@pytest.mark.parametrize("start, middle, expected", [
+    (3, 3, ["dw", "expand", "dw", "se", "project"]),   # ExtraDW: after the middle DW
+    (0, 3, ["expand", "dw", "se", "project"]),         # IB: after the middle DW
+    (3, 0, ["dw", "expand", "se", "project"]),         # ConvNext: after the expansion, not on the input
+    (0, 0, ["expand", "se", "project"]),               # FFN: after the expansion
+])
+def test_se_sits_on_the_expanded_channels_of_every_uib(start, middle, expected):
+    branch = common.uib_branch(32, 32, common.uib(start, middle, 1, 4, 32), nn.ReLU, se=True)
+    assert _uib_parts(branch) == expected
+    se = next(m for m in branch if isinstance(m, SqueezeExcitation))
+    assert se.fc1.in_channels == 128
+
+
+def test_conv_init_uses_group_corrected_fan_out():
+    # timm's MobileNet init: std = sqrt(2 / (k*k*out/groups)); a depthwise 3x3 gets sqrt(2/9) = 0.471 whatever
+    # its width. torch's kaiming_normal_(mode="fan_out") ignores groups and would give sqrt(2/(9*608)) = 0.019.
+    torch.manual_seed(0)
+    depthwise = nn.Conv2d(608, 608, 3, groups=608, bias=False)
+    pointwise = nn.Conv2d(608, 608, 1, bias=False)
+    common.init_weights(depthwise)
+    common.init_weights(pointwise)
+    assert depthwise.weight.std().item() == pytest.approx(math.sqrt(2 / 9), rel=0.05)
+    assert pointwise.weight.std().item() == pytest.approx(math.sqrt(2 / 608), rel=0.05)
+    model = build("conv_small")
+    dws = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert dws and all(m.weight.std().item() > 0.2 for m in dws)
 
 
 # ---------------------------------------------------------------------------------------------------
