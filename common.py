@@ -766,6 +766,10 @@ class Distributed:
                         torch.distributed.all_reduce(buffer)
                         buffer.div_(self.world_size)
 
+    def barrier(self):
+        if self:
+            torch.distributed.barrier()
+
     def gather(self, obj) -> list:
         """Every rank's value of a picklable object, in rank order, on every rank."""
         if not self:
@@ -1403,11 +1407,13 @@ class Run:
     def _save_and_stop(self, done, signum):
         self._check_finite()
         self.bar.close()
-        self.dist.average_buffers(self.model, self.ema)
+        # No buffer averaging here (unlike end_epoch): DDP broadcasts rank 0's buffers at every forward, so rank 0's
+        # BN statistics are the run's mid-epoch state, and averaging them would change what the next step sees.
         path = self.out_dir / "last.pt"
         state = self._state(self.epoch, done, self._partial_state(), rng=self.dist.gather(rng_state(self.device)))
         if self.dist.is_main:
             save_checkpoint(path, state)
+        self.dist.barrier()  # no rank exits (and has torchrun tear the others down) before last.pt is in place
         self._stop(signum, f"after epoch {self.epoch + 1} step {done}")
 
     def _agreed_stop_signal(self):

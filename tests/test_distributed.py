@@ -13,29 +13,53 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--width-mult", "0.25", "-b", "16", "--device", "cpu", "--max-test-samples", "39"]  # 39: uneven shards
 
-# Runs a script's main() and, on every rank, saves the trained weights so the test can compare ranks.
+# Runs a script's main() and, on every rank, saves the trained weights and the random state at the end so the test
+# can compare ranks. Hooks by environment variable: MNV4_SIGTERM_RANK / MNV4_SIGTERM_AT send a real SIGTERM to
+# that rank's own process after its global step AT; MNV4_EXIT_AFTER_EPOCH ends the run (exit 99) once that epoch
+# is saved; MNV4_REFRESH_EVERY sets the steps between stop checks. Each rank's exit code goes to exit<rank>.
 WRAPPER = textwrap.dedent("""
-    import os, sys, torch
+    import os, signal, sys, torch
     sys.path.insert(0, {root!r})
     import common, importlib
     script = importlib.import_module(sys.argv[1])
-    finish = common.Run.finish
+    dump, env = {dump!r}, os.environ
+    rank = int(env.get("RANK", "0"))
+    finish, step_done, end_epoch, steps = common.Run.finish, common.Run.step_done, common.Run.end_epoch, [0]
+    common.Run.REFRESH_EVERY = int(env.get("MNV4_REFRESH_EVERY", common.Run.REFRESH_EVERY))
     def finish_and_dump(self):
-        torch.save(self.model.state_dict(), os.path.join({dump!r}, f"rank{{self.dist.rank}}.pt"))
+        state = {{"model": self.model.state_dict(), "rng": torch.get_rng_state()}}
+        torch.save(state, os.path.join(dump, f"rank{{rank}}.pt"))
         return finish(self)
-    common.Run.finish = finish_and_dump
-    script.main(sys.argv[2:])
+    def step_done_and_signal(self, *args):
+        steps[0] += 1
+        if rank == int(env.get("MNV4_SIGTERM_RANK", "-1")) and steps[0] == int(env["MNV4_SIGTERM_AT"]):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_done(self, *args)
+    def end_epoch_and_exit(self, epoch):
+        end_epoch(self, epoch)
+        if epoch + 1 == int(env.get("MNV4_EXIT_AFTER_EPOCH", "0")):
+            raise SystemExit(99)
+    common.Run.finish, common.Run.step_done, common.Run.end_epoch = finish_and_dump, step_done_and_signal, end_epoch_and_exit
+    code = 0
+    try:
+        script.main(sys.argv[2:])
+    except SystemExit as exc:
+        code = exc.code
+    with open(os.path.join(dump, f"exit{{rank}}"), "w") as f:
+        f.write(str(code))
+    sys.exit(code)
 """)
 
 
-def torchrun(tmp_path, script, *args, nproc=2):
+def torchrun(tmp_path, script, *args, nproc=2, expect_ok=True, **hooks):
     wrapper = tmp_path / "run_and_dump.py"
     wrapper.write_text(WRAPPER.format(root=str(ROOT), dump=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in hooks.items()}}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(wrapper), script, *args]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    if expect_ok:
+        assert out.returncode == 0, out.stderr[-3000:]
     return out
 
 
@@ -61,7 +85,7 @@ def ddp_run(tiny_cifar, tmp_path_factory):
 
 def test_ranks_end_with_identical_weights(ddp_run):
     tmp, _ = ddp_run
-    rank0, rank1 = torch.load(tmp / "rank0.pt"), torch.load(tmp / "rank1.pt")
+    rank0, rank1 = torch.load(tmp / "rank0.pt")["model"], torch.load(tmp / "rank1.pt")["model"]
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
@@ -115,3 +139,68 @@ def test_enhanced_cosine_schedule_spans_the_sharded_epoch(tiny_cifar, tmp_path):
     torchrun(tmp_path, "mobilenetv4_enhanced", "--data-dir", str(tiny_cifar), "--epochs", "1",
              "--output-dir", str(tmp_path / "run"), *TINY)
     assert float(metrics(tmp_path / "run")[-1]["lr"]) == pytest.approx(1e-6, rel=1e-3)
+
+
+def exit_codes(tmp_path, nproc=2):
+    return [int((tmp_path / f"exit{rank}").read_text()) for rank in range(nproc)]
+
+
+def test_cosine_resumed_under_another_world_size_continues_the_curve(tiny_cifar, tmp_path):
+    """An epoch-end checkpoint of a 1-process run (12 steps per epoch) resumed under 2 processes (6 global steps
+    per epoch) continues the same cosine: before the fix the step counter was reinterpreted and the lr dropped
+    to the floor for the rest of the run."""
+    flags = ["--data-dir", str(tiny_cifar), "--epochs", "4", *TINY]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir(), split.mkdir()
+    single("mobilenetv4_enhanced", *flags, "--output-dir", str(straight / "run"))
+    out = torchrun(split, "mobilenetv4_enhanced", *flags, "--output-dir", str(split / "run"), nproc=1,
+                   expect_ok=False, MNV4_EXIT_AFTER_EPOCH=2)
+    assert exit_codes(split, 1) == [99], out.stderr[-2000:]
+    torchrun(split, "mobilenetv4_enhanced", *flags, "--resume", str(split / "run" / "last.pt"))
+    lr_straight = [float(r["lr"]) for r in metrics(straight / "run")]
+    lr_split = [float(r["lr"]) for r in metrics(split / "run")]
+    assert lr_straight[1] > lr_straight[2] > lr_straight[3]
+    assert lr_split == pytest.approx(lr_straight, rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def ddp_enhanced(tiny_cifar, tmp_path_factory):
+    """Enhanced (dropout, drop path, augmentation), 2 processes, 2 epochs straight, --deterministic."""
+    tmp = tmp_path_factory.mktemp("ddp_enh")
+    torchrun(tmp, "mobilenetv4_enhanced", "--data-dir", str(tiny_cifar), "--epochs", "2", "--deterministic",
+             "--output-dir", str(tmp / "run"), *TINY)
+    return tmp
+
+
+def test_ranks_draw_their_own_dropout_and_drop_path_masks(ddp_enhanced):
+    """Every rank seeded alike drew the same masks on its shard: B masks per global batch instead of B x world.
+    The weights still agree (DDP broadcasts them at wrap time)."""
+    rank0, rank1 = torch.load(ddp_enhanced / "rank0.pt"), torch.load(ddp_enhanced / "rank1.pt")
+    assert not torch.equal(rank0["rng"], rank1["rng"])
+    for key in rank0["model"]:
+        assert torch.equal(rank0["model"][key], rank1["model"][key]), key
+
+
+def test_sigterm_to_one_rank_stops_every_rank_then_resumes_exactly(ddp_enhanced, tiny_cifar, tmp_path):
+    """A real SIGTERM to rank 1 only, mid-epoch 2: every rank stops at the next agreed check with exit 143, rank 0
+    writes one last.pt holding every rank's random state, and a resume under 2 processes ends with the weights of
+    the uninterrupted run, bit for bit."""
+    flags = ["--data-dir", str(tiny_cifar), "--epochs", "2", "--deterministic", *TINY]
+    run = tmp_path / "run"
+    out = torchrun(tmp_path, "mobilenetv4_enhanced", *flags, "--output-dir", str(run), expect_ok=False,
+                   MNV4_SIGTERM_RANK=1, MNV4_SIGTERM_AT=8, MNV4_REFRESH_EVERY=2)  # 6 steps per epoch
+    assert exit_codes(tmp_path) == [143, 143], out.stderr[-3000:]
+    # torchrun itself exits 1 with its ChildFailedError report (its own traceback); the ranks print none
+    assert not [line for line in out.stderr.splitlines() if "File " in line and ".venv" not in line
+                and "site-packages" not in line and "<frozen" not in line], out.stderr[-3000:]
+    assert out.stderr.count("SIGTERM: stopped after epoch 2 step 2") == 1  # rank 0 alone reports
+    assert sorted(p.name for p in run.iterdir() if p.suffix in (".pt", ".tmp")) == ["best.pt", "last.pt"]
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["world_size"]) == (1, 2, 2) and len(ckpt["rng"]) == 2
+
+    torchrun(tmp_path, "mobilenetv4_enhanced", *flags, "--resume", str(run / "last.pt"))
+    resumed, straight = torch.load(tmp_path / "rank0.pt"), torch.load(ddp_enhanced / "rank0.pt")
+    for key in straight["model"]:
+        assert torch.equal(resumed["model"][key], straight["model"][key]), key
+    assert torch.equal(resumed["rng"], straight["rng"])
+    assert [r["epoch"] for r in metrics(run)] == ["1", "2"]

@@ -248,7 +248,7 @@ LEARN = ["--width-mult", "0.25", "-b", "8", "--max-train-samples", "200", "--max
          "--device", "cpu", "--no-download", "--seed", "0"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with tests/test_correctness.py
 def learned(tiny_cifar, tmp_path_factory):
     """Baseline, 3 epochs on all 200 training images, batches of 8, --deterministic."""
     out = tmp_path_factory.mktemp("learned") / "run"
@@ -258,7 +258,10 @@ def learned(tiny_cifar, tmp_path_factory):
     return out, res
 
 
-ENH_EXTRA = ["--model-ema"]  # with the recipe's augmentation, drop path 0.1, dropout 0.2, cosine per step
+ENH_EXTRA = ["--model-ema"]  # with the recipe's augmentation, drop path 0.1, dropout 0.3, cosine per step
+# The enhanced recipe needs a higher peak lr to learn in 100 steps: test accuracy 47-60 % over seeds 0-2 (chance
+# 10 %), where --lr 1e-3 for 75 steps left it at 5-22 %.
+ENH_LEARN = [*LEARN, "--lr", "3e-3", *ENH_EXTRA]
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +269,16 @@ def enh2(tiny_cifar, tmp_path_factory):
     """Enhanced, 2 epochs straight, --deterministic --model-ema."""
     out = tmp_path_factory.mktemp("enh2") / "run"
     return out, train("enhanced", tiny_cifar, out, 2, *ENH_EXTRA)
+
+
+@pytest.fixture(scope="session")  # shared with tests/test_correctness.py
+def enh_learned(tiny_cifar, tmp_path_factory):
+    """Enhanced, 4 epochs on all 200 training images, batches of 8, --lr 3e-3, --model-ema, --deterministic."""
+    out = tmp_path_factory.mktemp("enh_learned") / "run"
+    res = run_main("enhanced", [*ENH_LEARN, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 4,
+                                "--deterministic"])
+    assert res.code == 0, res.err
+    return out, res
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,11 +331,12 @@ def test_end_to_end_outputs(script, base3, enh2):
         assert losses[-1] < losses[0] - 0.3, losses
 
 
-def test_baseline_learns_above_chance(learned):
-    out, res = learned
+@pytest.mark.parametrize("script", ["baseline", "enhanced"])
+def test_learns_above_chance(script, learned, enh_learned):
+    out, res = learned if script == "baseline" else enh_learned
     rows = read_metrics(out / "metrics.csv")
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]) - 0.3
-    assert res.summary["test_acc"] >= 20.0, rows  # twice chance on 40 images
+    assert res.summary["test_acc"] >= 30.0, rows  # three times chance on 40 images
     assert res.summary["best_acc"] >= res.summary["test_acc"]
 
 
@@ -352,28 +366,35 @@ class _Crash(Exception):
     """Stands for the process dying right after a checkpoint."""
 
 
-def test_enhanced_resume_equals_uninterrupted(enh2, tiny_cifar, tmp_path, monkeypatch):
-    """Enhanced (augmentation, drop path, dropout, per-step cosine, EMA): stop after epoch 1 of an --epochs 2 run,
-    resume, compare with 2 epochs straight. (Not `--epochs 1` then `--epochs 2`: the cosine schedule is planned
-    over --epochs, so extending a finished run re-plans the learning rate by design.)"""
-    out = tmp_path / "run"
+def crash_after_epoch(monkeypatch, crash_epoch: int):
+    """Make the run die (raise _Crash) right after epoch `crash_epoch` (1-based) is saved."""
     end_epoch = common.Run.end_epoch
 
     def end_epoch_then_crash(self, epoch):
         end_epoch(self, epoch)
-        raise _Crash
+        if epoch + 1 == crash_epoch:
+            raise _Crash
 
     monkeypatch.setattr(common.Run, "end_epoch", end_epoch_then_crash)
+
+
+def test_enhanced_resume_equals_uninterrupted(enh_learned, tiny_cifar, tmp_path, monkeypatch):
+    """Enhanced (augmentation, drop path, dropout, per-step cosine, EMA), a run that learns: stop after epoch 2 of
+    an --epochs 4 run, resume, compare with 4 epochs straight. (Not `--epochs 2` then `--epochs 4`: the cosine
+    schedule is planned over --epochs, so extending a finished run re-plans the learning rate by design.)"""
+    out = tmp_path / "run"
+    crash_after_epoch(monkeypatch, 2)
     with pytest.raises(_Crash):
-        run_main("enhanced", [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 2,
-                              "--deterministic", *ENH_EXTRA])
+        run_main("enhanced", [*ENH_LEARN, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 4,
+                              "--deterministic"])
     monkeypatch.undo()
-    assert load(out / "last.pt")["epoch"] == 1
-    res = run_main("enhanced", [*TINY, "--data-dir", tiny_cifar, "--epochs", 2, "--deterministic", *ENH_EXTRA,
+    assert load(out / "last.pt")["epoch"] == 2
+    res = run_main("enhanced", [*ENH_LEARN, "--data-dir", tiny_cifar, "--epochs", 4, "--deterministic",
                                 "--resume", out / "last.pt"])
     assert res.code == 0, res.err
-    assert "resumed from" in res.out and res.summary["epochs_completed"] == 2
-    assert_same_run(out, enh2[0], res.summary, enh2[1].summary)
+    assert "resumed from" in res.out and res.summary["epochs_completed"] == 4
+    assert res.summary["test_acc"] >= 30.0  # real predictions are compared, not chance-level noise
+    assert_same_run(out, enh_learned[0], res.summary, enh_learned[1].summary)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,7 +430,7 @@ def test_external_sigterm_mid_epoch_then_resume(wrapper, tiny_cifar, enh2, tmp_p
         cwd=ROOT, env=cli_env(MNV4_SLEEP_FROM_EPOCH=1, MNV4_SLEEP_S=0.3), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(out / "last.pt", proc)
+        wait_for(out / "curves.png", proc)  # the epoch's last file: epoch 2 is training
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -758,18 +779,18 @@ def test_bad_input_as_a_process(flags, names, tiny_cifar, tmp_path):
 # 8. --test-only --resume best.pt reproduces the recorded accuracy
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("script", ["baseline", "enhanced"])
-def test_test_only_reproduces_best_epoch(script, learned, enh2, tiny_cifar):
-    """(The baseline run is one whose accuracy is far from what an unloaded, untrained model scores.)"""
-    run_dir, run = learned if script == "baseline" else enh2
-    flags = LEARN if script == "baseline" else TINY
+def test_test_only_reproduces_best_epoch(script, learned, enh_learned, tiny_cifar):
+    """(Both runs learned: their accuracy is far from what an unloaded, untrained model scores.)"""
+    run_dir, run = learned if script == "baseline" else enh_learned
+    flags = LEARN if script == "baseline" else ENH_LEARN
     best = run_dir / "best.pt"
     before = {name: (run_dir / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.csv")}
     ckpt = load(best)
     rows = read_metrics(run_dir / "metrics.csv")
     best_row = rows[ckpt["epoch"] - 1]
     assert float(best_row["test_acc"]) == max(float(r["test_acc"]) for r in rows)
-    extra = ENH_EXTRA if script == "enhanced" else []
-    res = run_main(script, [*flags, "--data-dir", tiny_cifar, *extra, "--test-only", "--resume", best])
+    assert float(best_row["test_acc"]) >= 30.0  # three times chance: the comparison below means something
+    res = run_main(script, [*flags, "--data-dir", tiny_cifar, "--test-only", "--resume", best])
     assert res.code == 0, res.err
     assert res.summary["test_acc"] == float(best_row["test_acc"])
     assert res.summary["epochs_completed"] == ckpt["epoch"]
@@ -778,7 +799,7 @@ def test_test_only_reproduces_best_epoch(script, learned, enh2, tiny_cifar):
     assert {name: (run_dir / name).read_bytes() for name in before} == before  # evaluation changes nothing
 
     # last.pt holds the final model: evaluating it reproduces the training run's final report.
-    res = run_main(script, [*flags, "--data-dir", tiny_cifar, *extra, "--test-only", "--resume", run_dir / "last.pt"])
+    res = run_main(script, [*flags, "--data-dir", tiny_cifar, "--test-only", "--resume", run_dir / "last.pt"])
     assert res.code == 0, res.err
     for key in ("test_acc", "test_acc_tta", "tta_table", "per_class_acc"):
         assert res.summary[key] == run.summary[key], key

@@ -1,0 +1,262 @@
+"""Silent wrong results found in review (issue 10), each pinned by a test that failed on the code before its fix.
+
+The torchrun items (per-rank random streams, resume under another world size, SIGTERM to one rank) live in
+tests/test_distributed.py; the model items (SE placement, depthwise init) in tests/test_model.py.
+"""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import common
+import mobilenetv4_baseline
+import mobilenetv4_enhanced
+from test_scripts import (ENH_LEARN, LEARN, MD5_WARNING, TINY, _Crash, crash_after_epoch, enh_learned,  # noqa: F401
+                          learned, load, read_metrics, run_main, train)
+
+pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
+SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. The cosine schedule continues the same curve after a resume with another batch size
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cosine4(tiny_cifar, tmp_path_factory):
+    """Enhanced, 4 epochs of 4 steps (-b 16), uninterrupted: the reference learning-rate curve."""
+    out = tmp_path_factory.mktemp("cosine4") / "run"
+    train("enhanced", tiny_cifar, out, 4)
+    return out
+
+
+@pytest.mark.parametrize("new_batch", [8, 32])
+def test_cosine_resumed_with_another_batch_size_continues_the_curve(new_batch, cosine4, tiny_cifar, tmp_path,
+                                                                    monkeypatch):
+    """An epoch-end checkpoint resumed with another -b (the README allows it) must continue the cosine at the same
+    progress: before the fix the step counter was reinterpreted, so -b 32 dropped the lr to the floor for the rest
+    of the run and -b 8 jumped it back up."""
+    out = tmp_path / "run"
+    crash_after_epoch(monkeypatch, 2)
+    with pytest.raises(_Crash):
+        run_main("enhanced", [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 4, "--deterministic"])
+    monkeypatch.undo()
+    res = run_main("enhanced", [*TINY, "--data-dir", tiny_cifar, "--epochs", 4, "--deterministic", "-b", new_batch,
+                                "--resume", out / "last.pt"])
+    assert res.code == 0, res.err
+    resumed, straight = read_metrics(out / "metrics.csv"), read_metrics(cosine4 / "metrics.csv")
+    lr = [float(r["lr"]) for r in straight]
+    assert lr[0] > lr[1] > lr[2] > lr[3]  # a real cosine: each epoch's end lies lower
+    for epoch in (3, 4):  # lr after the epoch's last step = lr(epochs done), whatever the steps per epoch
+        assert float(resumed[epoch - 1]["lr"]) == pytest.approx(lr[epoch - 1], rel=1e-9), epoch
+
+
+def test_lr_factor_is_a_function_of_progress():
+    args = mobilenetv4_enhanced.build_parser().parse_args(["--epochs", "10", "--warmup-epochs", "2"])
+    floor = args.min_lr / args.lr
+    assert mobilenetv4_enhanced.lr_factor(args, 0.0) == pytest.approx(floor)
+    assert mobilenetv4_enhanced.lr_factor(args, 1.0) == pytest.approx((1 + floor) / 2)
+    assert mobilenetv4_enhanced.lr_factor(args, 2.0) == pytest.approx(1.0)
+    assert mobilenetv4_enhanced.lr_factor(args, 6.0) == pytest.approx((1 + floor) / 2)
+    assert mobilenetv4_enhanced.lr_factor(args, 10.0) == pytest.approx(floor)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. --test-only scores the weights the training run evaluated (EMA when the checkpoint has one)
+# ---------------------------------------------------------------------------------------------------
+def test_test_only_of_an_ema_checkpoint_scores_the_ema_without_the_flag(enh_learned, tiny_cifar):
+    run_dir, _ = enh_learned
+    logged = read_metrics(run_dir / "metrics.csv")[-1]
+    flags = [f for f in ENH_LEARN if f != "--model-ema"]
+    res = run_main("enhanced", [*flags, "--data-dir", tiny_cifar, "--test-only", "--resume", run_dir / "last.pt"])
+    assert res.code == 0, res.err
+    assert res.summary["evaluated"] == "ema"
+    assert res.summary["test_acc"] == float(logged["test_acc"])
+
+
+def test_test_only_with_model_ema_on_a_checkpoint_without_ema_scores_its_weights(learned, tiny_cifar):
+    """The baseline checkpoint evaluated by the enhanced script (same model flags) with --model-ema: before the
+    fix it scored the untrained copy AveragedModel made at start."""
+    run_dir, _ = learned
+    logged = float(read_metrics(run_dir / "metrics.csv")[-1]["test_acc"])
+    assert logged >= 30.0  # far from what untrained weights score
+    same_model = ["--act", "relu6", "--no-se", "--head", "linear", "--dropout", "0.2", "--drop-path", "0"]
+    res = run_main("enhanced", [*LEARN, *same_model, "--data-dir", tiny_cifar, "--model-ema", "--test-only",
+                                "--resume", run_dir / "last.pt"])
+    assert res.code == 0, res.err
+    assert res.summary["evaluated"] == "model"
+    assert res.summary["test_acc"] == logged
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Resume where fewer GPUs are visible (or none)
+# ---------------------------------------------------------------------------------------------------
+def test_resume_of_a_checkpoint_holding_other_gpus_rng_state(tiny_cifar, tmp_path):
+    """A mid-epoch checkpoint written on a CUDA machine, resumed on CPU: its CUDA states are not applicable."""
+    out = tmp_path / "run"
+    train("baseline", tiny_cifar, out, 1)
+    ckpt = load(out / "last.pt")
+    ckpt["step"], ckpt["partial"] = 1, {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "skipped": 0, "time": 0.0}
+    ckpt["rng"] = [{"cpu": torch.get_rng_state(), "cuda": torch.zeros(16, dtype=torch.uint8)}]
+    torch.save(ckpt, out / "mid.pt")
+    res = run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 2,
+                                "--resume", out / "mid.pt"])
+    assert res.code == 0, res.err
+    assert "epoch 2, step 1" in res.out
+
+
+def test_restoring_rng_where_fewer_gpus_are_visible(monkeypatch):
+    """Restoring the state of 8 GPUs where one is visible raised IndexError (simulated: torch.cuda patched just
+    for the restore). Only the training device's state is saved and restored."""
+    eight_gpus = [torch.zeros(16, dtype=torch.uint8)] * 8
+
+    def one_visible_gpu(states):
+        if len(states) > 1:
+            raise IndexError("list index out of range")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", one_visible_gpu)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *a, **k: pytest.fail("CUDA state restored on CPU"))
+    state = {"cpu": torch.get_rng_state(), "cuda": eight_gpus}
+    common.set_rng_state(state, torch.device("cpu"))  # a CUDA checkpoint resumed on CPU
+
+
+def test_rng_state_holds_only_the_training_device():
+    state = common.rng_state(torch.device("cpu"))
+    assert set(state) == {"cpu"}
+    before = torch.rand(3)
+    common.set_rng_state(state, torch.device("cpu"))
+    common.set_rng_state({**state, "cuda": torch.zeros(16, dtype=torch.uint8)}, torch.device("cpu"))  # skipped
+    assert torch.equal(torch.rand(3), before)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. EMA with warm-up
+# ---------------------------------------------------------------------------------------------------
+def test_ema_warm_up_follows_the_trained_weights():
+    """Fixed decay 0.999 keeps ~98% of the initial weights after 20 updates; the warm-up (timm ModelEmaV3's
+    min(decay, (1 + t) / (10 + t))) has the average follow what training moved to."""
+    model = nn.Linear(4, 4)
+    nn.init.zeros_(model.weight)
+    ema = common.model_ema(model, 0.999)
+    nn.init.ones_(model.weight)
+    for _ in range(20):
+        ema.update_parameters(model)
+    assert ema.module.weight.mean().item() > 0.85
+    for _ in range(10_000):  # after the warm-up (t > 8,990) the configured decay rules
+        ema.update_parameters(model)
+    nn.init.zeros_(model.weight)
+    ema.update_parameters(model)
+    assert ema.module.weight.mean().item() == pytest.approx(0.999, abs=1e-4)
+
+
+def test_ema_of_a_short_run_scores_like_the_raw_weights(enh_learned, tiny_cifar):
+    """100 steps with --model-ema: the EMA (what is reported) must have learned too; without warm-up it stayed
+    near the initial weights (chance) while the raw weights learned."""
+    run_dir, run = enh_learned
+    ckpt = load(run_dir / "last.pt")
+    raw, _ = common.model_from_checkpoint({**ckpt, "ema": None})
+    data = common.load_cifar10(tiny_cifar, download=False).subset(None, 40)
+    _, raw_acc, _ = common.evaluate(raw, data.test_images, data.test_labels)
+    assert raw_acc >= 30.0
+    assert run.summary["evaluated"] == "ema"
+    assert run.summary["test_acc"] >= raw_acc - 15.0, (run.summary["test_acc"], raw_acc)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. No weight decay on norm, bias and layer-scale parameters (by default)
+# ---------------------------------------------------------------------------------------------------
+def test_weight_decay_groups_by_kind():
+    model = common.mobilenetv4("hybrid_medium", width_mult=0.25, se=True, head="mlp")
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = common.weight_decay_groups(model, 0.05, 0.0)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    no_decay_names = [names[id(p)] for p in no_decay["params"]]
+    decay_names = [names[id(p)] for p in decay["params"]]
+    assert len(no_decay_names) + len(decay_names) == len(names)  # every parameter exactly once
+    assert any(n.endswith("gamma") for n in no_decay_names)  # layer scale: (C, 1, 1), caught by kind
+    bn = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, nn.BatchNorm2d) for p in ("weight", "bias")}
+    assert set(no_decay_names) == bn | {n for n in names.values() if n.endswith((".bias", ".gamma"))}
+    assert all(p.ndim in (2, 4) for p in decay["params"])  # conv and linear weights only
+
+
+@pytest.mark.parametrize("script,wd", [("baseline", 1e-4), ("enhanced", 0.05)])
+def test_scripts_leave_norm_and_bias_out_of_weight_decay(script, wd, tiny_cifar, tmp_path):
+    res = train(script, tiny_cifar, tmp_path / "default", 1)
+    groups = load(tmp_path / "default" / "last.pt")["optimizer"]["param_groups"]
+    model = common.model_from_args(SCRIPTS[script].build_parser().parse_args(TINY))
+    exempt = [p for m in model.modules() for n, p in m.named_parameters(recurse=False)
+              if isinstance(m, nn.BatchNorm2d) or n == "bias"]
+    assert [g["weight_decay"] for g in groups] == [wd, 0.0]
+    assert len(groups[1]["params"]) == len(exempt)
+    assert res.summary["config"]["args"]["norm_weight_decay"] == 0.0
+    # The notebook's behaviour, one flag away, recorded in config.json
+    train(script, tiny_cifar, tmp_path / "all", 1, "--norm-weight-decay", wd)
+    groups = load(tmp_path / "all" / "last.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [wd, wd]
+    assert json.loads((tmp_path / "all" / "config.json").read_text())["args"]["norm_weight_decay"] == wd
+
+
+# ---------------------------------------------------------------------------------------------------
+# 9. --dropout sets the MLP head's dropout
+# ---------------------------------------------------------------------------------------------------
+def _dropouts(script, *flags):
+    model = common.model_from_args(SCRIPTS[script].build_parser().parse_args(list(flags)))
+    return [m.p for m in model.head.modules() if isinstance(m, nn.Dropout)]
+
+
+def test_dropout_flag_sets_the_mlp_head_dropout():
+    assert _dropouts("enhanced") == [0.3, 0.15]  # the enhanced head's design, unchanged by default
+    assert _dropouts("enhanced", "--dropout", "0.5") == [0.5, 0.25]
+    assert _dropouts("baseline") == [0.2]
+    assert _dropouts("baseline", "--head", "mlp", "--dropout", "0.4") == [0.4, 0.2]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 10. An epoch's checkpoint is written before its metrics row
+# ---------------------------------------------------------------------------------------------------
+def test_kill_between_checkpoint_and_log_never_leaves_a_logged_epoch_without_checkpoint(tiny_cifar, tmp_path,
+                                                                                          monkeypatch):
+    out = tmp_path / "run"
+    save = common.save_checkpoint
+
+    def die_at_epoch_2(path, state):
+        if state["epoch"] == 2:
+            raise _Crash  # the process dies while saving epoch 2
+        save(path, state)
+
+    monkeypatch.setattr(common, "save_checkpoint", die_at_epoch_2)
+    with pytest.raises(_Crash):
+        run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 3])
+    assert load(out / "last.pt")["epoch"] == 1
+    assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == ["1"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 12. --help shows every flag's one true default
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", ["baseline", "enhanced"])
+def test_help_shows_every_default_once(script):
+    parser = SCRIPTS[script].build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        text = formatter._expand_help(action) if action.help else ""
+        assert text.count("default") == 1, f"{action.option_strings[-1]}: {text!r}"
+        if action.default is not None and "(default: " in text and not isinstance(action.default, bool):
+            shown = text.rsplit("(default: ", 1)[1][:-1]
+            assert shown == str(action.default), (action.option_strings, shown)
+    recipe = SCRIPTS[script].RECIPE
+    help_text = " ".join(parser.format_help().split())  # unwrapped
+    for flag, key in (("--epochs", "epochs"), ("--lr", "lr"), ("--variant", "variant"), ("--act", "act"),
+                      ("--head", "head"), ("--width-mult", "width_mult")):
+        assert f"(default: {recipe[key]})" in help_text, flag
