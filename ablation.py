@@ -12,13 +12,17 @@ Studies (--study):
                  + MLP head (mobilenetv4_baseline.py, model flags added one by one), + training
                  optimizations (mobilenetv4_enhanced.py with its defaults), + TTA (flip, read from the previous
                  row's run: no extra training). Gain = row minus the previous row.
-  leave-one-out  the full enhanced recipe, then each ingredient switched off alone; then options beyond the
-                 notebook added to the full recipe (+ EMA, + warm-up, other TTA views). Gain = row minus
-                 the full recipe (negative: the ingredient helped).
+  leave-one-out  the full enhanced recipe, then each ingredient switched off alone (each augmentation op
+                 too); then options beyond the notebook added to the full recipe (+ EMA, + warm-up, other TTA
+                 views). Gain = row minus the full recipe (negative: the ingredient helped).
+  candidates     the full enhanced recipe, then one change each that short-schedule CIFAR practice supports:
+                 EMA, flip + crop + translate only, cutout, label smoothing 0.2, weight decay on norm / bias,
+                 batch 128 / 256 with scaled lr, warm-up, Nesterov SGD + one-cycle, TTA flip_shift.
 
 Examples:
   python ablation.py --study cumulative --epochs 1 --max-train-samples 2000 --seeds 0 --data-dir data
   python ablation.py --study leave-one-out --configs full no_se ema --seeds 0 1 2 -- --amp off
+  python ablation.py --study candidates --preset proxy-10k --seeds 0 1 --data-dir data
 Flags after `--` go to every run, after the configuration's own flags, and argparse lets the later flag win:
 `-- --width-mult 0.5` also overrides the width rows (fine for a smoke test, meaningless for the table).
 Runs whose TTA table no row reads get --no-tta-table (the final evaluation then costs 1-2 test passes, not ~14).
@@ -103,6 +107,11 @@ def _leave_one_out():
         off("width_1.0", "width 1.0", "--width-mult", "1.0"),
         off("linear_head", "linear head", "--head", "linear", "--dropout", "0.2"),  # the baseline's head
         off("no_augment", "no augmentation", "--no-augment"),
+        off("no_crop", "no random crop", "--crop-padding", "0"),
+        off("no_flip", "no horizontal flip", "--hflip", "0"),
+        off("no_rotation", "no rotation", "--rotation", "0"),
+        off("no_jitter", "no colour jitter", "--color-jitter", "0", "0", "0", "0"),
+        off("no_translate", "no translation", "--translate", "0"),
         off("no_label_smoothing", "no label smoothing", "--label-smoothing", "0"),
         off("adam", "Adam instead of AdamW", "--opt", "adam", "--wd", "1e-4"),
         off("constant_lr", "constant LR instead of cosine", "--sched", "constant"),
@@ -116,7 +125,33 @@ def _leave_one_out():
     )
 
 
-STUDIES = {"cumulative": _cumulative(), "leave-one-out": _leave_one_out()}
+def _candidates():
+    """Changes that short-schedule CIFAR practice supports, each added alone to the full enhanced recipe."""
+    def add(key, label, *flags):
+        return Config(key, label, script="enhanced", flags=flags, reference="full")
+    return (
+        Config("full", "full recipe", script="enhanced"),
+        add("ema", "+ EMA of weights (warm-up)", "--model-ema"),
+        add("flip_translate", "flip + crop + translate only", "--rotation", "0", "--color-jitter", "0", "0", "0", "0"),
+        add("cutout16", "+ cutout 16 px", "--cutout", "16"),  # DeVries & Taylor's CIFAR-10 size
+        add("label_smoothing_0.2", "label smoothing 0.2", "--label-smoothing", "0.2"),
+        add("decay_norm_bias", "weight decay on norm / bias too", "--norm-weight-decay", "0.05"),
+        add("batch128", "batch 128, lr 2e-3 (linear scaling)", "-b", "128", "--lr", "2e-3"),
+        add("batch256", "batch 256, lr 4e-3 (linear scaling)", "-b", "256", "--lr", "4e-3"),
+        add("warmup", "+ warm-up (1 epoch)", "--warmup-epochs", "1"),
+        # SGD couples --wd as L2: 5e-4 is the usual CIFAR value (AdamW's decoupled 0.05 would be far too strong)
+        add("sgd_onecycle", "Nesterov SGD + one-cycle, lr 0.1", "--opt", "sgd", "--sched", "onecycle", "--lr", "0.1",
+            "--wd", "5e-4"),
+        Config("tta_flip_shift", "TTA flip_shift", source="full", tta="flip_shift", reference="full",
+               reference_tta="flip"),
+    )
+
+
+STUDIES = {"cumulative": _cumulative(), "leave-one-out": _leave_one_out(), "candidates": _candidates()}
+# Named budgets (--preset). proxy-10k: 20 epochs on the first 10,000 training images (a fifth of an epoch's cost),
+# the full test set. Whether it ranks configurations as the full budget does is measured in the README.
+PRESETS = {"full": dict(epochs=20, max_train_samples=None, max_test_samples=None),
+           "proxy-10k": dict(epochs=20, max_train_samples=10_000, max_test_samples=None)}
 
 STUDY_NOTES = {
     "cumulative": "Gain = this row minus the previous row. Rows up to '+ MLP head' run mobilenetv4_baseline.py "
@@ -129,6 +164,9 @@ STUDY_NOTES = {
                      "options beyond the notebook, added to the full recipe). Every row runs "
                      "mobilenetv4_enhanced.py. TTA rows read the full run's TTA table and compare with its "
                      "flip TTA (the recipe's default), so 'no TTA' shows what flip TTA buys.",
+    "candidates": "Gain = this row minus the full recipe (positive: the change helps). Every row runs "
+                  "mobilenetv4_enhanced.py with one change to its defaults; 'TTA flip_shift' reads the full run's "
+                  "TTA table against its flip TTA.",
 }
 
 
@@ -165,6 +203,9 @@ def build_parser():
     p.add_argument("--list", action="store_true", help="print the study's rows and their flags, then exit")
     p.add_argument("--dry-run", action="store_true", help="print each run's command and state, train nothing")
     p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="a named budget (epochs, training and test images); --epochs and the sample flags "
+                        "given beside it win. proxy-10k: 20 epochs on the first 10,000 training images")
     p.add_argument("--epochs", type=int, default=None, help="default: the scripts' own (20)")
     p.add_argument("--max-train-samples", type=int, default=None, help="default: all 50000")
     p.add_argument("--max-test-samples", type=int, default=None, help="default: all 10000")
@@ -172,6 +213,14 @@ def build_parser():
     p.add_argument("--device", default=None, choices=common.DEVICES, help="default: the scripts' own (auto)")
     p.add_argument("--output-dir", default=None, help="default: runs/ablation-<study>")
     return p
+
+
+def apply_preset(args):
+    """Fill the budget flags the command line left unset from --preset."""
+    for key, value in PRESETS.get(args.preset, {}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def split_passthrough(argv):
@@ -541,7 +590,7 @@ def print_rows(configs):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     own, extra = split_passthrough(argv)
-    args = build_parser().parse_args(own)
+    args = apply_preset(build_parser().parse_args(own))
     args.seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would be the same run twice
     check_passthrough(extra)
     configs = select_configs(args.study, args.configs)

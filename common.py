@@ -507,6 +507,7 @@ class AugmentConfig:
     saturation: float = 0.2
     hue: float = 0.1
     translate: float = 0.1
+    cutout: int = 0          # side of a square filled with the mean after everything else (0: off)
 
 
 def sample_augment_params(n: int, size: int, cfg: AugmentConfig, gen: torch.Generator, device) -> dict:
@@ -611,7 +612,31 @@ def augment(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig = Aug
     """
     params = sample_augment_params(images.shape[0], images.shape[-1], cfg, gen, images.device)
     x, in_view = geometric_transform(images.float().mul_(1 / 255), params)
-    return color_jitter(x, params["jitter"], params["jitter_order"]) * in_view
+    x = color_jitter(x, params["jitter"], params["jitter_order"]) * in_view
+    return cutout(x, cfg.cutout, gen) if cfg.cutout else x
+
+
+def cutout(x: torch.Tensor, side: int, gen: torch.Generator) -> torch.Tensor:
+    """Cutout (DeVries & Taylor, 2017): per image a side x side square, centre uniform over the image and clipped
+    at the border, set to the dataset mean (zero after normalisation, as the paper's normalised-input version).
+    Written here because torchvision's RandomErasing draws one box per call, i.e. per batch, on a tensor."""
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b, 1, 1), generator=gen, device=x.device)
+    cx = torch.randint(0, w, (b, 1, 1), generator=gen, device=x.device)
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    low, high = side // 2, side - side // 2                                   # [c - low, c + high)
+    inside = (ys >= cy - low) & (ys < cy + high) & (xs >= cx - low) & (xs < cx + high)   # [B, H, W]
+    mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1)
+    return torch.where(inside.unsqueeze(1), mean, x)
+
+
+def augment_config(args) -> AugmentConfig:
+    """The augmentation the command-line flags describe (used when --augment is on)."""
+    brightness, contrast, saturation, hue = args.color_jitter
+    return AugmentConfig(crop_padding=args.crop_padding, flip_prob=args.hflip, rotation=args.rotation,
+                         brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+                         translate=args.translate, cutout=args.cutout)
 
 
 # ---- Test-time augmentation views ------------------------------------------------------------------
@@ -880,6 +905,16 @@ def build_parser(recipe: dict, description: str) -> argparse.ArgumentParser:
                    help="evaluate on the first N images (default: all 10,000)")
     d.add_argument("--augment", action=bool_flag, default=recipe["augment"],
                    help="crop, flip, rotation, colour jitter, translation (batched on the device)")
+    a = p.add_argument_group("augmentation (with --augment; the defaults are the enhanced recipe's list)")
+    aug = AugmentConfig()
+    a.add_argument("--crop-padding", type=int, default=aug.crop_padding, help="RandomCrop(32, padding)")
+    a.add_argument("--hflip", type=float, default=aug.flip_prob, help="horizontal flip probability")
+    a.add_argument("--rotation", type=float, default=aug.rotation, help="RandomRotation degrees (0: off)")
+    a.add_argument("--color-jitter", type=float, nargs=4, metavar=("B", "C", "S", "H"),
+                   default=(aug.brightness, aug.contrast, aug.saturation, aug.hue),
+                   help="ColorJitter brightness contrast saturation hue, each in [0, 0.5] (0 0 0 0: off)")
+    a.add_argument("--translate", type=float, default=aug.translate, help="RandomAffine translate fraction")
+    a.add_argument("--cutout", type=int, default=aug.cutout, help="cutout square side in pixels (0: off)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=recipe["epochs"], help="training epochs")
     t.add_argument("-b", "--batch-size", type=int, default=recipe["batch_size"],
@@ -926,7 +961,9 @@ NUMERIC_LIMITS = [("epochs", 1, 100_000, True), ("batch_size", 2, 65_536, True),
                   ("wd", 0, 10, True), ("norm_weight_decay", 0, 10, True), ("label_smoothing", 0, 0.99, True), ("clip_grad_norm", 0, 1e6, True),
                   ("drop_path", 0, 0.99, True), ("dropout", 0, 0.99, True), ("width_mult", 0, 8, False),
                   ("max_train_samples", 1, 10**9, True), ("max_test_samples", 1, 10**9, True),
-                  ("eval_batch_size", 1, 65_536, True), ("seed", 0, 2**63 - 1, True)]
+                  ("eval_batch_size", 1, 65_536, True), ("seed", 0, 2**63 - 1, True),
+                  ("crop_padding", 0, 16, True), ("hflip", 0, 1, True), ("rotation", 0, 180, True),
+                  ("translate", 0, 0.5, True), ("cutout", 0, 32, True), ("color_jitter", 0, 0.5, True)]
 
 
 def parse_args(parser: argparse.ArgumentParser, argv=None, limits=()) -> argparse.Namespace:
@@ -939,6 +976,9 @@ def parse_args(parser: argparse.ArgumentParser, argv=None, limits=()) -> argpars
                                       or (value == low and not low_ok)):
                 bound = f"{'>=' if low_ok else '>'} {low} and <= {high}"
                 parser.error(f"--{name.replace('_', '-')} {value} is out of range: use values {bound}")
+    if not args.augment and augment_config(args) != AugmentConfig():
+        parser.error("augmentation flags (--crop-padding, --hflip, --rotation, --color-jitter, --translate, "
+                     "--cutout) only act with --augment: add --augment")
     args.argv = argv  # the command line as given: saved in config.json, repeated in the resume hint
     if args.test_only and not args.resume:
         parser.error("--test-only needs a checkpoint: add --resume PATH")
@@ -1173,9 +1213,9 @@ class Run:
     """
     REFRESH_EVERY = 25  # steps between progress-bar updates and NaN / stop checks (each is a device sync)
 
-    def __init__(self, args, script: str, augment_cfg: AugmentConfig | None = None):
+    def __init__(self, args, script: str):
         self.args, self.script = args, script
-        self.augment_cfg = augment_cfg if args.augment else None
+        self.augment_cfg = augment_config(args) if args.augment else None
         self.bar, self._old_handlers = None, {}
         self.dist = Distributed()
         seed_everything(args.seed, args.deterministic)

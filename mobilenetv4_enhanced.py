@@ -16,7 +16,7 @@ RECIPE = dict(
     variant="conv_small", width_mult=1.2, act="silu", se=True, drop_path=0.1, head="mlp", dropout=0.3,
     augment=True,                          # crop 32 pad 4, flip, rotate 15, jitter .2/.2/.2/.1, translate 10%
     epochs=20, batch_size=64,
-    opt="adamw", lr=1e-3, wd=0.05, betas=(0.9, 0.999),
+    opt="adamw", lr=1e-3, wd=0.05, betas=(0.9, 0.999), momentum=0.9,   # momentum: --opt sgd (Nesterov)
     norm_weight_decay=0.0,                 # no decay on norm / bias / layer-scale parameters (timm, torchvision)
     sched="cosine", min_lr=1e-6, warmup_epochs=0,   # per-step cosine to min_lr after optional linear warm-up
     label_smoothing=0.1, clip_grad_norm=1.0,
@@ -28,11 +28,13 @@ RECIPE = dict(
 def build_parser():
     parser = common.build_parser(RECIPE, __doc__)
     group = parser.add_argument_group("optimizer and schedule")
-    group.add_argument("--opt", default=RECIPE["opt"], choices=("adamw", "adam"),
-                       help="adam couples --wd as L2 (the baseline's optimizer)")
+    group.add_argument("--opt", default=RECIPE["opt"], choices=("adamw", "adam", "sgd"),
+                       help="adam and sgd (Nesterov) couple --wd as L2 (adam: the baseline's optimizer)")
     group.add_argument("--betas", type=float, nargs=2, default=RECIPE["betas"], help="Adam(W) beta1 beta2")
-    group.add_argument("--sched", default=RECIPE["sched"], choices=("cosine", "constant"),
-                       help="learning rate after warm-up, updated every step")
+    group.add_argument("--momentum", type=float, default=RECIPE["momentum"], help="SGD Nesterov momentum")
+    group.add_argument("--sched", default=RECIPE["sched"], choices=("cosine", "constant", "onecycle"),
+                       help="learning rate after warm-up, updated every step; onecycle: OneCycleLR's shape "
+                            "(cosine up from lr/25 over the first 30%% of --epochs, cosine down to --min-lr)")
     group.add_argument("--min-lr", type=float, default=RECIPE["min_lr"], help="cosine floor and warm-up start")
     group.add_argument("--warmup-epochs", type=float, default=RECIPE["warmup_epochs"],
                        help="linear warm-up from --min-lr to --lr over this many epochs")
@@ -43,28 +45,48 @@ def build_parser():
     return parser
 
 
+ONECYCLE_START, ONECYCLE_RISE = 1 / 25, 0.3  # torch OneCycleLR's div_factor and pct_start
+
+
+def cosine_between(start: float, end: float, fraction: float) -> float:
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction)))
+
+
 def lr_factor(args, epochs_done: float) -> float:
     """Multiplier of --lr after `epochs_done` (fractional) epochs: linear warm-up from --min-lr, then cosine to
-    --min-lr at --epochs (or constant). A function of progress, not of a step count, so a resume with another
-    batch size or number of processes continues the same curve."""
+    --min-lr at --epochs (or constant, or one-cycle). A function of progress, not of a step count, so a resume
+    with another batch size or number of processes continues the same curve."""
     floor = args.min_lr / args.lr
+    if args.sched == "onecycle":  # OneCycleLR's shape (learning rate only; momentum is not cycled)
+        fraction, rise = epochs_done / args.epochs, ONECYCLE_RISE
+        if fraction < rise:
+            return cosine_between(ONECYCLE_START, 1.0, fraction / rise)
+        return cosine_between(1.0, floor, (fraction - rise) / (1 - rise))
     if epochs_done < args.warmup_epochs:
         return floor + (1 - floor) * epochs_done / args.warmup_epochs
     if args.sched == "constant":
         return 1.0
-    progress = (epochs_done - args.warmup_epochs) / max(1e-9, args.epochs - args.warmup_epochs)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cosine_between(1.0, floor, (epochs_done - args.warmup_epochs) / max(1e-9, args.epochs - args.warmup_epochs))
+
+
+def make_optimizer(args, params):
+    if args.opt == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=True)
+    optimizer_class = torch.optim.AdamW if args.opt == "adamw" else torch.optim.Adam
+    return optimizer_class(params, lr=args.lr, betas=args.betas)
 
 
 @common.command_line
 def main(argv=None):
     args = common.parse_args(build_parser(), argv, limits=[("min_lr", 0, 10, True), ("warmup_epochs", 0, 10**4, True),
-                                                           ("model_ema_decay", 0, 1, False), ("betas", 0, 0.9999999, True)])
-    with common.Run(args, "enhanced", augment_cfg=common.AugmentConfig()) as run:
+                                                           ("model_ema_decay", 0, 1, False), ("betas", 0, 0.9999999, True),
+                                                           ("momentum", 0, 0.9999999, False)])
+    if args.sched == "onecycle" and args.warmup_epochs:
+        build_parser().error("--sched onecycle has its own warm-up (30% of --epochs): drop --warmup-epochs")
+    with common.Run(args, "enhanced") as run:
         model = run.prepare(common.model_from_args(args))
         params = common.weight_decay_groups(run.model, args.wd, args.norm_weight_decay)
-        optimizer_class = torch.optim.AdamW if args.opt == "adamw" else torch.optim.Adam
-        optimizer = optimizer_class(params, lr=args.lr, betas=args.betas)
+        optimizer = make_optimizer(args, params)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: lr_factor(args, run.progress()))
         ema = common.model_ema(run.model, args.model_ema_decay) if args.model_ema else None
         criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)

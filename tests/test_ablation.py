@@ -268,6 +268,29 @@ def test_run_argv_order():
                         "--seed", "2", "--output-dir", "o/se/seed2"]
 
 
+@pytest.mark.parametrize("study", list(ablation.STUDIES))
+def test_every_row_is_a_valid_command_line(study):
+    """Each training row's flags parse with its script and really change the setting the row names."""
+    for cfg in ablation.STUDIES[study]:
+        if cfg.script is None:
+            continue
+        parser = SCRIPTS[cfg.script].build_parser()
+        args = common.parse_args(parser, list(cfg.flags))
+        defaults = vars(parser.parse_args([]))
+        changed = {k for k, v in vars(args).items() if k != "argv" and v != defaults[k]}
+        assert bool(changed) == bool(cfg.flags), (cfg.key, changed)
+
+
+def test_preset_fills_the_budget_and_explicit_flags_win():
+    parse = ablation.build_parser().parse_args
+    args = ablation.apply_preset(parse(["--preset", "proxy-10k"]))
+    assert (args.epochs, args.max_train_samples, args.max_test_samples) == (20, 10_000, None)
+    args = ablation.apply_preset(parse(["--preset", "proxy-10k", "--epochs", "5", "--max-train-samples", "500"]))
+    assert (args.epochs, args.max_train_samples) == (5, 500)
+    job_argv = ablation.run_argv(ablation.STUDIES["candidates"][0], args, [], 0, Path("o"))
+    assert job_argv[:4] == ["--epochs", "5", "--max-train-samples", "500"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # The real scripts, on the tiny CIFAR files with a tiny model
 # ---------------------------------------------------------------------------------------------------

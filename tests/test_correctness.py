@@ -4,6 +4,7 @@ The torchrun items (per-rank random streams, resume under another world size, SI
 tests/test_distributed.py; the model items (SE placement, depthwise init) in tests/test_model.py.
 """
 import json
+import math
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ from torch import nn
 import common
 import mobilenetv4_baseline
 import mobilenetv4_enhanced
-from test_scripts import (ENH_LEARN, LEARN, MD5_WARNING, TINY, _Crash, crash_after_epoch, enh_learned,  # noqa: F401
-                          learned, load, read_metrics, run_main, train)
+from test_scripts import (ENH_LEARN, LEARN, MD5_WARNING, TINY, _Crash, assert_one_error_line,  # noqa: F401
+                          base1, crash_after_epoch, enh_learned, learned, load, read_metrics, run_main, train)
 
 pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
 SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
@@ -260,3 +261,76 @@ def test_help_shows_every_default_once(script):
     for flag, key in (("--epochs", "epochs"), ("--lr", "lr"), ("--variant", "variant"), ("--act", "act"),
                       ("--head", "head"), ("--width-mult", "width_mult")):
         assert f"(default: {recipe[key]})" in help_text, flag
+
+
+# ---------------------------------------------------------------------------------------------------
+# Found while adding the study's augmentation options: the baseline's --augment was accepted and ignored
+# ---------------------------------------------------------------------------------------------------
+def test_baseline_augment_flag_augments(base1, tiny_cifar, tmp_path):
+    plain = load(base1[0] / "last.pt")["model"]
+    train("baseline", tiny_cifar, tmp_path / "aug", 1, "--augment")
+    augmented = load(tmp_path / "aug" / "last.pt")["model"]
+    assert not torch.equal(plain["stem.0.weight"], augmented["stem.0.weight"])  # other batches, other weights
+
+
+@pytest.mark.parametrize("script", ["baseline", "enhanced"])
+def test_augmentation_flags_build_the_config(script):
+    parse = SCRIPTS[script].build_parser().parse_args
+    assert common.augment_config(parse([])) == common.AugmentConfig()  # the flags' defaults are the recipe's list
+    cfg = common.augment_config(parse(["--rotation", "0", "--color-jitter", "0", "0", "0", "0", "--cutout", "8",
+                                       "--crop-padding", "2", "--hflip", "0.25", "--translate", "0.05"]))
+    assert cfg == common.AugmentConfig(crop_padding=2, flip_prob=0.25, rotation=0.0, brightness=0.0, contrast=0.0,
+                                       saturation=0.0, hue=0.0, translate=0.05, cutout=8)
+
+
+def test_cutout_fills_one_square_per_image_with_the_mean():
+    """Cutout (DeVries & Taylor 2017): a side x side square, centre uniform over the image, clipped at the
+    border, filled with the dataset mean (zero after normalisation, as in the paper)."""
+    x = torch.full((256, 3, 32, 32), 255, dtype=torch.uint8)
+    cfg = common.AugmentConfig(crop_padding=0, flip_prob=0.0, rotation=0.0, brightness=0.0, contrast=0.0,
+                               saturation=0.0, hue=0.0, translate=0.0, cutout=8)
+    out = common.augment(x, torch.Generator().manual_seed(0), cfg)
+    mean = torch.tensor(common.CIFAR10_MEAN).view(1, 3, 1, 1)
+    filled = torch.isclose(out, mean.expand_as(out), atol=1e-6).all(1)          # [B, H, W]
+    untouched = torch.isclose(out, torch.ones_like(out), atol=1e-6).all(1)
+    assert (filled | untouched).all()
+    area = filled.flatten(1).sum(1)
+    assert area.max() == 64 and area.min() >= 16  # a full 8x8 square, or one clipped at a corner (>= 4x4)
+    assert (area < 64).any()                       # centres near the border do get clipped
+    rows, cols = filled.any(2), filled.any(1)      # the filled pixels form one axis-aligned rectangle
+    assert torch.equal(area, rows.sum(1) * cols.sum(1))
+    normalised = common.normalize(out)
+    assert normalised.masked_select(filled.unsqueeze(1).expand_as(out)).abs().max() < 1e-5
+
+
+def test_augmentation_flags_without_augment_are_refused(tiny_cifar, tmp_path):
+    res = run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path / "o", "--cutout", "8"])
+    assert res.code == 2
+    assert_one_error_line(res.err, "--augment")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Study candidates (issue 11): Nesterov SGD with a one-cycle schedule
+# ---------------------------------------------------------------------------------------------------
+def test_onecycle_schedule_shape():
+    args = mobilenetv4_enhanced.build_parser().parse_args(["--sched", "onecycle", "--epochs", "10"])
+    factor = [mobilenetv4_enhanced.lr_factor(args, e / 4) for e in range(41)]
+    peak = factor.index(max(factor))
+    assert factor[0] == pytest.approx(1 / 25) and factor[peak] == pytest.approx(1.0) and peak == 12  # 30% of 10
+    assert all(a < b for a, b in zip(factor[:peak], factor[1:peak + 1]))        # rises ...
+    assert all(a > b for a, b in zip(factor[peak:], factor[peak + 1:]))          # ... then falls
+    assert factor[-1] == pytest.approx(args.min_lr / args.lr)
+
+
+def test_sgd_onecycle_run(tiny_cifar, tmp_path):
+    train("enhanced", tiny_cifar, tmp_path / "r", 2, "--opt", "sgd", "--sched", "onecycle", "--lr", "0.05")
+    groups = load(tmp_path / "r" / "last.pt")["optimizer"]["param_groups"]
+    assert all(g["nesterov"] and g["momentum"] == 0.9 for g in groups)
+    lrs = [float(r["lr"]) for r in read_metrics(tmp_path / "r" / "metrics.csv")]
+    down = 0.5 * (1 + math.cos(math.pi * 0.2 / 0.7))  # after 1 of 2 epochs: 0.2 / 0.7 of the way down
+    assert lrs[0] == pytest.approx(0.05 * down + 1e-6 * (1 - down), rel=1e-6)
+    assert lrs[1] == pytest.approx(1e-6, rel=1e-6)
+    res = run_main("enhanced", [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path / "bad",
+                                "--sched", "onecycle", "--warmup-epochs", "1"])
+    assert res.code == 2
+    assert_one_error_line(res.err, "--warmup-epochs")

@@ -251,9 +251,13 @@ LEARN = ["--width-mult", "0.25", "-b", "8", "--max-train-samples", "200", "--max
 @pytest.fixture(scope="session")  # shared with tests/test_correctness.py
 def learned(tiny_cifar, tmp_path_factory):
     """Baseline, 3 epochs on all 200 training images, batches of 8, --deterministic."""
-    out = tmp_path_factory.mktemp("learned") / "run"
-    res = run_main("baseline", [*LEARN, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 3,
-                                "--deterministic"])
+    return learning_run("baseline", LEARN, 3, tiny_cifar, tmp_path_factory)
+
+
+def learning_run(script, flags, epochs, data, tmp_path_factory):
+    """A --deterministic run with `flags` (LEARN-sized) in a fresh folder: (folder, Result)."""
+    out = tmp_path_factory.mktemp(f"{script}_learned") / "run"
+    res = run_main(script, [*flags, "--data-dir", data, "--output-dir", out, "--epochs", epochs, "--deterministic"])
     assert res.code == 0, res.err
     return out, res
 
@@ -274,11 +278,7 @@ def enh2(tiny_cifar, tmp_path_factory):
 @pytest.fixture(scope="session")  # shared with tests/test_correctness.py
 def enh_learned(tiny_cifar, tmp_path_factory):
     """Enhanced, 4 epochs on all 200 training images, batches of 8, --lr 3e-3, --model-ema, --deterministic."""
-    out = tmp_path_factory.mktemp("enh_learned") / "run"
-    res = run_main("enhanced", [*ENH_LEARN, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 4,
-                                "--deterministic"])
-    assert res.code == 0, res.err
-    return out, res
+    return learning_run("enhanced", ENH_LEARN, 4, tiny_cifar, tmp_path_factory)
 
 
 # ---------------------------------------------------------------------------------------------------
