@@ -958,7 +958,8 @@ def build_parser(recipe: dict, description: str) -> argparse.ArgumentParser:
 
 # (flag, lowest allowed, highest allowed, inclusive low?) for the numeric flags.
 NUMERIC_LIMITS = [("epochs", 1, 100_000, True), ("batch_size", 2, 65_536, True), ("lr", 0, 10, False),
-                  ("wd", 0, 10, True), ("norm_weight_decay", 0, 10, True), ("label_smoothing", 0, 0.99, True), ("clip_grad_norm", 0, 1e6, True),
+                  ("wd", 0, 10, True), ("norm_weight_decay", 0, 10, True), ("label_smoothing", 0, 0.99, True),
+                  ("clip_grad_norm", 0, 1e6, True),
                   ("drop_path", 0, 0.99, True), ("dropout", 0, 0.99, True), ("width_mult", 0, 8, False),
                   ("max_train_samples", 1, 10**9, True), ("max_test_samples", 1, 10**9, True),
                   ("eval_batch_size", 1, 65_536, True), ("seed", 0, 2**63 - 1, True),

@@ -25,6 +25,11 @@ RECIPE = dict(
 )
 
 
+# (flag, lowest allowed, highest allowed, inclusive low?) beyond the flags both scripts share
+LIMITS = [("min_lr", 0, 10, True), ("warmup_epochs", 0, 10**4, True), ("model_ema_decay", 0, 1, False),
+          ("betas", 0, 0.9999999, True), ("momentum", 0, 0.9999999, False)]
+
+
 def build_parser():
     parser = common.build_parser(RECIPE, __doc__)
     group = parser.add_argument_group("optimizer and schedule")
@@ -78,9 +83,7 @@ def make_optimizer(args, params):
 
 @common.command_line
 def main(argv=None):
-    args = common.parse_args(build_parser(), argv, limits=[("min_lr", 0, 10, True), ("warmup_epochs", 0, 10**4, True),
-                                                           ("model_ema_decay", 0, 1, False), ("betas", 0, 0.9999999, True),
-                                                           ("momentum", 0, 0.9999999, False)])
+    args = common.parse_args(build_parser(), argv, limits=LIMITS)
     if args.sched == "onecycle" and args.warmup_epochs:
         build_parser().error("--sched onecycle has its own warm-up (30% of --epochs): drop --warmup-epochs")
     with common.Run(args, "enhanced") as run:

@@ -39,7 +39,8 @@ WRAPPER = textwrap.dedent("""
         end_epoch(self, epoch)
         if epoch + 1 == int(env.get("MNV4_EXIT_AFTER_EPOCH", "0")):
             raise SystemExit(99)
-    common.Run.finish, common.Run.step_done, common.Run.end_epoch = finish_and_dump, step_done_and_signal, end_epoch_and_exit
+    common.Run.finish, common.Run.step_done = finish_and_dump, step_done_and_signal
+    common.Run.end_epoch = end_epoch_and_exit
     code = 0
     try:
         script.main(sys.argv[2:])
