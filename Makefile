@@ -7,9 +7,10 @@ ARGS   ?=
 # Offline CIFAR-10 builder of our CI workspace; used only when present and ./data is empty.
 LOCAL_CIFAR ?= ../shared/data/make_cifar10.py
 
-.PHONY: install train train-baseline data test benchmark clean
+.PHONY: install train train-baseline data test benchmark benchmark-inference clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# requirements-dev.txt includes requirements-export.txt (onnx, onnxscript, onnxruntime): the export tests need them.
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-export.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	touch $@
@@ -31,6 +32,9 @@ test: install
 
 benchmark: data
 	$(BIN)/python benchmarks/throughput.py $(ARGS)
+
+benchmark-inference: install
+	$(BIN)/python benchmarks/inference.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -876,10 +876,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every flag shows its default once: argparse appends '(default: X)' unless the help text already says
-    what the default is (the flags whose default None means something: all images, ./data, ...)."""
+    what the default is (flags whose default None means something: all images, ./data, ...), the flag is
+    required, or it has no default at all (None, and its help says nothing of one)."""
 
     def _get_help_string(self, action):
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+        text = action.help or ""
+        if "default" in text or action.required or action.default is None:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser(recipe: dict, description: str) -> argparse.ArgumentParser:
@@ -1042,7 +1046,9 @@ def load_checkpoint(path) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: pass the path of a last.pt or best.pt")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle's protocol before refusing it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, unsafe object: all equally unusable
         raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}); use another last.pt "
                         f"or best.pt") from None

@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common  # noqa: E402
+import inference  # noqa: E402
 import model_step  # noqa: E402
 import throughput  # noqa: E402
 
@@ -40,3 +41,38 @@ def test_pil_dataset_matches_the_notebook_transform_shapes(tiny_cifar):
 def test_model_step_times_a_step():
     seconds = model_step.step_time("conv_small", {"width_mult": 0.25}, 4, 1, torch.device("cpu"), True, None)
     assert 0 < seconds < 60
+
+
+def test_inference_benchmark_reports_both_runtimes(tmp_path, monkeypatch):
+    """benchmarks/inference.py on one tiny model: every figure positive, speedups are ratios of the figures, and
+    the exported model agrees with PyTorch."""
+    torch.manual_seed(0)
+    tiny = common.mobilenetv4("conv_small", 10, width_mult=0.25).eval()
+    monkeypatch.setattr(inference, "default_models", lambda: {"baseline": tiny})
+    monkeypatch.setattr(inference, "BIG_BATCH", 8)
+    threads = torch.get_num_threads()
+    try:
+        report = inference.main(["--quick", "--threads", "1", "--json", str(tmp_path / "inference.json")])
+    finally:
+        torch.set_num_threads(threads)  # main() sets the process-wide thread count
+    saved = json.loads((tmp_path / "inference.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    runtimes = saved["results"]["baseline"]["runtimes"]
+    assert set(runtimes) == {"pytorch (channels_last)", "pytorch (contiguous)", "onnxruntime"}
+    assert all(v > 0 for row in runtimes.values() for v in row.values())
+    ratio = saved["onnxruntime_speedup"]["baseline"]
+    assert ratio["latency"] == pytest.approx(runtimes["pytorch (channels_last)"]["latency_ms_batch1"]
+                                             / runtimes["onnxruntime"]["latency_ms_batch1"])
+    assert ratio["throughput"] == pytest.approx(runtimes["onnxruntime"]["img_per_s_batch8"]
+                                                / runtimes["pytorch (channels_last)"]["img_per_s_batch8"])
+    assert saved["results"]["baseline"]["max_abs_diff"] <= 1e-4
+    assert saved["threads"] == 1 and saved["torch"] == torch.__version__ and saved["onnxruntime"]
+
+
+def test_inference_benchmark_models_are_the_scripts_defaults():
+    models = inference.default_models()
+    assert models["baseline"].config == {**models["baseline"].config, "variant": "conv_small", "width_mult": 1.0,
+                                         "act": "relu6", "se": False, "head": "linear"}
+    assert models["enhanced"].config == {**models["enhanced"].config, "variant": "conv_small", "width_mult": 1.2,
+                                         "act": "silu", "se": True, "head": "mlp", "drop_path_rate": 0.1}
+    assert not any(m.training for model in models.values() for m in model.modules())

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -682,11 +683,14 @@ def bad_checkpoints(base1, tmp_path):
     paths["garbage"].write_bytes(os.urandom(4096))
     paths["truncated"].write_bytes(real[:len(real) // 2])
     torch.save({"model": {"w": torch.zeros(3)}}, paths["foreign"])  # a torch file, not one of ours
+    paths["pickle"] = tmp_path / "data_batch_1"  # a plain pickle (protocol 4: torch.load warns about it)
+    paths["pickle"].write_bytes(pickle.dumps({"data": [1, 2, 3]}, protocol=4))
     return paths
 
 
 @pytest.mark.parametrize("kind,names", [("missing", "missing.pt"), ("garbage", "garbage.pt"),
-                                        ("truncated", "truncated.pt"), ("foreign", "foreign.pt")])
+                                        ("truncated", "truncated.pt"), ("foreign", "foreign.pt"),
+                                        ("pickle", "data_batch_1")])
 def test_resume_unusable_checkpoint(kind, names, bad_checkpoints, tiny_cifar, tmp_path):
     res = run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path / "o", "--epochs", 2,
                                 "--resume", bad_checkpoints[kind]])
@@ -762,13 +766,18 @@ def test_read_only_output_dir_simulated(tiny_cifar, tmp_path, monkeypatch):
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("flags,names", [(["--epochs", "0"], "--epochs"), (["--resume", "garbage.pt"], "garbage.pt")],
-                         ids=["argparse", "user-error"])
+@pytest.mark.parametrize("flags,names", [(["--epochs", "0"], "--epochs"), (["--resume", "garbage.pt"], "garbage.pt"),
+                                         (["--resume", "data_batch_1"], "data_batch_1")],
+                         ids=["argparse", "user-error", "pickle-checkpoint"])
 def test_bad_input_as_a_process(flags, names, tiny_cifar, tmp_path):
-    """The real command line: exit status 2, one line on stderr, no traceback."""
+    """The real command line: exit status 2, one line on stderr, no traceback (nor torch's warning about a
+    foreign pickle's protocol)."""
     if "garbage.pt" in flags:
         (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
         flags = ["--resume", tmp_path / "garbage.pt"]
+    if "data_batch_1" in flags:
+        (tmp_path / "data_batch_1").write_bytes(pickle.dumps({"data": [1, 2, 3]}, protocol=4))
+        flags = ["--resume", tmp_path / "data_batch_1"]
     proc = run_cli("enhanced", [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path / "o", *flags],
                    timeout=120)
     assert proc.returncode == 2, proc.stderr
