@@ -83,9 +83,10 @@ def make_optimizer(args, params):
 
 @common.command_line
 def main(argv=None):
-    args = common.parse_args(build_parser(), argv, limits=LIMITS)
+    parser = build_parser()
+    args = common.parse_args(parser, argv, limits=LIMITS)
     if args.sched == "onecycle" and args.warmup_epochs:
-        build_parser().error("--sched onecycle has its own warm-up (30% of --epochs): drop --warmup-epochs")
+        parser.error("--sched onecycle has its own warm-up (30% of --epochs): drop --warmup-epochs")
     with common.Run(args, "enhanced") as run:
         model = run.prepare(common.model_from_args(args))
         params = common.weight_decay_groups(run.model, args.wd, args.norm_weight_decay)
