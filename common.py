@@ -1300,6 +1300,7 @@ class Run:
                        "model": model.config, "model_summary": self.summary,
                        "train_images": self.data.train_images.shape[0], "test_images": self.data.test_images.shape[0],
                        "versions": versions(), "git_commit": git_commit()}
+        self.config["segments"] = self._segments()
         if self.dist.is_main:
             print_banner(self.config, self.out_dir)
             write_json(self.out_dir / ("config.json" if not self.args.test_only else "test_config.json"), self.config)
@@ -1307,6 +1308,20 @@ class Run:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         return torch.compile(model) if self.args.compile else model
+
+    def _segments(self) -> list[dict]:
+        """Every process that trained this run, oldest first: where it started, its command line and commit. The
+        top-level args and git_commit are this process's; a resumed run's earlier epochs came from the others."""
+        ckpt, args = self.checkpoint, self.args
+        this = {"from_epoch": 0, "from_step": 0, "argv": args.argv, "git_commit": self.config["git_commit"],
+                "device_name": self.config["device_name"], "world_size": self.dist.world_size,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if ckpt is None or args.test_only:
+            return [this]
+        # Checkpoints from before segments were recorded: the first process's command line is all they hold.
+        earlier = ckpt.get("segments") or [{"from_epoch": 0, "from_step": 0, "argv": ckpt["config"].get("argv"),
+                                            "git_commit": None}]
+        return [*earlier, {**this, "from_epoch": ckpt["epoch"], "from_step": ckpt["step"]}]
 
     def _check_compatible(self, ckpt):
         mine, theirs = self.model.config, ckpt.get("model_config", {})
@@ -1536,7 +1551,8 @@ class Run:
                 "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "rng": rng, "config": vars(self.args), "model_config": self.model.config,
-                "world_size": self.dist.world_size, "history": self.history, "best_acc": self.best_acc}
+                "world_size": self.dist.world_size, "history": self.history, "best_acc": self.best_acc,
+                "segments": self.config["segments"]}
 
     # ---- the end -----------------------------------------------------------------------------------
     def finish(self) -> dict:

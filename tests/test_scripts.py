@@ -184,12 +184,13 @@ def assert_same(a, b, where="checkpoint"):
 
 
 def assert_same_run(dir_a: Path, dir_b: Path, summary_a=None, summary_b=None):
-    """Two runs ended in the same state: last.pt and best.pt (all but the config), metrics.csv (all but the
-    timings), and the summaries' accuracies."""
+    """Two runs ended in the same state: last.pt and best.pt (all but the provenance: config and segments),
+    metrics.csv (all but the timings), and the summaries' accuracies."""
+    provenance = ("config", "segments")
     for name in ("last.pt", "best.pt"):
         a, b = load(dir_a / name), load(dir_b / name)
-        assert_same({k: v for k, v in a.items() if k != "config"}, {k: v for k, v in b.items() if k != "config"},
-                    name)
+        assert_same({k: v for k, v in a.items() if k not in provenance},
+                    {k: v for k, v in b.items() if k not in provenance}, name)
     rows_a, rows_b = read_metrics(dir_a / "metrics.csv"), read_metrics(dir_b / "metrics.csv")
     assert [{k: v for k, v in r.items() if k not in TIMING} for r in rows_a] == \
            [{k: v for k, v in r.items() if k not in TIMING} for r in rows_b]
@@ -361,6 +362,25 @@ def test_baseline_resume_equals_uninterrupted(base1, base3, tiny_cifar, tmp_path
     assert f"resumed from {out / 'last.pt'}: epoch 2, step 0" in res.out
     assert res.summary["epochs_completed"] == 3
     assert_same_run(out, base3[0], res.summary, base3[1].summary)
+
+
+def test_resume_keeps_the_provenance_of_every_segment(base1, tiny_cifar, tmp_path, monkeypatch):
+    """config.json of a resumed run still names the command and commit that trained its first epochs, and adds
+    the resume's own: a results folder must say which code made every epoch it reports."""
+    out = tmp_path / "run"
+    shutil.copytree(base1[0], out)
+    first = json.loads((out / "config.json").read_text())
+    monkeypatch.setattr(common, "git_commit", lambda: "f" * 40)  # the resume runs on a later commit
+    run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--epochs", 3, "--deterministic",
+                          "--resume", out / "last.pt"])
+    segments = json.loads((out / "config.json").read_text())["segments"]
+    assert [(s["from_epoch"], s["from_step"]) for s in segments] == [(0, 0), (1, 0)]
+    assert segments[0]["argv"] == first["args"]["argv"] and segments[0]["git_commit"] == first["git_commit"]
+    assert "--resume" in segments[1]["argv"] and segments[1]["git_commit"] == "f" * 40
+    assert torch.load(out / "last.pt", weights_only=False)["segments"] == segments
+    # --test-only trains nothing: the run's own config.json keeps its segments
+    run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--test-only", "--resume", out / "last.pt"])
+    assert json.loads((out / "config.json").read_text())["segments"] == segments
 
 
 class _Crash(Exception):
