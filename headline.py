@@ -1,0 +1,126 @@
+"""The README's headline: this project's full training runs against the public notebook's reported results.
+
+Reads run folders written by the training scripts (finished or still training) and writes into --output-dir:
+  headline.md    one row per run: final and best test accuracy, each with and without TTA, training time,
+                 machine, the commits and the command that trained it
+  headline.png   test accuracy per epoch of every run, with the notebook's reported 20-epoch accuracies
+
+"best + TTA" needs the best checkpoint evaluated with TTA, which training does not do (TTA runs once, on the
+final weights). Write it with `python mobilenetv4_<script>.py --test-only --resume <run>/best.pt`: its default
+output folder, <run>/eval-best/, is where this script looks.
+
+The notebook published final accuracies only, so its curve cannot be drawn: its results are marked at epoch 20.
+
+Example:
+  python headline.py results/baseline-20ep-seed0 results/enhanced-20ep-seed0 --output-dir results
+"""
+import argparse
+import csv
+import json
+import shlex
+import statistics
+from pathlib import Path
+
+import common
+
+# The notebook's reported 20-epoch test accuracies (%), on the official CIFAR-10 files.
+NOTEBOOK = {"baseline": 70.09, "enhanced": 83.28}
+COLUMNS = ["run", "notebook (reported)", "epochs", "final", "final + TTA", "best (epoch)", "best + TTA",
+           "training time", "img/s (median epoch)", "machine", "commits", "command"]
+
+
+def read_run(folder: Path) -> dict:
+    """What the headline needs from one run folder; UserError when it holds no run."""
+    if not (folder / "config.json").is_file() or not (folder / "metrics.csv").is_file():
+        raise common.UserError(f"{folder} holds no training run (config.json and metrics.csv are missing): pass "
+                               "the --output-dir of a mobilenetv4_baseline.py or mobilenetv4_enhanced.py run")
+    config = json.loads((folder / "config.json").read_text())
+    with open(folder / "metrics.csv", newline="") as f:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    if not rows:
+        raise common.UserError(f"{folder}/metrics.csv has no epoch yet: wait for the run's first epoch")
+
+    def summary(path):
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    return {"folder": folder, "config": config, "rows": rows, "summary": summary(folder / "summary.json"),
+            "best_eval": summary(folder / "eval-best" / "summary.json")}
+
+
+def acc(value) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
+def hours(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def row_cells(run: dict) -> list[str]:
+    config, rows, summary, best_eval = run["config"], run["rows"], run["summary"], run["best_eval"]
+    script, planned = config["script"], config["args"]["epochs"]
+    best = max(rows, key=lambda r: r["test_acc"])  # the first of equals, as best.pt keeps it
+    tta = config["args"]["tta"]
+    final_tta = f"{acc(summary['test_acc_tta'])} ({tta})" if summary else "in progress"
+    best_tta = f"{acc(best_eval['test_acc_tta'])} ({best_eval['tta']})" if best_eval else "-"
+    segments = config.get("segments") or [{"argv": config["args"]["argv"], "git_commit": config["git_commit"]}]
+    commits = ", ".join(dict.fromkeys((s["git_commit"] or "unknown")[:7] for s in segments))
+    command = f"python mobilenetv4_{script}.py {shlex.join(segments[0]['argv'])}".strip()
+    machine = f"{config['device']} ({config['device_name']})" + (
+        f" x{config['world_size']}" if config.get("world_size", 1) > 1 else "")
+    return [run["folder"].name, acc(NOTEBOOK.get(script)), f"{len(rows)} / {planned}", acc(rows[-1]["test_acc"]),
+            final_tta, f"{acc(best['test_acc'])} ({int(best['epoch'])})", best_tta,
+            hours(sum(r["epoch_time_s"] for r in rows)), f"{statistics.median(r['img_per_s'] for r in rows):.0f}",
+            machine, commits, f"`{command}`"]
+
+
+def markdown(runs: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row_cells(run)) + " |" for run in runs]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, runs: list[dict]):
+    from matplotlib.figure import Figure  # the object API: no pyplot global state, no GUI backend
+    fig = Figure(figsize=(8, 4.8))
+    ax = fig.subplots()
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        ax.plot([r["epoch"] for r in run["rows"]], [r["test_acc"] for r in run["rows"]], "o-", ms=3, color=color,
+                label=f"{run['folder'].name} (this project)")
+    for j, (script, value) in enumerate(NOTEBOOK.items()):
+        ax.plot([20], [value], marker="x", ms=10, mew=2, ls="none", color=f"C{len(runs) + j}",
+                label=f"notebook {script}: {value:.2f}% reported at epoch 20 (no curve published)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%), no TTA")
+    ax.set_title("CIFAR-10 test accuracy per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+
+
+def build_parser():
+    p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (the scripts' --output-dir)")
+    p.add_argument("--output-dir", type=Path, default=Path("results"), help="where headline.md and headline.png go")
+    return p
+
+
+@common.command_line
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    runs = [read_run(folder) for folder in args.runs]
+    text = markdown(runs)
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise common.UserError(f"cannot create {args.output_dir} ({exc.strerror}): choose a writable "
+                               "--output-dir") from None
+    common.atomic_write(args.output_dir / "headline.md", lambda f: f.write(text.encode()))
+    plot(args.output_dir / "headline.png", runs)
+    print(text + f"\nwrote {args.output_dir / 'headline.md'} and {args.output_dir / 'headline.png'}")
+    return text
+
+
+if __name__ == "__main__":
+    main()
