@@ -946,6 +946,9 @@ def build_parser(recipe: dict, description: str) -> argparse.ArgumentParser:
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm across processes")
     r.add_argument("--eval-batch-size", type=int, default=500, help="images per evaluation batch")
+    r.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate on the test set every N epochs and after the last one (best.pt: the best "
+                        "evaluated epoch); the others log no test figures")
     o = p.add_argument_group("output")
     o.add_argument("--output-dir", default=None,
                    help="where files go (default: runs/<script>-<timestamp>; with --resume, the checkpoint's "
@@ -966,7 +969,8 @@ NUMERIC_LIMITS = [("epochs", 1, 100_000, True), ("batch_size", 2, 65_536, True),
                   ("clip_grad_norm", 0, 1e6, True),
                   ("drop_path", 0, 0.99, True), ("dropout", 0, 0.99, True), ("width_mult", 0, 8, False),
                   ("max_train_samples", 1, 10**9, True), ("max_test_samples", 1, 10**9, True),
-                  ("eval_batch_size", 1, 65_536, True), ("seed", 0, 2**63 - 1, True),
+                  ("eval_batch_size", 1, 65_536, True), ("eval_every", 1, 100_000, True),
+                  ("seed", 0, 2**63 - 1, True),
                   ("crop_padding", 0, 16, True), ("hflip", 0, 1, True), ("rotation", 0, 180, True),
                   ("translate", 0, 0.5, True), ("cutout", 0, 32, True), ("color_jitter", 0, 0.5, True)]
 
@@ -1510,17 +1514,14 @@ class Run:
         train_time = self.time_before + time.perf_counter() - self.t0
         self._check_finite()
         self.dist.average_buffers(self.model, self.ema)
-        test_images = self.data.test_images[self.dist.shard(self.data.test_labels.numel())]
-        self.identity_probs = predict(self.delivered_model(), test_images, batch_size=self.args.eval_batch_size,
-                                      autocast=self.amp_dtype, channels_last=self.channels_last)
-        test_loss, test_acc, _ = score(self.identity_probs, self.data.test_labels, self.dist)
+        test_loss, test_acc = self._evaluate() if self._evaluates(epoch) else (math.nan, math.nan)
         loss_sum, correct, seen = self.dist.all_sum(self.meters).tolist()
         seen = max(1.0, seen)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct * 100 / seen,
                "test_loss": test_loss, "test_acc": test_acc, "lr": self.optimizer.param_groups[0]["lr"],
                "epoch_time_s": train_time, "img_per_s": seen / max(train_time, 1e-9), "skipped_steps": self.skipped}
         self.history.append(row)
-        is_best = test_acc > self.best_acc
+        is_best = test_acc > self.best_acc  # False for a skipped evaluation (NaN)
         self.best_acc = max(self.best_acc, test_acc)
         if self.dist.is_main:
             print_epoch_line(row, header=len(self.history) == 1 or epoch == self.resume_epoch)
@@ -1533,6 +1534,17 @@ class Run:
             write_metrics_csv(self.out_dir / "metrics.csv", self.history)
             plot_curves(self.out_dir / "curves.png", self.history)
         self._stop_if_signalled(epoch + 1)
+
+    def _evaluates(self, epoch: int) -> bool:
+        return (epoch + 1) % self.args.eval_every == 0 or epoch + 1 == self.args.epochs
+
+    def _evaluate(self) -> tuple[float, float]:
+        """(test loss, test accuracy) of the delivered model; keeps the probabilities for the final TTA."""
+        test_images = self.data.test_images[self.dist.shard(self.data.test_labels.numel())]
+        self.identity_probs = predict(self.delivered_model(), test_images, batch_size=self.args.eval_batch_size,
+                                      autocast=self.amp_dtype, channels_last=self.channels_last)
+        test_loss, test_acc, _ = score(self.identity_probs, self.data.test_labels, self.dist)
+        return test_loss, test_acc
 
     def _stop_if_signalled(self, epoch):
         """A signal that arrived during evaluation or saving: the epoch is saved, so stop here."""
@@ -1570,7 +1582,7 @@ class Run:
         summary = {
             "script": self.script, "test_acc": tta["none"]["test_acc"], "test_acc_tta": tta[self.args.tta]["test_acc"],
             "tta": self.args.tta, "tta_table": tta,
-            "best_acc": max([r["test_acc"] for r in self.history], default=None),
+            "best_acc": max([r["test_acc"] for r in self.history if not math.isnan(r["test_acc"])], default=None),
             "epochs_completed": len(self.history) if not self.args.test_only else ckpt.get("epoch"),
             "train_time_s": sum(r["epoch_time_s"] for r in self.history),
             "params": self.summary["params"], "macs": self.summary["macs"], "device": str(self.device),
@@ -1651,9 +1663,14 @@ EPOCH_COLUMNS = (("epoch", "epoch", "{:>5d}"), ("train_loss", "train_loss", "{:>
 
 def print_epoch_line(row: dict, header: bool):
     from tqdm.auto import tqdm
+
+    def cell(key, fmt):  # an epoch without evaluation (--eval-every) has NaN test figures: shown as '-'
+        value = row[key]
+        return "-".rjust(len(fmt.format(0))) if isinstance(value, float) and math.isnan(value) else fmt.format(value)
+
     if header:
         tqdm.write(" ".join(title.rjust(len(fmt.format(row[key]))) for key, title, fmt in EPOCH_COLUMNS))
-    tqdm.write(" ".join(fmt.format(row[key]) for key, _, fmt in EPOCH_COLUMNS))
+    tqdm.write(" ".join(cell(key, fmt) for key, _, fmt in EPOCH_COLUMNS))
 
 
 def print_banner(config: dict, out_dir: Path):

@@ -17,6 +17,7 @@ Example:
 import argparse
 import csv
 import json
+import math
 import shlex
 import statistics
 from pathlib import Path
@@ -59,7 +60,8 @@ def hours(seconds: float) -> str:
 def row_cells(run: dict) -> list[str]:
     config, rows, summary, best_eval = run["config"], run["rows"], run["summary"], run["best_eval"]
     script, planned = config["script"], config["args"]["epochs"]
-    best = max(rows, key=lambda r: r["test_acc"])  # the first of equals, as best.pt keeps it
+    evaluated = [r for r in rows if not math.isnan(r["test_acc"])]  # --eval-every leaves NaN in skipped epochs
+    best = max(evaluated, key=lambda r: r["test_acc"])  # the first of equals, as best.pt keeps it
     tta = config["args"]["tta"]
     final_tta = f"{acc(summary['test_acc_tta'])} ({tta})" if summary else "in progress"
     best_tta = f"{acc(best_eval['test_acc_tta'])} ({best_eval['tta']})" if best_eval else "-"
@@ -68,7 +70,7 @@ def row_cells(run: dict) -> list[str]:
     command = f"python mobilenetv4_{script}.py {shlex.join(segments[0]['argv'])}".strip()
     machine = f"{config['device']} ({config['device_name']})" + (
         f" x{config['world_size']}" if config.get("world_size", 1) > 1 else "")
-    return [run["folder"].name, acc(NOTEBOOK.get(script)), f"{len(rows)} / {planned}", acc(rows[-1]["test_acc"]),
+    return [run["folder"].name, acc(NOTEBOOK.get(script)), f"{len(rows)} / {planned}", acc(evaluated[-1]["test_acc"]),
             final_tta, f"{acc(best['test_acc'])} ({int(best['epoch'])})", best_tta,
             hours(sum(r["epoch_time_s"] for r in rows)), f"{statistics.median(r['img_per_s'] for r in rows):.0f}",
             machine, commits, f"`{command}`"]
@@ -86,7 +88,8 @@ def plot(path: Path, runs: list[dict]):
     ax = fig.subplots()
     for i, run in enumerate(runs):
         color = f"C{i}"
-        ax.plot([r["epoch"] for r in run["rows"]], [r["test_acc"] for r in run["rows"]], "o-", ms=3, color=color,
+        rows = [r for r in run["rows"] if not math.isnan(r["test_acc"])]
+        ax.plot([r["epoch"] for r in rows], [r["test_acc"] for r in rows], "o-", ms=3, color=color,
                 label=f"{run['folder'].name} (this project)")
     for j, (script, value) in enumerate(NOTEBOOK.items()):
         ax.plot([20], [value], marker="x", ms=10, mew=2, ls="none", color=f"C{len(runs) + j}",

@@ -240,7 +240,8 @@ def test_settings_check_ignores_what_changes_per_invocation(script):
     planned = ["--epochs", "1", "--seed", "0", "--output-dir", "a/b"]
     expected = common.parse_args(parser(), planned)
     for ran in (planned + ["--overwrite"], planned + ["--resume", "a/b/last.pt"],
-                ["--epochs", "1", "--seed", "0", "--output-dir", "elsewhere", "--device", "cpu", "--data-dir", "d"]):
+                ["--epochs", "1", "--seed", "0", "--output-dir", "elsewhere", "--device", "cpu", "--data-dir", "d"],
+                planned + ["--eval-every", "20"]):  # evaluating less often trains the same weights (test_scripts)
         saved = json.loads(json.dumps(vars(common.parse_args(parser(), ran)), default=str))
         assert ablation.settings_diff(saved, expected) == []
     saved = json.loads(json.dumps(vars(common.parse_args(parser(), planned + ["--lr", "0.5"])), default=str))
@@ -285,6 +286,10 @@ def test_preset_fills_the_budget_and_explicit_flags_win():
     parse = ablation.build_parser().parse_args
     args = ablation.apply_preset(parse(["--preset", "proxy-10k"]))
     assert (args.epochs, args.max_train_samples, args.max_test_samples) == (20, 10_000, None)
+    args = ablation.apply_preset(parse(["--preset", "proxy-5k"]))
+    assert (args.epochs, args.max_train_samples, args.max_test_samples, args.eval_every) == (20, 5_000, None, 20)
+    job_argv = ablation.run_argv(ablation.STUDIES["candidates"][0], args, [], 0, Path("o"))
+    assert job_argv[:6] == ["--epochs", "20", "--max-train-samples", "5000", "--eval-every", "20"]
     args = ablation.apply_preset(parse(["--preset", "proxy-10k", "--epochs", "5", "--max-train-samples", "500"]))
     assert (args.epochs, args.max_train_samples) == (5, 500)
     job_argv = ablation.run_argv(ablation.STUDIES["candidates"][0], args, [], 0, Path("o"))

@@ -838,7 +838,8 @@ def test_test_only_reproduces_best_epoch(script, learned, enh_learned, tiny_cifa
 # ---------------------------------------------------------------------------------------------------
 # 9. Logs without a terminal: no progress bars, one fixed-column line per epoch
 # ---------------------------------------------------------------------------------------------------
-EPOCH_ROW = re.compile(r"^\s*\d+\s+\d+\.\d{4}\s+\d+\.\d{2}\s+\d+\.\d{4}\s+\d+\.\d{2}\s+\d\.\d{2}e[+-]\d{2}"
+# test loss and accuracy read '-' in an epoch without evaluation (--eval-every)
+EPOCH_ROW = re.compile(r"^\s*\d+\s+\d+\.\d{4}\s+\d+\.\d{2}\s+(\d+\.\d{4}|-)\s+(\d+\.\d{2}|-)\s+\d\.\d{2}e[+-]\d{2}"
                        r"\s+\d+\.\d\s+\d+$")
 
 
@@ -875,6 +876,38 @@ def test_epoch_log_columns_align_with_header(base3):
     assert len(rows) == 3
     for row in rows:
         assert field_ends(row) == field_ends(header), f"\n{header}\n{row}"
+
+
+def test_eval_every_skips_evaluations_without_changing_training(base3, tiny_cifar, tmp_path, monkeypatch):
+    """--eval-every 2 of 3 epochs evaluates after epochs 2 and 3 only (the last is always evaluated): the skipped
+    epoch logs no test figures, best.pt is the best evaluated epoch, and the weights equal those of a run that
+    evaluated every epoch."""
+    evaluated = []
+    predict = common.predict
+
+    def counting_predict(model, images, *args, **kwargs):
+        evaluated.append(images.shape[0])
+        return predict(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(common, "predict", counting_predict)
+    out = tmp_path / "run"
+    res = train("baseline", tiny_cifar, out, 3, "--eval-every", 2, "--no-tta-table")
+    assert len(evaluated) == 2 + 1  # epochs 2 and 3, then the final TTA's flipped view (epoch 3's is reused)
+    rows, reference = read_metrics(out / "metrics.csv"), read_metrics(base3[0] / "metrics.csv")
+    assert rows[0]["test_acc"] == "nan" and rows[0]["test_loss"] == "nan"
+    assert [r["test_acc"] for r in rows[1:]] == [r["test_acc"] for r in reference[1:]]
+    header, lines = epoch_log(res.out)
+    assert lines[0].split()[3:5] == ["-", "-"] and field_ends(lines[0]) == field_ends(header)
+    assert res.summary["best_acc"] == max(float(r["test_acc"]) for r in rows[1:])
+    best = load(out / "best.pt")
+    assert best["epoch"] in (2, 3) and best["best_acc"] == res.summary["best_acc"]
+    assert_same(load(out / "last.pt")["model"], load(base3[0] / "last.pt")["model"], "model")
+
+
+def test_eval_every_zero_is_refused(tiny_cifar, tmp_path):
+    res = run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path, "--eval-every", 0])
+    assert res.code == 2
+    assert_one_error_line(res.err, "--eval-every 0")
 
 
 def test_tta_table_off_reports_only_none_and_headline(tiny_cifar, tmp_path, base3):
