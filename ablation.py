@@ -1,11 +1,13 @@
 """Ablation studies of the MobileNetV4 CIFAR-10 recipes: how much accuracy each ingredient buys.
 
 Runs a named set of configurations through the training scripts' own main() (their training loop, not a
-second one), for a chosen budget and seeds, and writes into --output-dir (default runs/ablation-<study>):
-  ablation.md         the table: the notebook README's claimed gain beside the measured one (mean ± std)
-  ablation.png        one bar per configuration: mean test accuracy, error bar = std over seeds
-  ablation.json       every per-seed number and the exact command of every run
+second one), for a chosen budget and seeds, and writes into --output-dir (default runs/ablation):
+  <study>.md          the table: the notebook README's claimed gain beside the measured one (mean ± std)
+  <study>.png         one bar per configuration: mean test accuracy, error bar = std over seeds
+  <study>.json        every per-seed number and the exact command of every run
   <config>/seed<k>/   each run's own output; a rerun skips finished runs and resumes interrupted ones
+Studies given the same --output-dir (and budget) share their common rows' runs: a configuration key names the
+same flags in every study (the full recipe, EMA and warm-up rows are trained once for all).
 
 Studies (--study):
   cumulative     the notebook README's order: baseline, + SE, + stochastic depth, + SiLU, + width 1.2,
@@ -218,7 +220,7 @@ def build_parser():
                    help="the scripts' --eval-every (default: theirs, every epoch); training is the same")
     p.add_argument("--data-dir", default=None, help="default: the scripts' own (./data)")
     p.add_argument("--device", default=None, choices=common.DEVICES, help="default: the scripts' own (auto)")
-    p.add_argument("--output-dir", default=None, help="default: runs/ablation-<study>")
+    p.add_argument("--output-dir", default=None, help="default: runs/ablation (shared by the studies)")
     return p
 
 
@@ -490,7 +492,7 @@ def results(study, configs, jobs, args, extra, study_dir, argv):
             "notes": STUDY_NOTES[study], "rows": list(rows.values()), "runs": runs}
 
 
-# ---- Reporting: ablation.md, ablation.png, ablation.json -------------------------------------------------
+# ---- Reporting: <study>.md, <study>.png, <study>.json ----------------------------------------------------
 
 def fmt_stat(mean, std, signed=False) -> str:
     text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
@@ -542,7 +544,7 @@ def markdown(res: dict) -> str:
               "- Flags passed to every run (after each row's own flags, so they win): "
               + (f"`{shlex.join(res['passthrough'])}`." if res["passthrough"] else "none."),
               f"- Command: `python ablation.py {shlex.join(res['argv'])}`; every run's command and per-seed "
-              "numbers are in ablation.json, its outputs in <config>/seed<k>/."]
+              f"numbers are in {res['study']}.json, its outputs in <config>/seed<k>/."]
     failed = [r for r in res["runs"] if r["status"] == "failed"]
     if failed:
         lines += ["- Failed runs: " + "; ".join(f"{r['config']} seed {r['seed']} ({r['error']})" for r in failed)]
@@ -578,11 +580,11 @@ def plot(path: Path, res: dict):
 
 
 def write_report(study_dir: Path, res: dict, chart: bool):
-    common.write_json(study_dir / "ablation.json", res)
+    common.write_json(study_dir / f"{res['study']}.json", res)
     text = markdown(res)
-    common.atomic_write(study_dir / "ablation.md", lambda f: f.write(text.encode()))
+    common.atomic_write(study_dir / f"{res['study']}.md", lambda f: f.write(text.encode()))
     if chart:  # a second or so per chart: drawn at the end (or on a stop), not after every run
-        plot(study_dir / "ablation.png", res)
+        plot(study_dir / f"{res['study']}.png", res)
 
 
 # ---- Main ------------------------------------------------------------------------------------------------
@@ -605,7 +607,7 @@ def main(argv=None):
     if args.list:
         print_rows(configs)
         return None
-    study_dir = Path(args.output_dir or f"runs/ablation-{args.study}").expanduser()
+    study_dir = Path(args.output_dir or "runs/ablation").expanduser()
     jobs = plan(configs, args, extra, study_dir)
     if args.dry_run:
         for i, job in enumerate(jobs):
@@ -634,7 +636,7 @@ def main(argv=None):
     print("\n" + markdown(res))
     failed = sum(j.status == "failed" for j in jobs)
     print(f"ablation {args.study}: {len(jobs)} runs ({failed} failed) in {fmt_duration(time.perf_counter() - t0)}; "
-          f"wrote {study_dir}/ablation.md, ablation.png, ablation.json")
+          f"wrote {study_dir}/{args.study}.md, .png and .json")
     return res
 
 

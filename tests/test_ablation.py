@@ -96,8 +96,8 @@ def run_ablation(*argv):
 def test_cumulative_table_claims_and_gains(tmp_path, stubs):
     out = tmp_path / "cum"
     res = run_ablation("--study", "cumulative", "--seeds", "0", "1", "--epochs", "1", "--output-dir", str(out))
-    assert (out / "ablation.md").is_file() and (out / "ablation.png").stat().st_size > 1000
-    rows = table_rows(out / "ablation.md")
+    assert (out / "cumulative.md").is_file() and (out / "cumulative.png").stat().st_size > 1000
+    rows = table_rows(out / "cumulative.md")
     assert list(rows) == [c.label for c in ablation.STUDIES["cumulative"]]
     assert {"claimed gain", "measured gain (% points)", "test acc (%)"} <= set(rows["baseline"])
     for label, claim in NOTEBOOK_CLAIMS.items():
@@ -115,7 +115,7 @@ def test_cumulative_table_claims_and_gains(tmp_path, stubs):
     assert mlp_head_argv[:9] == ["--se", "--drop-path", "0.1", "--act", "silu", "--width-mult", "1.2", "--head", "mlp"]
     # No run needs the full TTA table here: + TTA reads flip, the enhanced script's own --tta.
     assert all("--no-tta-table" in a and "--tta" not in a for _, a in stubs)
-    saved = json.loads((out / "ablation.json").read_text())
+    saved = json.loads((out / "cumulative.json").read_text())
     assert len(saved["runs"]) == 14 and all(r["argv"] and r["test_acc"] is not None for r in saved["runs"])
     assert saved["rows"] == json.loads(json.dumps(res["rows"]))
 
@@ -123,7 +123,7 @@ def test_cumulative_table_claims_and_gains(tmp_path, stubs):
 def test_leave_one_out_table(tmp_path, stubs):
     out = tmp_path / "loo"
     run_ablation("--study", "leave-one-out", "--seeds", "0", "--epochs", "1", "--output-dir", str(out))
-    rows = table_rows(out / "ablation.md")
+    rows = table_rows(out / "leave-one-out.md")
     assert list(rows) == [c.label for c in ablation.STUDIES["leave-one-out"]]
     assert all(r["claimed gain"] == "-" for r in rows.values())
     gain = {label: r["measured gain (% points)"] for label, r in rows.items()}
@@ -142,7 +142,7 @@ def test_leave_one_out_table(tmp_path, stubs):
 def test_configs_filter_brings_in_references_and_sources(tmp_path, stubs):
     out = tmp_path / "sub"
     run_ablation("--study", "leave-one-out", "--configs", "no_se", "no_tta", "--seeds", "0", "--output-dir", str(out))
-    rows = table_rows(out / "ablation.md")
+    rows = table_rows(out / "leave-one-out.md")
     assert list(rows) == ["full recipe", "no SE", "no TTA"]
     assert len(stubs) == 2  # full and no SE; the TTA row reads the full run
     assert [c.key for c in ablation.select_configs("cumulative", ["silu", "tta"])] == [
@@ -185,7 +185,7 @@ def test_interruption_stops_the_ablation_and_the_next_invocation_resumes(tmp_pat
     assert exc.value.code == 130
     assert len(interrupted) == 2  # baseline ran, + SE was interrupted, + stochastic depth never started
     assert "rerun the same command" in capsys.readouterr().err
-    assert table_rows(tmp_path / "ablation.md")["+ stochastic depth"]["test acc (%)"] == "pending"
+    assert table_rows(tmp_path / "cumulative.md")["+ stochastic depth"]["test acc (%)"] == "pending"
 
     resumed = []
     monkeypatch.setattr(mobilenetv4_baseline, "main", make_stub("baseline", resumed))
@@ -203,7 +203,7 @@ def test_keyboard_interrupt_outside_a_run_stops_with_130(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as exc:
         run_ablation("--study", "leave-one-out", "--configs", "full", "no_se", "--seeds", "0",
                      "--output-dir", str(tmp_path))
-    assert exc.value.code == 130 and (tmp_path / "ablation.md").is_file()
+    assert exc.value.code == 130 and (tmp_path / "leave-one-out.md").is_file()
 
 
 def test_failed_runs_are_reported_and_the_rest_goes_on(tmp_path, monkeypatch, stubs):
@@ -213,7 +213,7 @@ def test_failed_runs_are_reported_and_the_rest_goes_on(tmp_path, monkeypatch, st
     res = run_ablation("--study", "leave-one-out", "--configs", "adam", "ema", "--seeds", "0", "1",
                        "--output-dir", str(tmp_path))
     assert len(calls) == 6  # full (their reference), adam, ema x 2 seeds: failures did not stop the ablation
-    rows = table_rows(tmp_path / "ablation.md")
+    rows = table_rows(tmp_path / "leave-one-out.md")
     assert rows["Adam instead of AdamW"]["test acc (%)"] == "failed"
     assert "2 failed" in rows["Adam instead of AdamW"]["seeds"] and "exit 2" in rows["Adam instead of AdamW"]["seeds"]
     assert rows["+ EMA of weights"]["measured gain (% points)"] == "+0.50 ± 0.00"
@@ -253,6 +253,26 @@ def test_bad_passthrough_flags_stop_before_training(tmp_path, stubs, extra):
     with pytest.raises(SystemExit) as exc:
         run_ablation("--seeds", "0", "--output-dir", str(tmp_path), "--", *extra)
     assert exc.value.code == 2 and stubs == []
+
+
+def test_a_key_names_one_configuration_in_every_study():
+    """Studies sharing an --output-dir share the runs of equal keys: a key must mean the same run everywhere."""
+    seen = {}
+    for study, rows in ablation.STUDIES.items():
+        for c in rows:
+            what = (c.script, c.flags, c.source, c.tta)
+            assert seen.setdefault(c.key, (study, what))[1] == what, (c.key, study, seen[c.key][0])
+
+
+def test_studies_in_one_folder_share_their_common_runs(tmp_path, stubs):
+    run_ablation("--study", "candidates", "--configs", "ema", "--seeds", "0", "--output-dir", str(tmp_path))
+    assert len(stubs) == 2  # full (the reference) and ema
+    run_ablation("--study", "leave-one-out", "--configs", "ema", "no_se", "--seeds", "0", "--output-dir", str(tmp_path))
+    assert len(stubs) == 3  # only no_se is new
+    assert {"candidates.md", "leave-one-out.md", "candidates.json", "leave-one-out.json"} <= \
+        {p.name for p in tmp_path.iterdir()}
+    assert table_rows(tmp_path / "leave-one-out.md")["+ EMA of weights"]["test acc (%)"] == \
+        table_rows(tmp_path / "candidates.md")["+ EMA of weights (warm-up)"]["test acc (%)"]
 
 
 def test_unknown_config_key(tmp_path, stubs, capsys):
@@ -304,16 +324,16 @@ def test_real_runs_on_tiny_cifar(tmp_path, tiny_cifar, monkeypatch):
     cum, loo = tmp_path / "cum", tmp_path / "loo"
     res = run_ablation("--study", "cumulative", "--configs", "se", "tta", *TINY, *data,
                        "--output-dir", str(cum), *TINY_MODEL)
-    rows = table_rows(cum / "ablation.md")
+    rows = table_rows(cum / "cumulative.md")
     assert list(rows) == ["baseline", "+ SE", "+ training optimizations", "+ TTA (flip)"]
-    assert (cum / "ablation.png").is_file() and all(r["status"] == "ok" for r in res["runs"])
+    assert (cum / "cumulative.png").is_file() and all(r["status"] == "ok" for r in res["runs"])
     assert rows["+ SE"]["claimed gain"] == "+3-4%" and rows["+ SE"]["measured gain (% points)"] != "n/a"
     for row in res["rows"]:
         assert 0 <= row["mean"] <= 100
 
     res = run_ablation("--study", "leave-one-out", "--configs", "full", "no_se", "no_tta", *TINY, *data,
                        "--output-dir", str(loo), *TINY_MODEL)
-    assert list(table_rows(loo / "ablation.md")) == ["full recipe", "no SE", "no TTA"]
+    assert list(table_rows(loo / "leave-one-out.md")) == ["full recipe", "no SE", "no TTA"]
     summary = json.loads((loo / "full" / "seed0" / "summary.json").read_text())
     no_tta = next(r for r in res["rows"] if r["key"] == "no_tta")
     assert no_tta["gain"] == pytest.approx(summary["tta_table"]["none"]["test_acc"]
