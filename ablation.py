@@ -295,7 +295,7 @@ def run_argv(cfg, args, extra, seed, run_dir, tta_flags=()):
 def parse_run(cfg, argv):
     """The run's settings as its script will see them; bad pass-through flags stop here, before any training."""
     try:
-        return common.parse_args(SCRIPTS[cfg.script].build_parser(), argv)
+        return SCRIPTS[cfg.script].parse_args(argv)
     except SystemExit as exc:
         if exc.code in (0, None):  # e.g. -- --help: the script printed its help
             raise

@@ -886,9 +886,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser(recipe: dict, description: str) -> argparse.ArgumentParser:
-    """The flags both scripts share, with the script's recipe as defaults (names follow torchvision / timm)."""
+def chosen_recipe(recipes: dict, argv) -> str:
+    """The recipe --recipe names in argv (default: the first of `recipes`). Read before the parser is built,
+    because the recipe supplies every other flag's default: a flag given beside it still wins."""
+    pre = ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", choices=tuple(recipes), default=next(iter(recipes)))
+    return pre.parse_known_args(sys.argv[1:] if argv is None else list(argv))[0].recipe
+
+
+def build_parser(recipes: dict, name: str, description: str) -> argparse.ArgumentParser:
+    """The flags both scripts share, with recipe `name` of the script's `recipes` as defaults (names follow
+    torchvision / timm)."""
+    recipe = recipes[name]
     p = ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p.add_argument("--recipe", choices=tuple(recipes), default=name,
+                   help="named settings for every flag below (flags given beside it win): project is this "
+                        "project's recipe; notebook is the public notebook's exact recipe")
     bool_flag = argparse.BooleanOptionalAction
     m = p.add_argument_group("model")
     m.add_argument("--variant", default=recipe["variant"], choices=VARIANTS, help="MobileNetV4 block table")

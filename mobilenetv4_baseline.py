@@ -17,20 +17,27 @@ RECIPE = dict(
     lr_step_size=30, lr_gamma=0.1,       # StepLR in epochs (never fires within 20 epochs, as in the notebook)
     label_smoothing=0.0, clip_grad_norm=0.0, tta="flip",
 )
+# The public notebook's exact recipe (--recipe notebook): it decayed every parameter alike.
+RECIPES = {"project": RECIPE, "notebook": {**RECIPE, "norm_weight_decay": RECIPE["wd"]}}
 
 
-def build_parser():
-    parser = common.build_parser(RECIPE, __doc__)
+def build_parser(recipe="project"):
+    parser = common.build_parser(RECIPES, recipe, __doc__)
+    recipe = RECIPES[recipe]
     group = parser.add_argument_group("schedule")
-    group.add_argument("--lr-step-size", type=int, default=RECIPE["lr_step_size"], help="StepLR period (epochs)")
-    group.add_argument("--lr-gamma", type=float, default=RECIPE["lr_gamma"], help="StepLR decay factor")
+    group.add_argument("--lr-step-size", type=int, default=recipe["lr_step_size"], help="StepLR period (epochs)")
+    group.add_argument("--lr-gamma", type=float, default=recipe["lr_gamma"], help="StepLR decay factor")
     return parser
+
+
+def parse_args(argv=None):
+    return common.parse_args(build_parser(common.chosen_recipe(RECIPES, argv)), argv,
+                             limits=[("lr_step_size", 1, 10**6, True), ("lr_gamma", 0, 1, False)])
 
 
 @common.command_line
 def main(argv=None):
-    args = common.parse_args(build_parser(), argv, limits=[("lr_step_size", 1, 10**6, True),
-                                                           ("lr_gamma", 0, 1, False)])
+    args = parse_args(argv)
     with common.Run(args, "baseline") as run:
         model = run.prepare(common.model_from_args(args))
         params = common.weight_decay_groups(run.model, args.wd, args.norm_weight_decay)

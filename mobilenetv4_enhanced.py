@@ -23,6 +23,8 @@ RECIPE = dict(
     model_ema=False, model_ema_decay=0.999,         # decay warmed up: min(decay, (1 + t) / (10 + t)) at step t
     tta="flip",
 )
+# The public notebook's exact recipe (--recipe notebook): it decayed every parameter alike.
+RECIPES = {"project": RECIPE, "notebook": {**RECIPE, "norm_weight_decay": RECIPE["wd"]}}
 
 
 # (flag, lowest allowed, highest allowed, inclusive low?) beyond the flags both scripts share
@@ -30,22 +32,23 @@ LIMITS = [("min_lr", 0, 10, True), ("warmup_epochs", 0, 10**4, True), ("model_em
           ("betas", 0, 0.9999999, True), ("momentum", 0, 0.9999999, False)]
 
 
-def build_parser():
-    parser = common.build_parser(RECIPE, __doc__)
+def build_parser(recipe="project"):
+    parser = common.build_parser(RECIPES, recipe, __doc__)
+    recipe = RECIPES[recipe]
     group = parser.add_argument_group("optimizer and schedule")
-    group.add_argument("--opt", default=RECIPE["opt"], choices=("adamw", "adam", "sgd"),
+    group.add_argument("--opt", default=recipe["opt"], choices=("adamw", "adam", "sgd"),
                        help="adam and sgd (Nesterov) couple --wd as L2 (adam: the baseline's optimizer)")
-    group.add_argument("--betas", type=float, nargs=2, default=RECIPE["betas"], help="Adam(W) beta1 beta2")
-    group.add_argument("--momentum", type=float, default=RECIPE["momentum"], help="SGD Nesterov momentum")
-    group.add_argument("--sched", default=RECIPE["sched"], choices=("cosine", "constant", "onecycle"),
+    group.add_argument("--betas", type=float, nargs=2, default=recipe["betas"], help="Adam(W) beta1 beta2")
+    group.add_argument("--momentum", type=float, default=recipe["momentum"], help="SGD Nesterov momentum")
+    group.add_argument("--sched", default=recipe["sched"], choices=("cosine", "constant", "onecycle"),
                        help="learning rate after warm-up, updated every step; onecycle: OneCycleLR's shape "
                             "(cosine up from lr/25 over the first 30%% of --epochs, cosine down to --min-lr)")
-    group.add_argument("--min-lr", type=float, default=RECIPE["min_lr"], help="cosine floor and warm-up start")
-    group.add_argument("--warmup-epochs", type=float, default=RECIPE["warmup_epochs"],
+    group.add_argument("--min-lr", type=float, default=recipe["min_lr"], help="cosine floor and warm-up start")
+    group.add_argument("--warmup-epochs", type=float, default=recipe["warmup_epochs"],
                        help="linear warm-up from --min-lr to --lr over this many epochs")
-    group.add_argument("--model-ema", action="store_true", default=RECIPE["model_ema"],
+    group.add_argument("--model-ema", action="store_true", default=recipe["model_ema"],
                        help="keep an EMA of the weights (evaluated and checkpointed instead of the raw model)")
-    group.add_argument("--model-ema-decay", type=float, default=RECIPE["model_ema_decay"],
+    group.add_argument("--model-ema-decay", type=float, default=recipe["model_ema_decay"],
                        help="EMA decay, reached after a warm-up: step t uses min(decay, (1 + t) / (10 + t))")
     return parser
 
@@ -81,12 +84,17 @@ def make_optimizer(args, params):
     return optimizer_class(params, lr=args.lr, betas=args.betas)
 
 
-@common.command_line
-def main(argv=None):
-    parser = build_parser()
+def parse_args(argv=None):
+    parser = build_parser(common.chosen_recipe(RECIPES, argv))
     args = common.parse_args(parser, argv, limits=LIMITS)
     if args.sched == "onecycle" and args.warmup_epochs:
         parser.error("--sched onecycle has its own warm-up (30% of --epochs): drop --warmup-epochs")
+    return args
+
+
+@common.command_line
+def main(argv=None):
+    args = parse_args(argv)
     with common.Run(args, "enhanced") as run:
         model = run.prepare(common.model_from_args(args))
         params = common.weight_decay_groups(run.model, args.wd, args.norm_weight_decay)

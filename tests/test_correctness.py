@@ -206,6 +206,30 @@ def test_scripts_leave_norm_and_bias_out_of_weight_decay(script, wd, tiny_cifar,
     assert json.loads((tmp_path / "all" / "config.json").read_text())["args"]["norm_weight_decay"] == wd
 
 
+@pytest.mark.parametrize("script,wd", [("baseline", 1e-4), ("enhanced", 0.05)])
+def test_recipe_notebook_is_the_notebooks_recipe_one_flag_away(script, wd, tiny_cifar, tmp_path):
+    """--recipe notebook: the public notebook's exact recipe (weight decay on every parameter); flags given beside
+    it still win; config.json records the recipe."""
+    module = SCRIPTS[script]
+    default, notebook = module.parse_args([]), module.parse_args(["--recipe", "notebook"])
+    assert (default.recipe, default.norm_weight_decay) == ("project", 0.0)
+    assert (notebook.recipe, notebook.norm_weight_decay, notebook.wd) == ("notebook", wd, wd)
+    differs = {k for k in vars(default) if getattr(default, k) != getattr(notebook, k)} - {"recipe", "argv"}
+    assert differs == set(module.RECIPES["notebook"]) - {k for k, v in module.RECIPE.items()
+                                                         if module.RECIPES["notebook"][k] == v}
+    assert module.parse_args(["--recipe", "notebook", "--norm-weight-decay", "0"]).norm_weight_decay == 0.0
+    train(script, tiny_cifar, tmp_path / "nb", 1, "--recipe", "notebook")
+    assert [g["weight_decay"] for g in load(tmp_path / "nb" / "last.pt")["optimizer"]["param_groups"]] == [wd, wd]
+    assert json.loads((tmp_path / "nb" / "config.json").read_text())["args"]["recipe"] == "notebook"
+
+
+@pytest.mark.parametrize("script", ["baseline", "enhanced"])
+def test_unknown_recipe_is_one_error_line(script, tiny_cifar, tmp_path):
+    res = run_main(script, [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path, "--recipe", "fast"])
+    assert res.code == 2
+    assert_one_error_line(res.err, "--recipe", "fast", "notebook")
+
+
 # ---------------------------------------------------------------------------------------------------
 # 9. --dropout sets the MLP head's dropout
 # ---------------------------------------------------------------------------------------------------
