@@ -84,6 +84,7 @@ def markdown(runs: list[dict]) -> str:
 
 def plot(path: Path, runs: list[dict]):
     from matplotlib.figure import Figure  # the object API: no pyplot global state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
     fig = Figure(figsize=(8, 4.8))
     ax = fig.subplots()
     for i, run in enumerate(runs):
@@ -94,6 +95,7 @@ def plot(path: Path, runs: list[dict]):
     for j, (script, value) in enumerate(NOTEBOOK.items()):
         ax.plot([20], [value], marker="x", ms=10, mew=2, ls="none", color=f"C{len(runs) + j}",
                 label=f"notebook {script}: {value:.2f}% reported at epoch 20 (no curve published)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%), no TTA")
     ax.set_title("CIFAR-10 test accuracy per epoch")
