@@ -25,7 +25,7 @@ Studies (--study):
 Examples:
   python ablation.py --study cumulative --epochs 1 --max-train-samples 2000 --seeds 0 --data-dir data
   python ablation.py --study leave-one-out --configs full no_se ema --seeds 0 1 2 -- --amp off
-  python ablation.py --study candidates --preset proxy-10k --seeds 0 1 --data-dir data
+  python ablation.py --study candidates --preset proxy-5k --seeds 0 1 --data-dir data
 Flags after `--` go to every run, after the configuration's own flags, and argparse lets the later flag win:
 `-- --width-mult 0.5` also overrides the width rows (fine for a smoke test, meaningless for the table).
 Runs whose TTA table no row reads get --no-tta-table (the final evaluation then costs 1-2 test passes, not ~14).
@@ -154,8 +154,8 @@ def _candidates():
 
 
 STUDIES = {"cumulative": _cumulative(), "leave-one-out": _leave_one_out(), "candidates": _candidates()}
-# Named budgets (--preset). proxy-10k: 20 epochs on the first 10,000 training images (a fifth of an epoch's cost),
-# the full test set. Whether it ranks configurations as the full budget does is measured in the README.
+# Named budgets (--preset). proxy-5k / proxy-10k: 20 epochs on the first 5,000 / 10,000 training images (a tenth /
+# a fifth of a full run's training), the full test set; the README checks their ranking against full runs.
 # Proxy budgets evaluate once, after the last epoch (the table reads the final accuracy): at 5,000 training
 # images, evaluating all 10,000 test images every epoch would add ~40% to each run on a CPU.
 PRESETS = {"full": dict(epochs=20, max_train_samples=None, max_test_samples=None, eval_every=None),
