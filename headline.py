@@ -88,9 +88,8 @@ def plot(path: Path, runs: list[dict]):
     fig = Figure(figsize=(8, 4.8))
     ax = fig.subplots()
     for i, run in enumerate(runs):
-        color = f"C{i}"
         rows = [r for r in run["rows"] if not math.isnan(r["test_acc"])]
-        ax.plot([r["epoch"] for r in rows], [r["test_acc"] for r in rows], "o-", ms=3, color=color,
+        ax.plot([r["epoch"] for r in rows], [r["test_acc"] for r in rows], "o-", ms=3, color=f"C{i}",
                 label=f"{run['folder'].name} (this project)")
     for j, (script, value) in enumerate(NOTEBOOK.items()):
         ax.plot([20], [value], marker="x", ms=10, mew=2, ls="none", color=f"C{len(runs) + j}",

@@ -21,9 +21,9 @@ RECIPE = dict(
 RECIPES = {"project": RECIPE, "notebook": {**RECIPE, "norm_weight_decay": RECIPE["wd"]}}
 
 
-def build_parser(recipe="project"):
-    parser = common.build_parser(RECIPES, recipe, __doc__)
-    recipe = RECIPES[recipe]
+def build_parser(recipe_name="project"):
+    parser = common.build_parser(RECIPES, recipe_name, __doc__)
+    recipe = RECIPES[recipe_name]
     group = parser.add_argument_group("schedule")
     group.add_argument("--lr-step-size", type=int, default=recipe["lr_step_size"], help="StepLR period (epochs)")
     group.add_argument("--lr-gamma", type=float, default=recipe["lr_gamma"], help="StepLR decay factor")

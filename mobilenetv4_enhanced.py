@@ -32,9 +32,9 @@ LIMITS = [("min_lr", 0, 10, True), ("warmup_epochs", 0, 10**4, True), ("model_em
           ("betas", 0, 0.9999999, True), ("momentum", 0, 0.9999999, False)]
 
 
-def build_parser(recipe="project"):
-    parser = common.build_parser(RECIPES, recipe, __doc__)
-    recipe = RECIPES[recipe]
+def build_parser(recipe_name="project"):
+    parser = common.build_parser(RECIPES, recipe_name, __doc__)
+    recipe = RECIPES[recipe_name]
     group = parser.add_argument_group("optimizer and schedule")
     group.add_argument("--opt", default=recipe["opt"], choices=("adamw", "adam", "sgd"),
                        help="adam and sgd (Nesterov) couple --wd as L2 (adam: the baseline's optimizer)")
