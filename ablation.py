@@ -479,6 +479,26 @@ def row_result(cfg: Config, rows: dict, jobs_by_key: dict) -> dict:
     return row
 
 
+def seed_noise(rows: dict):
+    """The study's run-to-run noise: its training rows' seed variances pooled (weighted by degrees of freedom),
+    and the smallest paired gain over n seeds that clears it, two standard errors of a difference:
+    2 * sigma * sqrt(2 / n). Conservative: it ignores what pairing by seed cancels. None below two seeds."""
+    spreads = [(len(r["values"]) - 1, r["std"]) for r in rows.values() if r["script"] and r["std"] is not None]
+    df = sum(d for d, _ in spreads)
+    if not df:
+        return None
+    sigma = math.sqrt(sum(d * std ** 2 for d, std in spreads) / df)
+    seed_counts = sorted({r["gain_seeds"] for r in rows.values() if r["gain_seeds"]})
+    return {"sigma": sigma, "df": df, "rows": len(spreads),
+            "threshold": {str(n): 2 * sigma * math.sqrt(2 / n) for n in seed_counts}}  # str: as JSON keys
+
+
+def judge_gains(rows: dict, noise):
+    for r in rows.values():
+        judged = noise is not None and r["gain"] is not None and str(r["gain_seeds"]) in noise["threshold"]
+        r["beyond_noise"] = abs(r["gain"]) > noise["threshold"][str(r["gain_seeds"])] if judged else None
+
+
 def results(study, configs, jobs, args, extra, study_dir, argv):
     jobs_by_key = {}
     for j in jobs:
@@ -486,6 +506,8 @@ def results(study, configs, jobs, args, extra, study_dir, argv):
     rows = {}
     for cfg in configs:
         rows[cfg.key] = row_result(cfg, rows, jobs_by_key)
+    noise = seed_noise(rows)
+    judge_gains(rows, noise)
     runs = [{"config": j.config.key, "seed": j.seed, "run_dir": str(j.run_dir), "script": j.config.script,
              "argv": j.argv + j.extra_argv, "command": j.command(), "action": j.action, "status": j.status,
              "error": j.error, "wall_s": j.wall_s, "batch_size": j.batch_size,
@@ -495,7 +517,7 @@ def results(study, configs, jobs, args, extra, study_dir, argv):
     return {"study": study, "output_dir": str(study_dir), "argv": argv, "passthrough": extra, "seeds": args.seeds,
             "budget": {"epochs": jobs[0].epochs if jobs else args.epochs, "max_train_samples": args.max_train_samples,
                        "max_test_samples": args.max_test_samples, "eval_every": args.eval_every},
-            "notes": STUDY_NOTES[study], "rows": list(rows.values()), "runs": runs}
+            "notes": STUDY_NOTES[study], "noise": noise, "rows": list(rows.values()), "runs": runs}
 
 
 # ---- Reporting: <study>.md, <study>.png, <study>.json ----------------------------------------------------
@@ -530,7 +552,18 @@ def row_cells(row: dict, res: dict, labels: dict) -> list:
     else:
         run = (f"{row['script']}.py, batch {'/'.join(map(str, row['batch_sizes'])) or '?'}"
                + (f": `{' '.join(row['flags'])}`" if row["flags"] else ""))
-    return [row["label"], row["claimed"], gain, acc, seeds, run]
+    beyond = "-" if row["beyond_noise"] is None else "yes" if row["beyond_noise"] else "no"
+    return [row["label"], row["claimed"], gain, beyond, acc, seeds, run]
+
+
+def noise_note(noise) -> str:
+    if noise is None:
+        return "- Beyond noise: judged once some rows have two or more seeds."
+    limits = ", ".join(f"{t:.2f} for {n} seed(s)" for n, t in noise["threshold"].items())
+    return (f"- Beyond noise: |gain| > 2 sigma sqrt(2 / n) over n paired seeds ({limits}), where sigma = "
+            f"{noise['sigma']:.2f} points is the seed std pooled over the {noise['rows']} training rows with two "
+            f"or more seeds ({noise['df']} degrees of freedom). Conservative: pairing by seed cancels part of the "
+            "noise, and a TTA row compares views of the same runs.")
 
 
 def markdown(res: dict) -> str:
@@ -538,7 +571,8 @@ def markdown(res: dict) -> str:
     b = res["budget"]
     budget = (f"{b['epochs']} epoch(s), {b['max_train_samples'] or 'all'} training / "
               f"{b['max_test_samples'] or 'all'} test images, seeds {' '.join(map(str, res['seeds']))}")
-    head = ["configuration", "claimed gain", "measured gain (% points)", "test acc (%)", "seeds", "run"]
+    head = ["configuration", "claimed gain", "measured gain (% points)", "beyond noise", "test acc (%)", "seeds",
+            "run"]
     lines = [f"# Ablation: {res['study']}", "", f"Budget: {budget}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(md_cell(c) for c in row_cells(r, res, labels)) + " |" for r in res["rows"]]
@@ -547,6 +581,7 @@ def markdown(res: dict) -> str:
               "- Test accuracy: the final epoch's, without TTA (summary `test_acc`), except TTA rows (summary "
               "`tta_table`). Mean ± sample std over seeds (std only with more than one seed); gains are paired "
               "by seed. Claimed gains: the notebook README's; '-' where it claims none.",
+              noise_note(res["noise"]),
               "- Flags passed to every run (after each row's own flags, so they win): "
               + (f"`{shlex.join(res['passthrough'])}`." if res["passthrough"] else "none."),
               f"- Command: `python ablation.py {shlex.join(res['argv'])}`; every run's command and per-seed "

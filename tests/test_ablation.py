@@ -120,6 +120,30 @@ def test_cumulative_table_claims_and_gains(tmp_path, stubs):
     assert saved["rows"] == json.loads(json.dumps(res["rows"]))
 
 
+def test_gains_are_judged_against_the_pooled_seed_noise(tmp_path, stubs):
+    """Every training row's seed spread pools into one run-to-run std; a paired gain over n seeds counts as
+    beyond noise only past two standard errors of a difference, 2 * sigma * sqrt(2 / n)."""
+    out = tmp_path / "cand"
+    res = run_ablation("--study", "candidates", "--seeds", "0", "1", "--epochs", "1", "--output-dir", str(out))
+    sigma = SEED_OFFSET / 2 ** 0.5  # seeds 0 and 1 differ by SEED_OFFSET on every row
+    assert res["noise"]["sigma"] == pytest.approx(sigma)
+    assert res["noise"]["rows"] == len([c for c in ablation.STUDIES["candidates"] if c.script])
+    threshold = 2 * sigma  # n = 2 seeds
+    assert res["noise"]["threshold"]["2"] == pytest.approx(threshold)
+    rows = table_rows(out / "candidates.md")
+    verdict = {label: r["beyond noise"] for label, r in rows.items()}
+    assert verdict["full recipe"] == "-"
+    assert verdict["+ EMA of weights (warm-up)"] == "no"  # +0.5 < 0.71
+    assert verdict["+ warm-up (1 epoch)"] == "no"  # -0.25
+    assert verdict["TTA flip_shift"] == "yes"  # +0.75 > 0.71
+    assert f"{sigma:.2f}" in (out / "candidates.md").read_text().split("Notes:")[1]
+    # One seed: no spread to judge by.
+    one = run_ablation("--study", "candidates", "--configs", "ema", "--seeds", "0", "--epochs", "1",
+                       "--output-dir", str(out))
+    assert one["noise"] is None
+    assert table_rows(out / "candidates.md")["+ EMA of weights (warm-up)"]["beyond noise"] == "-"
+
+
 def test_leave_one_out_table(tmp_path, stubs):
     out = tmp_path / "loo"
     run_ablation("--study", "leave-one-out", "--seeds", "0", "--epochs", "1", "--output-dir", str(out))
