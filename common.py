@@ -631,6 +631,9 @@ def cutout(x: torch.Tensor, side: int, gen: torch.Generator) -> torch.Tensor:
     return torch.where(inside.unsqueeze(1), mean, x)
 
 
+AUGMENT_OPS = ("crop_padding", "hflip", "rotation", "color_jitter", "translate", "cutout")  # their flags
+
+
 def augment_config(args) -> AugmentConfig:
     """The augmentation the command-line flags describe (used when --augment is on)."""
     brightness, contrast, saturation, hue = args.color_jitter
@@ -922,7 +925,8 @@ def build_parser(recipes: dict, name: str, description: str) -> argparse.Argumen
                    help="evaluate on the first N images (default: all 10,000)")
     d.add_argument("--augment", action=bool_flag, default=recipe["augment"],
                    help="crop, flip, rotation, colour jitter, translation (batched on the device)")
-    a = p.add_argument_group("augmentation (with --augment; the defaults are the enhanced recipe's list)")
+    a = p.add_argument_group("augmentation (with --augment; defaults: the recipe's ops, else the notebook's "
+                             "enhanced list)")
     aug = AugmentConfig()
     a.add_argument("--crop-padding", type=int, default=aug.crop_padding, help="RandomCrop(32, padding)")
     a.add_argument("--hflip", type=float, default=aug.flip_prob, help="horizontal flip probability")
@@ -973,6 +977,7 @@ def build_parser(recipes: dict, name: str, description: str) -> argparse.Argumen
     o.add_argument("--tta", default=recipe["tta"], choices=tuple(TTA_VIEWS), help="headline TTA")
     o.add_argument("--tta-table", action=bool_flag, default=True,
                    help="evaluate every TTA mode at the end (off: only none and --tta)")
+    p.set_defaults(**{k: v for k, v in recipe.items() if k in AUGMENT_OPS})  # a recipe may choose its ops
     return p
 
 
@@ -998,7 +1003,8 @@ def parse_args(parser: argparse.ArgumentParser, argv=None, limits=()) -> argpars
                                       or (value == low and not low_ok)):
                 bound = f"{'>=' if low_ok else '>'} {low} and <= {high}"
                 parser.error(f"--{name.replace('_', '-')} {value} is out of range: use values {bound}")
-    if not args.augment and augment_config(args) != AugmentConfig():
+    defaults = argparse.Namespace(**{k: parser.get_default(k) for k in AUGMENT_OPS})
+    if not args.augment and augment_config(args) != augment_config(defaults):
         parser.error("augmentation flags (--crop-padding, --hflip, --rotation, --color-jitter, --translate, "
                      "--cutout) only act with --augment: add --augment")
     args.argv = argv  # the command line as given: saved in config.json, repeated in the resume hint

@@ -307,6 +307,17 @@ def test_augmentation_flags_build_the_config(script):
                                        saturation=0.0, hue=0.0, translate=0.05, cutout=8)
 
 
+def test_a_recipe_sets_the_augmentation_defaults():
+    """A recipe may choose its augmentation ops (the study can drop some): its entries become the flags'
+    defaults, --help shows them, and --no-augment still works since the ops then equal the defaults."""
+    recipes = {"lighter": {**mobilenetv4_enhanced.RECIPE, "rotation": 0.0, "color_jitter": (0.0, 0.0, 0.0, 0.0)}}
+    parser = common.build_parser(recipes, "lighter", "test")
+    cfg = common.augment_config(common.parse_args(parser, []))
+    assert cfg == common.AugmentConfig(rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+    assert common.parse_args(common.build_parser(recipes, "lighter", "test"), ["--no-augment"]).augment is False
+    assert "RandomRotation degrees (0: off) (default: 0.0)" in " ".join(parser.format_help().split())
+
+
 def test_cutout_fills_one_square_per_image_with_the_mean():
     """Cutout (DeVries & Taylor 2017): a side x side square, centre uniform over the image, clipped at the
     border, filled with the dataset mean (zero after normalisation, as in the paper)."""
