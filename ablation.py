@@ -58,9 +58,10 @@ SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
 RESERVED_FLAGS = ("--output-dir", "--resume", "--overwrite", "--test-only", "--seed")
 # Saved run settings that may change between invocations without making a finished run stale.
 # (--tta and --tta-table only choose what the final evaluation reports: the plan checks the TTA modes it reads.)
-RUNTIME_KEYS = {"argv", "output_dir", "resume", "overwrite", "test_only", "data_dir", "download", "device", "amp",
-                "channels_last", "compile", "eval_batch_size", "eval_every", "skip_nonfinite", "deterministic", "tta",
-                "tta_table"}
+# recipe: a name for a set of defaults; the settings themselves are compared one by one.
+RUNTIME_KEYS = {"recipe", "argv", "output_dir", "resume", "overwrite", "test_only", "data_dir", "download", "device",
+                "amp", "channels_last", "compile", "eval_batch_size", "eval_every", "skip_nonfinite", "deterministic",
+                "tta", "tta_table"}
 STOP_CODES = (130, 143)  # a run's exit on SIGINT / SIGTERM: it saved last.pt, and the whole ablation stops
 
 

@@ -256,6 +256,20 @@ def test_a_folder_with_other_settings_is_refused(tmp_path, stubs, capsys):
     assert "--epochs 1 (now 2)" in capsys.readouterr().err
 
 
+def test_settings_are_compared_by_value_not_by_recipe_name(tmp_path, stubs, capsys):
+    """--recipe only names a set of defaults: a folder trained under one name is the same run under another
+    name with equal values (a default moved into a new recipe keeps its old runs), and other values refuse."""
+    argv = ["--study", "candidates", "--configs", "full", "--seeds", "0", "--epochs", "1", "--output-dir",
+            str(tmp_path)]
+    run_ablation(*argv)
+    n = len(stubs)
+    run_ablation(*argv, "--", "--recipe", "notebook", "--norm-weight-decay", "0")  # the project's values
+    assert len(stubs) == n
+    with pytest.raises(SystemExit):
+        run_ablation(*argv, "--", "--recipe", "notebook")
+    assert "--norm-weight-decay 0.0 (now 0.05)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_settings_check_ignores_what_changes_per_invocation(script):
     """A resumed or overwritten run saves other --resume/--overwrite/argv values than the plan expects: none of
