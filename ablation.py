@@ -14,13 +14,15 @@ Studies (--study):
                  + MLP head (mobilenetv4_baseline.py, model flags added one by one), + training
                  optimizations (mobilenetv4_enhanced.py --recipe notebook), + TTA (flip, read from the previous
                  row's run: no extra training). Gain = row minus the previous row.
-  leave-one-out  the full enhanced recipe, then each ingredient switched off alone (each augmentation op
+  leave-one-out  the full enhanced recipe (--recipe project-v1, the project's first: it trained the first full
+                 run), then each ingredient switched off alone (each augmentation op
                  too); then options beyond the notebook added to the full recipe (+ EMA, + warm-up, other TTA
                  views). Gain = row minus the full recipe (negative: the ingredient helped).
-  candidates     the full enhanced recipe, then one change each that short-schedule CIFAR practice supports:
-                 EMA, flip + crop + translate only, cutout, label smoothing 0.2, weight decay on norm / bias,
-                 batch 128 / 256 with scaled lr, warm-up, peak lr 2e-3, Nesterov SGD + one-cycle,
-                 TTA flip_shift.
+  candidates     the full enhanced recipe (project-v1), then one change each that short-schedule CIFAR
+                 practice supports: EMA, flip + crop + translate only, cutout, label smoothing 0.2, weight
+                 decay on norm / bias, batch 128 / 256 with scaled lr, warm-up, peak lr 2e-3, Nesterov SGD +
+                 one-cycle, TTA flip_shift; then the seed-0 gains stacked (SGD + one-cycle with flip + crop +
+                 translate only).
 
 Examples:
   python ablation.py --study cumulative --epochs 1 --max-train-samples 2000 --seeds 0 --data-dir data
@@ -100,14 +102,19 @@ def _cumulative():
     return tuple(rows)
 
 
+# The leave-one-out and candidates studies measure changes to the project's first enhanced recipe, the one its
+# first full run trained: pinned by name, so their rows keep their meaning (and their runs) when a default moves.
+STUDY_RECIPE = ("--recipe", "project-v1")
+
+
 def _leave_one_out():
     def off(key, label, *flags):
-        return Config(key, label, script="enhanced", flags=flags, reference="full")
+        return Config(key, label, script="enhanced", flags=STUDY_RECIPE + flags, reference="full")
 
     def tta(key, label, views):  # the full run's own TTA accuracies, against its default view set (flip)
         return Config(key, label, source="full", tta=views, reference="full", reference_tta="flip")
     return (
-        Config("full", "full recipe", script="enhanced"),
+        Config("full", "full recipe", script="enhanced", flags=STUDY_RECIPE),
         off("no_se", "no SE", "--no-se"),
         off("no_drop_path", "no stochastic depth", "--drop-path", "0"),
         off("relu6", "ReLU6 instead of SiLU", "--act", "relu6"),
@@ -135,9 +142,9 @@ def _leave_one_out():
 def _candidates():
     """Changes that short-schedule CIFAR practice supports, each added alone to the full enhanced recipe."""
     def add(key, label, *flags):
-        return Config(key, label, script="enhanced", flags=flags, reference="full")
+        return Config(key, label, script="enhanced", flags=STUDY_RECIPE + flags, reference="full")
     return (
-        Config("full", "full recipe", script="enhanced"),
+        Config("full", "full recipe", script="enhanced", flags=STUDY_RECIPE),
         add("ema", "+ EMA of weights (warm-up)", "--model-ema"),
         add("flip_translate", "flip + crop + translate only", "--rotation", "0", "--color-jitter", "0", "0", "0", "0"),
         add("cutout16", "+ cutout 16 px", "--cutout", "16"),  # DeVries & Taylor's CIFAR-10 size
@@ -179,10 +186,12 @@ STUDY_NOTES = {
                   "'+ TTA' is the flip TTA accuracy of the previous row's run, against that run's plain accuracy.",
     "leave-one-out": "Gain = this row minus the full recipe (negative: the ingredient helped; rows marked '+' are "
                      "options beyond the notebook, added to the full recipe). Every row runs "
-                     "mobilenetv4_enhanced.py. TTA rows read the full run's TTA table and compare with its "
+                     "mobilenetv4_enhanced.py --recipe project-v1 (the full recipe: the project's first enhanced "
+                     "recipe, which its first full run trained). TTA rows read the full run's TTA table and compare with its "
                      "flip TTA (the recipe's default), so 'no TTA' shows what flip TTA buys.",
     "candidates": "Gain = this row minus the full recipe (positive: the change helps). Every row runs "
-                  "mobilenetv4_enhanced.py with one change to its defaults; 'TTA flip_shift' reads the full run's "
+                  "mobilenetv4_enhanced.py --recipe project-v1 (the full recipe: the project's first enhanced "
+                  "recipe, which its first full run trained) with one change; 'TTA flip_shift' reads the full run's "
                   "TTA table against its flip TTA.",
 }
 
@@ -219,6 +228,9 @@ def build_parser():
                         "and the run a TTA row reads")
     p.add_argument("--list", action="store_true", help="print the study's rows and their flags, then exit")
     p.add_argument("--dry-run", action="store_true", help="print each run's command and state, train nothing")
+    p.add_argument("--report-only", action="store_true",
+                   help="write <study>.md/.png/.json from the runs finished so far, train nothing (the others "
+                        "show as pending)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="a named budget (epochs, training and test images); --epochs and the sample flags "
@@ -499,9 +511,17 @@ def seed_noise(rows: dict):
 
 
 def judge_gains(rows: dict, noise):
+    """Training rows: against the pooled run-to-run noise. TTA rows compare two evaluations of the same weights,
+    so training noise cancels exactly: their own paired spread is the noise, 2 * gain_std / sqrt(n)."""
     for r in rows.values():
-        judged = noise is not None and r["gain"] is not None and str(r["gain_seeds"]) in noise["threshold"]
-        r["beyond_noise"] = abs(r["gain"]) > noise["threshold"][str(r["gain_seeds"])] if judged else None
+        if r["gain"] is None:
+            r["beyond_noise"] = None
+        elif r["script"] is None:
+            judged = r["gain_std"] is not None
+            r["beyond_noise"] = abs(r["gain"]) > 2 * r["gain_std"] / math.sqrt(r["gain_seeds"]) if judged else None
+        else:
+            judged = noise is not None and str(r["gain_seeds"]) in noise["threshold"]
+            r["beyond_noise"] = abs(r["gain"]) > noise["threshold"][str(r["gain_seeds"])] if judged else None
 
 
 def results(study, configs, jobs, args, extra, study_dir, argv):
@@ -563,12 +583,14 @@ def row_cells(row: dict, res: dict, labels: dict) -> list:
 
 def noise_note(noise) -> str:
     if noise is None:
-        return "- Beyond noise: judged once some rows have two or more seeds."
+        return ("- Beyond noise: judged once some rows have two or more seeds (TTA rows: against their own paired "
+                "std, 2 x std / sqrt(n)).")
     limits = ", ".join(f"{t:.2f} for {n} seed(s)" for n, t in noise["threshold"].items())
     return (f"- Beyond noise: |gain| > 2 sigma sqrt(2 / n) over n paired seeds ({limits}), where sigma = "
             f"{noise['sigma']:.2f} points is the seed std pooled over the {noise['rows']} training rows with two "
-            f"or more seeds ({noise['df']} degrees of freedom). Conservative: pairing by seed cancels part of the "
-            "noise, and a TTA row compares views of the same runs.")
+            f"or more seeds ({noise['df']} degrees of freedom); conservative, as pairing by seed may cancel part "
+            "of it. TTA rows compare views of the same weights (training noise cancels): |gain| > 2 x their "
+            "paired std / sqrt(n).")
 
 
 def markdown(res: dict) -> str:
@@ -669,6 +691,8 @@ def main(argv=None):
         write_report(study_dir, res, chart)
         return res
 
+    if args.report_only:
+        return write(chart=True)
     t0 = time.perf_counter()
     try:
         run_all(jobs, write)

@@ -1,5 +1,5 @@
 """MobileNetV4 on CIFAR-10, enhanced recipe: SE, stochastic depth, SiLU, width 1.2, MLP head, strong
-augmentation (batched on the device), label smoothing, AdamW, cosine schedule, gradient clipping, TTA.
+augmentation (batched on the device), label smoothing, AdamW, cosine schedule, gradient clipping, TTA (flip + shifts).
 
 Options beyond the notebook: weight EMA (--model-ema) and linear warm-up (--warmup-epochs).
 Run `python mobilenetv4_enhanced.py --help` for every flag.
@@ -11,20 +11,25 @@ from torch import nn
 
 import common
 
-# ---- The recipe (every entry is a flag) -------------------------------------------------------------
-RECIPE = dict(
+# ---- The recipes (every entry is a flag) ------------------------------------------------------------
+# The public notebook's enhanced recipe on the real architecture (--recipe notebook).
+NOTEBOOK_RECIPE = dict(
     variant="conv_small", width_mult=1.2, act="silu", se=True, drop_path=0.1, head="mlp", dropout=0.3,
     augment=True,                          # crop 32 pad 4, flip, rotate 15, jitter .2/.2/.2/.1, translate 10%
     epochs=20, batch_size=64,
     opt="adamw", lr=1e-3, wd=0.05, betas=(0.9, 0.999), momentum=0.9,   # momentum: --opt sgd (Nesterov)
-    norm_weight_decay=0.0,                 # no decay on norm / bias / layer-scale parameters (timm, torchvision)
+    norm_weight_decay=0.05,                # the notebook decayed every parameter alike
     sched="cosine", min_lr=1e-6, warmup_epochs=0,   # per-step cosine to min_lr after optional linear warm-up
     label_smoothing=0.1, clip_grad_norm=1.0,
     model_ema=False, model_ema_decay=0.999,         # decay warmed up: min(decay, (1 + t) / (10 + t)) at step t
     tta="flip",
 )
-# The public notebook's exact recipe (--recipe notebook): it decayed every parameter alike.
-RECIPES = {"project": RECIPE, "notebook": {**RECIPE, "norm_weight_decay": RECIPE["wd"]}}
+# This project's first recipe (--recipe project-v1): no weight decay on norm / bias / layer-scale parameters
+# (timm, torchvision). It trained results/enhanced-20ep-seed0 and is the reference of the proxy study.
+RECIPE_V1 = {**NOTEBOOK_RECIPE, "norm_weight_decay": 0.0}
+# The default: v1 with the changes the recipe study measured beyond its seed noise (README, "The recipe study").
+RECIPE = {**RECIPE_V1, "tta": "flip_shift"}   # flip + 2-pixel shifts: +1.04 +- 0.16 over flip (proxy, 2 seeds)
+RECIPES = {"project": RECIPE, "project-v1": RECIPE_V1, "notebook": NOTEBOOK_RECIPE}
 
 
 # (flag, lowest allowed, highest allowed, inclusive low?) beyond the flags both scripts share

@@ -137,6 +137,11 @@ def test_gains_are_judged_against_the_pooled_seed_noise(tmp_path, stubs):
     assert verdict["+ warm-up (1 epoch)"] == "no"  # -0.25
     assert verdict["TTA flip_shift"] == "yes"  # +0.75 > 0.71
     assert f"{sigma:.2f}" in (out / "candidates.md").read_text().split("Notes:")[1]
+    # TTA rows compare views of the same weights: their own paired spread is the noise (2 std / sqrt(n)).
+    tta = {"gain": 1.0, "gain_seeds": 2, "script": None}
+    rows = {"wide": {**tta, "gain_std": 1.0}, "tight": {**tta, "gain_std": 0.1}}
+    ablation.judge_gains(rows, res["noise"])
+    assert (rows["wide"]["beyond_noise"], rows["tight"]["beyond_noise"]) == (False, True)
     # One seed: no spread to judge by.
     one = run_ablation("--study", "candidates", "--configs", "ema", "--seeds", "0", "--epochs", "1",
                        "--output-dir", str(out))
@@ -157,7 +162,7 @@ def test_leave_one_out_table(tmp_path, stubs):
     # TTA rows compare the full run's TTA accuracies with its default flip TTA.
     assert gain["no TTA"] == f"{-TTA_ACC['flip']:+.2f}" and gain["TTA flip_shift"] == "+0.75"
     adam_argv = next(a for _, a in stubs if "--opt" in a)
-    assert adam_argv[:4] == ["--opt", "adam", "--wd", "1e-4"]
+    assert adam_argv[:6] == [*ablation.STUDY_RECIPE, "--opt", "adam", "--wd", "1e-4"]
     # The TTA rows read every mode of the full run: only it keeps the full TTA table.
     assert [("--no-tta-table" in a) for _, a in stubs if "full/seed0" in a[a.index("--output-dir") + 1]] == [False]
     assert sum("--no-tta-table" in a for _, a in stubs) == len(stubs) - 1
@@ -313,6 +318,22 @@ def test_studies_in_one_folder_share_their_common_runs(tmp_path, stubs):
         table_rows(tmp_path / "candidates.md")["+ EMA of weights (warm-up)"]["test acc (%)"]
 
 
+def test_report_only_tabulates_finished_runs_and_trains_nothing(tmp_path, stubs):
+    """--report-only rewrites a study's files from the runs finished so far (say, while another invocation
+    trains a subset of its rows), so a subset run never leaves a partial table as the study's last word."""
+    run_ablation("--study", "candidates", "--configs", "ema", "--seeds", "0", "--output-dir", str(tmp_path))
+    n = len(stubs)
+    res = run_ablation("--study", "candidates", "--seeds", "0", "1", "--report-only", "--output-dir", str(tmp_path))
+    assert len(stubs) == n
+    rows = table_rows(tmp_path / "candidates.md")
+    assert list(rows) == [c.label for c in ablation.STUDIES["candidates"]]
+    assert rows["+ EMA of weights (warm-up)"]["seeds"] == "1/2"
+    assert rows["+ EMA of weights (warm-up)"]["measured gain (% points)"] == "+0.50"
+    assert rows["+ cutout 16 px"]["test acc (%)"] == "pending"
+    assert sum(r["status"] == "pending" for r in res["runs"]) == len(res["runs"]) - 2
+    assert (tmp_path / "candidates.png").is_file()
+
+
 def test_unknown_config_key(tmp_path, stubs, capsys):
     with pytest.raises(SystemExit) as exc:
         run_ablation("--study", "leave-one-out", "--configs", "se", "--output-dir", str(tmp_path))
@@ -339,14 +360,19 @@ def test_cumulative_training_row_is_the_notebooks_recipe():
 
 @pytest.mark.parametrize("study", list(ablation.STUDIES))
 def test_every_row_is_a_valid_command_line(study):
-    """Each training row's flags parse with its script and really change the setting the row names."""
-    for cfg in ablation.STUDIES[study]:
+    """Each training row's flags parse with its script and really change a setting of the row it is compared
+    with (a row that changes nothing, say 'no rotation' on a recipe without rotation, would measure noise)."""
+    rows = {c.key: c for c in ablation.STUDIES[study]}
+    for cfg in rows.values():
         if cfg.script is None:
             continue
-        args = SCRIPTS[cfg.script].parse_args(list(cfg.flags))
-        defaults = vars(SCRIPTS[cfg.script].parse_args([]))
-        changed = {k for k, v in vars(args).items() if k != "argv" and v != defaults[k]}
-        assert bool(changed) == bool(cfg.flags), (cfg.key, changed)
+        args = vars(SCRIPTS[cfg.script].parse_args(list(cfg.flags)))
+        ref = rows.get(cfg.reference)
+        if ref is None or ref.script != cfg.script:  # a study's root, or another script (its own recipe)
+            continue
+        ref_args = vars(SCRIPTS[ref.script].parse_args(list(ref.flags)))
+        changed = {k for k, v in args.items() if k not in ablation.RUNTIME_KEYS and v != ref_args[k]}
+        assert changed, cfg.key
 
 
 def test_preset_fills_the_budget_and_explicit_flags_win():
@@ -356,11 +382,12 @@ def test_preset_fills_the_budget_and_explicit_flags_win():
     args = ablation.apply_preset(parse(["--preset", "proxy-5k"]))
     assert (args.epochs, args.max_train_samples, args.max_test_samples, args.eval_every) == (20, 5_000, None, 20)
     job_argv = ablation.run_argv(ablation.STUDIES["candidates"][0], args, [], 0, Path("o"))
-    assert job_argv[:6] == ["--epochs", "20", "--max-train-samples", "5000", "--eval-every", "20"]
+    assert job_argv[:8] == [*ablation.STUDY_RECIPE, "--epochs", "20", "--max-train-samples", "5000", "--eval-every",
+                            "20"]
     args = ablation.apply_preset(parse(["--preset", "proxy-10k", "--epochs", "5", "--max-train-samples", "500"]))
     assert (args.epochs, args.max_train_samples) == (5, 500)
     job_argv = ablation.run_argv(ablation.STUDIES["candidates"][0], args, [], 0, Path("o"))
-    assert job_argv[:4] == ["--epochs", "5", "--max-train-samples", "500"]
+    assert job_argv[:6] == [*ablation.STUDY_RECIPE, "--epochs", "5", "--max-train-samples", "500"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,11 +5,13 @@ tests/test_distributed.py; the model items (SE placement, depthwise init) in tes
 """
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import ablation
 import common
 import mobilenetv4_baseline
 import mobilenetv4_enhanced
@@ -18,6 +20,7 @@ from test_scripts import (ENH_LEARN, LEARN, MD5_WARNING, TINY, _Crash, assert_on
 
 pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
 SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -214,13 +217,22 @@ def test_recipe_notebook_is_the_notebooks_recipe_one_flag_away(script, wd, tiny_
     default, notebook = module.parse_args([]), module.parse_args(["--recipe", "notebook"])
     assert (default.recipe, default.norm_weight_decay) == ("project", 0.0)
     assert (notebook.recipe, notebook.norm_weight_decay, notebook.wd) == ("notebook", wd, wd)
-    differs = {k for k in vars(default) if getattr(default, k) != getattr(notebook, k)} - {"recipe", "argv"}
-    assert differs == set(module.RECIPES["notebook"]) - {k for k, v in module.RECIPE.items()
-                                                         if module.RECIPES["notebook"][k] == v}
+    assert {k: getattr(notebook, k) for k in module.RECIPES["notebook"]} == module.RECIPES["notebook"]
+    assert common.augment_config(notebook) == common.AugmentConfig()  # the notebook's torchvision list
     assert module.parse_args(["--recipe", "notebook", "--norm-weight-decay", "0"]).norm_weight_decay == 0.0
     train(script, tiny_cifar, tmp_path / "nb", 1, "--recipe", "notebook")
     assert [g["weight_decay"] for g in load(tmp_path / "nb" / "last.pt")["optimizer"]["param_groups"]] == [wd, wd]
     assert json.loads((tmp_path / "nb" / "config.json").read_text())["args"]["recipe"] == "notebook"
+
+
+@pytest.mark.parametrize("run", ["enhanced-20ep-seed0", "ablation-proxy-5k/full/seed0"])
+def test_recipe_project_v1_is_the_recipe_of_the_committed_runs(run):
+    """--recipe project-v1 names the recipe the first full enhanced run and the proxy study trained (their
+    config.json under results/), so moving the default cannot orphan those results."""
+    saved = json.loads((ROOT / "results" / run / "config.json").read_text())["args"]
+    budget = ["--max-train-samples", str(saved["max_train_samples"])] if saved["max_train_samples"] else []
+    v1 = mobilenetv4_enhanced.parse_args(["--recipe", "project-v1", *budget])
+    assert ablation.settings_diff(saved, v1) == [] and saved["tta"] == v1.tta
 
 
 @pytest.mark.parametrize("script", ["baseline", "enhanced"])
@@ -299,9 +311,10 @@ def test_baseline_augment_flag_augments(base1, tiny_cifar, tmp_path):
 
 @pytest.mark.parametrize("script", ["baseline", "enhanced"])
 def test_augmentation_flags_build_the_config(script):
-    parse = SCRIPTS[script].build_parser().parse_args
-    assert common.augment_config(parse([])) == common.AugmentConfig()  # the flags' defaults are the recipe's list
-    cfg = common.augment_config(parse(["--rotation", "0", "--color-jitter", "0", "0", "0", "0", "--cutout", "8",
+    parse = SCRIPTS[script].parse_args
+    # The notebook's torchvision list (test_a_recipe_sets_the_augmentation_defaults: a recipe's own ops)
+    assert common.augment_config(parse(["--recipe", "notebook"])) == common.AugmentConfig()
+    cfg = common.augment_config(parse(["--augment", "--rotation", "0", "--color-jitter", "0", "0", "0", "0", "--cutout", "8",
                                        "--crop-padding", "2", "--hflip", "0.25", "--translate", "0.05"]))
     assert cfg == common.AugmentConfig(crop_padding=2, flip_prob=0.25, rotation=0.0, brightness=0.0, contrast=0.0,
                                        saturation=0.0, hue=0.0, translate=0.05, cutout=8)

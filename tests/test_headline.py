@@ -47,14 +47,14 @@ def test_rows_quote_the_runs_files(learned, enh_learned, tiny_cifar, tmp_path):
         best = max(metrics, key=lambda r: float(r["test_acc"]))
         assert row["run"] == folder.name and row["notebook (reported)"] == notebook
         assert row["final"] == f"{summary['test_acc']:.2f}"
-        assert row["final + TTA"] == f"{summary['test_acc_tta']:.2f} (flip)"
+        assert row["final + TTA"] == f"{summary['test_acc_tta']:.2f} ({summary['tta']})"
         assert row["best (epoch)"] == f"{float(best['test_acc']):.2f} ({best['epoch']})"
         assert row["epochs"] == f"{len(metrics)} / {len(metrics)}"
         config = json.loads((folder / "config.json").read_text())
         assert row["command"].strip("`").endswith(" ".join(config["args"]["argv"]))
         assert row["commits"] == (config["git_commit"] or "unknown")[:7]
     best_eval = json.loads((enh / "eval-best" / "summary.json").read_text())
-    assert rows[1]["best + TTA"] == f"{best_eval['test_acc_tta']:.2f} (flip)"
+    assert rows[1]["best + TTA"] == f"{best_eval['test_acc_tta']:.2f} ({best_eval['tta']})"
     assert rows[0]["best + TTA"] == "-"  # never evaluated: not invented
 
 
