@@ -15,9 +15,9 @@ Studies (--study):
                  optimizations (mobilenetv4_enhanced.py --recipe notebook), + TTA (flip, read from the previous
                  row's run: no extra training). Gain = row minus the previous row.
   leave-one-out  the full enhanced recipe (--recipe project-v1, the project's first: it trained the first full
-                 run), then each ingredient switched off alone (each augmentation op
-                 too); then options beyond the notebook added to the full recipe (+ EMA, + warm-up, other TTA
-                 views). Gain = row minus the full recipe (negative: the ingredient helped).
+                 run), then each ingredient switched off alone (each augmentation op too); then options
+                 beyond the notebook added to the full recipe (+ EMA, + warm-up, other TTA views).
+                 Gain = row minus the full recipe (negative: the ingredient helped).
   candidates     the full enhanced recipe (project-v1), then one change each that short-schedule CIFAR
                  practice supports: EMA, flip + crop + translate only, cutout, label smoothing 0.2, weight
                  decay on norm / bias, batch 128 / 256 with scaled lr, warm-up, peak lr 2e-3, Nesterov SGD +
@@ -187,8 +187,8 @@ STUDY_NOTES = {
     "leave-one-out": "Gain = this row minus the full recipe (negative: the ingredient helped; rows marked '+' are "
                      "options beyond the notebook, added to the full recipe). Every row runs "
                      "mobilenetv4_enhanced.py --recipe project-v1 (the full recipe: the project's first enhanced "
-                     "recipe, which its first full run trained). TTA rows read the full run's TTA table and compare with its "
-                     "flip TTA (the recipe's default), so 'no TTA' shows what flip TTA buys.",
+                     "recipe, which its first full run trained). TTA rows read the full run's TTA table and "
+                     "compare with its flip TTA (that recipe's default), so 'no TTA' shows what flip TTA buys.",
     "candidates": "Gain = this row minus the full recipe (positive: the change helps). Every row runs "
                   "mobilenetv4_enhanced.py --recipe project-v1 (the full recipe: the project's first enhanced "
                   "recipe, which its first full run trained) with one change; 'TTA flip_shift' reads the full run's "

@@ -1,5 +1,6 @@
 """MobileNetV4 on CIFAR-10, enhanced recipe: SE, stochastic depth, SiLU, width 1.2, MLP head, strong
-augmentation (batched on the device), label smoothing, AdamW, cosine schedule, gradient clipping, TTA (flip + shifts).
+augmentation (batched on the device), label smoothing, AdamW, cosine schedule, gradient clipping, TTA (flip and
+2-pixel shifts).
 
 Options beyond the notebook: weight EMA (--model-ema) and linear warm-up (--warmup-epochs).
 Run `python mobilenetv4_enhanced.py --help` for every flag.

@@ -314,8 +314,9 @@ def test_augmentation_flags_build_the_config(script):
     parse = SCRIPTS[script].parse_args
     # The notebook's torchvision list (test_a_recipe_sets_the_augmentation_defaults: a recipe's own ops)
     assert common.augment_config(parse(["--recipe", "notebook"])) == common.AugmentConfig()
-    cfg = common.augment_config(parse(["--augment", "--rotation", "0", "--color-jitter", "0", "0", "0", "0", "--cutout", "8",
-                                       "--crop-padding", "2", "--hflip", "0.25", "--translate", "0.05"]))
+    cfg = common.augment_config(parse(["--augment", "--rotation", "0", "--color-jitter", "0", "0", "0", "0",
+                                       "--cutout", "8", "--crop-padding", "2", "--hflip", "0.25", "--translate",
+                                       "0.05"]))
     assert cfg == common.AugmentConfig(crop_padding=2, flip_prob=0.25, rotation=0.0, brightness=0.0, contrast=0.0,
                                        saturation=0.0, hue=0.0, translate=0.05, cutout=8)
 
