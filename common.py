@@ -1164,11 +1164,17 @@ def seed_everything(seed: int, deterministic: bool):
         torch.backends.cudnn.benchmark = False
 
 
-def git_commit():
+def git_commit(repo: Path = Path(__file__).parent):
+    """HEAD's hash, '<hash>-dirty' when tracked files differ from it (the code that ran is not that commit), or
+    None outside a git checkout. Untracked files (results, data) do not count."""
+    def git(*argv):
+        return subprocess.run(["git", *argv], cwd=repo, capture_output=True, text=True, timeout=5)
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
+        head = git("rev-parse", "HEAD")
+        if head.returncode or not head.stdout.strip():
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -57,6 +57,14 @@ def hours(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
+def short_commit(commit) -> str:
+    """'abc1234', or 'abc1234-dirty' for a run started from uncommitted edits (common.git_commit)."""
+    if not commit:
+        return "unknown"
+    sha, dirty, _ = commit.partition("-dirty")
+    return sha[:7] + dirty
+
+
 def row_cells(run: dict) -> list[str]:
     config, rows, summary, best_eval = run["config"], run["rows"], run["summary"], run["best_eval"]
     script, planned = config["script"], config["args"]["epochs"]
@@ -66,7 +74,7 @@ def row_cells(run: dict) -> list[str]:
     final_tta = f"{acc(summary['test_acc_tta'])} ({tta})" if summary else "in progress"
     best_tta = f"{acc(best_eval['test_acc_tta'])} ({best_eval['tta']})" if best_eval else "-"
     segments = config.get("segments") or [{"argv": config["args"]["argv"], "git_commit": config["git_commit"]}]
-    commits = ", ".join(dict.fromkeys((s["git_commit"] or "unknown")[:7] for s in segments))
+    commits = ", ".join(dict.fromkeys(short_commit(s["git_commit"]) for s in segments))
     command = f"python mobilenetv4_{script}.py {shlex.join(segments[0]['argv'])}".strip()
     machine = f"{config['device']} ({config['device_name']})" + (
         f" x{config['world_size']}" if config.get("world_size", 1) > 1 else "")

@@ -1,6 +1,7 @@
-"""MobileNetV4 on CIFAR-10, enhanced recipe: SE, stochastic depth, SiLU, width 1.2, MLP head, strong
-augmentation (batched on the device), label smoothing, AdamW, cosine schedule, gradient clipping, TTA (flip and
-2-pixel shifts).
+"""MobileNetV4 on CIFAR-10, enhanced recipe: SE, stochastic depth, SiLU, width 1.2, MLP head, augmentation
+batched on the device (crop, flip, translate; rotation and colour jitter one flag each), label smoothing, Nesterov
+SGD with a one-cycle schedule (AdamW + cosine: --opt adamw --sched cosine, or the notebook's whole recipe with
+--recipe notebook), gradient clipping, TTA (flip and 2-pixel shifts).
 
 Options beyond the notebook: weight EMA (--model-ema) and linear warm-up (--warmup-epochs).
 Run `python mobilenetv4_enhanced.py --help` for every flag.
@@ -28,8 +29,14 @@ NOTEBOOK_RECIPE = dict(
 # This project's first recipe (--recipe project-v1): no weight decay on norm / bias / layer-scale parameters
 # (timm, torchvision). It trained results/enhanced-20ep-seed0 and is the reference of the proxy study.
 RECIPE_V1 = {**NOTEBOOK_RECIPE, "norm_weight_decay": 0.0}
-# The default: v1 with the changes the recipe study measured beyond its seed noise (README, "The recipe study").
-RECIPE = {**RECIPE_V1, "tta": "flip_shift"}   # flip + 2-pixel shifts: +1.04 +- 0.16 over flip (proxy, 2 seeds)
+# The default: v1 with the changes the recipe study measured beyond its seed noise (README, "The recipe study"),
+# at proxy-5k over seeds 0 and 1, against v1. Together, Nesterov SGD + one-cycle and the lighter augmentation
+# (flip, crop, translate: no rotation, no colour jitter) gained +3.32 +- 0.13 points; alone, each stayed below
+# the noise threshold. TTA flip + 2-pixel shifts gained +1.04 +- 0.16 over flip on the same weights.
+RECIPE = {**RECIPE_V1,
+          "opt": "sgd", "sched": "onecycle", "lr": 0.1, "wd": 5e-4,   # SGD couples wd as L2: 5e-4, not 0.05
+          "rotation": 0.0, "color_jitter": (0.0, 0.0, 0.0, 0.0),
+          "tta": "flip_shift"}
 RECIPES = {"project": RECIPE, "project-v1": RECIPE_V1, "notebook": NOTEBOOK_RECIPE}
 
 

@@ -1,8 +1,9 @@
 """Does the on-device augmentation train as well as the torchvision PIL pipeline it replaces?
 
-Trains the enhanced model and recipe (AdamW, cosine, label smoothing 0.1, clipping 1.0, batch 64) twice per seed
-on the same images, once fed by torchvision's per-sample PIL transforms in a DataLoader (the notebook's
-pipeline) and once by `common.train_batches_for_epoch`, and prints test accuracy (no TTA) for each.
+Trains the enhanced model on the notebook's recipe (`--recipe notebook`: AdamW, cosine, all five augmentation ops,
+label smoothing 0.1, clipping 1.0, batch 64) twice per seed on the same images, once fed by torchvision's
+per-sample PIL transforms in a DataLoader (the notebook's pipeline) and once by `common.train_batches_for_epoch`,
+and prints test accuracy (no TTA) for each.
 
     python benchmarks/pipeline_accuracy.py --epochs 2 --max-train-samples 5000 --max-test-samples 2000 --seeds 0 1
 """

@@ -2,7 +2,8 @@
 
 Measures, in one run on one machine:
   1. augmentation images/s: torchvision per-sample PIL transforms (DataLoader, 0 and N workers) vs ours;
-  2. end-to-end training images/s for the enhanced recipe: notebook-style loop (DataLoader + PIL transforms +
+  2. end-to-end training images/s for the enhanced model on the notebook's recipe (AdamW, all five augmentation
+     ops, as `--recipe notebook`): notebook-style loop (DataLoader + PIL transforms +
      eager fp32) vs ours, and ours with each option (channels_last, bf16 autocast, torch.compile);
   3. inference images/s at batch 256 and latency at batch 1 for the enhanced model.
 Prints a markdown table and writes JSON (`--json PATH`) with `aug_speedup` and `train_speedup`.

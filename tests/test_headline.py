@@ -34,6 +34,12 @@ def test_rows_quote_the_runs_files(learned, enh_learned, tiny_cifar, tmp_path):
     base, enh = tmp_path / "base", tmp_path / "enh"
     shutil.copytree(learned[0], base)
     shutil.copytree(enh_learned[0], enh)
+    # The baseline run started from uncommitted edits (common.git_commit), resumed on a clean commit.
+    config = json.loads((base / "config.json").read_text())
+    config["git_commit"] = "c" * 40
+    config["segments"] = [{**config["segments"][0], "git_commit": "d" * 40 + "-dirty"}, {**config["segments"][0],
+                          "git_commit": "c" * 40, "from_epoch": 1}]
+    (base / "config.json").write_text(json.dumps(config))
     # best + TTA: the best checkpoint evaluated by --test-only into its default folder, <run>/eval-best/
     res = run_main("enhanced", [*LEARN, "--data-dir", tiny_cifar, "--test-only", "--resume", enh / "best.pt"])
     assert res.code == 0, res.err
@@ -52,7 +58,9 @@ def test_rows_quote_the_runs_files(learned, enh_learned, tiny_cifar, tmp_path):
         assert row["epochs"] == f"{len(metrics)} / {len(metrics)}"
         config = json.loads((folder / "config.json").read_text())
         assert row["command"].strip("`").endswith(" ".join(config["args"]["argv"]))
-        assert row["commits"] == (config["git_commit"] or "unknown")[:7]
+    assert rows[0]["commits"] == "ddddddd-dirty, ccccccc"
+    enh_commit = json.loads((enh / "config.json").read_text())["git_commit"] or "unknown"
+    assert rows[1]["commits"] == enh_commit[:7] + ("-dirty" if enh_commit.endswith("-dirty") else "")
     best_eval = json.loads((enh / "eval-best" / "summary.json").read_text())
     assert rows[1]["best + TTA"] == f"{best_eval['test_acc_tta']:.2f} ({best_eval['tta']})"
     assert rows[0]["best + TTA"] == "-"  # never evaluated: not invented
