@@ -226,27 +226,22 @@ def test_recipe_notebook_is_the_notebooks_recipe_one_flag_away(script, wd, tiny_
     assert json.loads((tmp_path / "nb" / "config.json").read_text())["args"]["recipe"] == "notebook"
 
 
-@pytest.mark.parametrize("run", ["enhanced-20ep-seed0", "ablation-proxy-5k/full/seed0"])
-def test_recipe_project_v1_is_the_recipe_of_the_committed_runs(run):
-    """--recipe project-v1 names the recipe the first full enhanced run and the proxy study trained (their
-    config.json under results/), so moving the default cannot orphan those results."""
+@pytest.mark.parametrize("recipe,run", [
+    ("project-v1", "enhanced-20ep-seed0"), ("project-v1", "ablation-proxy-5k/full/seed0"),
+    ("project", "enhanced-sgd-lightaug-20ep-seed0"),
+    ("project", "ablation-proxy-5k/sgd_onecycle_flip_translate/seed0")])
+def test_recipes_are_what_their_committed_runs_trained(recipe, run):
+    """Each recipe equals the recorded settings (config.json under results/) of the runs that measured it:
+    project-v1, the first full enhanced run and the proxy study's reference, so moving the default cannot orphan
+    them; project (the default), the study's row that cleared the noise and the README headline's full run, so a
+    default moved without the runs that measured it fails here."""
     saved = json.loads((ROOT / "results" / run / "config.json").read_text())["args"]
     budget = ["--max-train-samples", str(saved["max_train_samples"])] if saved["max_train_samples"] else []
-    v1 = mobilenetv4_enhanced.parse_args(["--recipe", "project-v1", *budget])
-    assert ablation.settings_diff(saved, v1) == [] and saved["tta"] == v1.tta
-
-
-@pytest.mark.parametrize("run", ["enhanced-sgd-lightaug-20ep-seed0",
-                                 "ablation-proxy-5k/sgd_onecycle_flip_translate/seed0"])
-def test_default_recipe_is_the_recipe_its_evidence_trained(run):
-    """The enhanced default is the study's row that cleared the noise (proxy run) and the README headline's full
-    run: a default moved without the runs that measured it fails here."""
-    saved = json.loads((ROOT / "results" / run / "config.json").read_text())["args"]
-    budget = ["--max-train-samples", str(saved["max_train_samples"])] if saved["max_train_samples"] else []
-    default = mobilenetv4_enhanced.parse_args(budget)
-    assert ablation.settings_diff(saved, default) == []
-    if not budget:  # the study reads every TTA from one table; the full run's headline TTA is the default's
-        assert saved["tta"] == default.tta
+    args = mobilenetv4_enhanced.parse_args(["--recipe", recipe, *budget])
+    assert ablation.settings_diff(saved, args) == []
+    # The study reads every TTA from one table and keeps project-v1's flip; a full run's headline TTA is its recipe's
+    if recipe == "project-v1" or not budget:
+        assert saved["tta"] == args.tta
 
 
 @pytest.mark.parametrize("script", ["baseline", "enhanced"])
