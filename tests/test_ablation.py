@@ -168,6 +168,41 @@ def test_leave_one_out_table(tmp_path, stubs):
     assert sum("--no-tta-table" in a for _, a in stubs) == len(stubs) - 1
 
 
+def test_tuning_rows_change_the_enhanced_default_one_setting_each():
+    """The tuning study measures changes to the enhanced default: its reference row must train exactly what
+    mobilenetv4_enhanced.py trains with no flags (a default moved without this study would leave its rows
+    measuring something else), and every other row must change the setting its label names, nothing more."""
+    def settings(flags):  # as saved in config.json (tuples become lists), run-time keys left out
+        args = json.loads(json.dumps(vars(mobilenetv4_enhanced.parse_args(list(flags))), default=str))
+        return {k: v for k, v in args.items() if k not in ablation.RUNTIME_KEYS}
+    ref, *others = ablation.STUDIES["tuning"]
+    rows = {c.key: c for c in others}
+    assert settings(ref.flags) == settings([])
+    ref_args = settings(ref.flags)
+    expected = {"v2_ema": {"model_ema"}, "v2_label_smoothing_0.2": {"label_smoothing"},
+                "v2_no_drop_path": {"drop_path"}, "v2_lr_0.2": {"lr"}, "v2_lr_0.05": {"lr"},
+                "v2_batch128": {"batch_size", "lr"}}
+    assert set(rows) == set(expected)
+    for key, changed in expected.items():
+        args = settings(rows[key].flags)
+        assert rows[key].reference == ref.key
+        assert {k for k, v in args.items() if v != ref_args[k]} == changed, key
+
+
+def test_tuning_table_measures_against_the_default_and_shares_its_runs(tmp_path, stubs):
+    """The tuning study's reference is the candidates study's stacked row (not a row keyed 'full'): its gains are
+    measured against that run, which a folder holding the candidates study already has."""
+    run_ablation("--study", "candidates", "--configs", "sgd_onecycle_flip_translate", "--seeds", "0",
+                 "--output-dir", str(tmp_path))
+    assert len(stubs) == 2  # the stacked row and its reference, the full recipe
+    run_ablation("--study", "tuning", "--configs", "v2_ema", "v2_no_drop_path", "--seeds", "0",
+                 "--output-dir", str(tmp_path))
+    assert len(stubs) == 4  # the default's run was reused
+    gain = {label: r["measured gain (% points)"] for label, r in table_rows(tmp_path / "tuning.md").items()}
+    assert gain == {"enhanced default": "(reference)", "+ EMA of weights (warm-up)": "+0.50",
+                    "no stochastic depth": "-2.00"}
+
+
 def test_configs_filter_brings_in_references_and_sources(tmp_path, stubs):
     out = tmp_path / "sub"
     run_ablation("--study", "leave-one-out", "--configs", "no_se", "no_tta", "--seeds", "0", "--output-dir", str(out))
