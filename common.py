@@ -27,7 +27,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -1179,6 +1179,14 @@ def git_commit(repo: Path = Path(__file__).parent):
         return None
 
 
+@cache
+def code_commit() -> str | None:
+    """git_commit() of this project as the process first asks, then the same answer for the process's life: the
+    code it loaded does not change when HEAD does, and one process may train many runs for hours (ablation.py).
+    Asked at the first run's start, not at import (importing stays free of side effects)."""
+    return git_commit()
+
+
 def versions() -> dict:
     import numpy
     import torchvision
@@ -1329,7 +1337,7 @@ class Run:
                        "channels_last": self.channels_last, "world_size": self.dist.world_size,
                        "model": model.config, "model_summary": self.summary,
                        "train_images": self.data.train_images.shape[0], "test_images": self.data.test_images.shape[0],
-                       "versions": versions(), "git_commit": git_commit()}
+                       "versions": versions(), "git_commit": code_commit()}
         self.config["segments"] = self._segments()
         if self.dist.is_main:
             print_banner(self.config, self.out_dir)

@@ -394,6 +394,23 @@ def test_sgd_onecycle_run(tiny_cifar, tmp_path):
     assert_one_error_line(res.err, "--warmup-epochs")
 
 
+def test_every_run_of_one_process_records_the_commit_the_process_started_from(tiny_cifar, tmp_path, monkeypatch):
+    """ablation.py trains many runs in one process, all with the code it loaded at its start: a commit made while
+    it works (hours, here) must not be stamped on its later runs, whose config.json would then name code that did
+    not train them."""
+    heads = iter(["a" * 40, "b" * 40, "c" * 40])
+    monkeypatch.setattr(common, "git_commit", lambda *repo: next(heads))  # HEAD moves between the two runs
+    common.code_commit.cache_clear()
+    try:
+        for name in ("first", "second"):
+            res = run_main("enhanced", [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path / name])
+            assert res.code == 0, res.err
+    finally:
+        common.code_commit.cache_clear()  # the other tests see the real repository's commit again
+    commits = [json.loads((tmp_path / n / "config.json").read_text())["git_commit"] for n in ("first", "second")]
+    assert commits == ["a" * 40, "a" * 40]
+
+
 def test_git_commit_says_when_the_tracked_files_differ_from_it(tmp_path):
     """config.json names the code that trained a run: a run started from edited files records '<sha>-dirty', not
     the commit it was not; files git does not track (results, data) do not count."""

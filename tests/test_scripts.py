@@ -372,7 +372,7 @@ def test_resume_keeps_the_provenance_of_every_segment(base1, tiny_cifar, tmp_pat
     out = tmp_path / "run"
     shutil.copytree(base1[0], out)
     first = json.loads((out / "config.json").read_text())
-    monkeypatch.setattr(common, "git_commit", lambda: "f" * 40)  # the resume runs on a later commit
+    monkeypatch.setattr(common, "code_commit", lambda: "f" * 40)  # the resume runs on a later commit
     res = run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--epochs", 3, "--deterministic",
                                 "--resume", out / "last.pt"])
     assert res.code == 0, res.err
