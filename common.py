@@ -1165,15 +1165,17 @@ def seed_everything(seed: int, deterministic: bool):
 
 
 def git_commit(repo: Path = Path(__file__).parent):
-    """HEAD's hash, '<hash>-dirty' when tracked files differ from it (the code that ran is not that commit), or
-    None outside a git checkout. Untracked files (results, data) do not count."""
+    """HEAD's hash, '<hash>-dirty' when tracked Python files differ from it (the code that ran is not that
+    commit), or None outside a git checkout. Other files do not count, tracked or not: a study's log or a
+    README edited while a run starts says nothing about the code."""
     def git(*argv):
         return subprocess.run(["git", *argv], cwd=repo, capture_output=True, text=True, timeout=5)
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode or not head.stdout.strip():
             return None
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        # ':/*.py': every .py file from the top of the work tree, whichever folder `repo` is ('*' spans '/')
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/*.py").stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None

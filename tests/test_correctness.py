@@ -413,7 +413,7 @@ def test_every_run_of_one_process_records_the_commit_the_process_started_from(ti
 
 def test_git_commit_says_when_the_tracked_files_differ_from_it(tmp_path):
     """config.json names the code that trained a run: a run started from edited files records '<sha>-dirty', not
-    the commit it was not; files git does not track (results, data) do not count."""
+    the commit it was not; files that are not code do not count, tracked or not (results, logs, data, README)."""
     import subprocess
 
     def git(*argv):
@@ -421,11 +421,13 @@ def test_git_commit_says_when_the_tracked_files_differ_from_it(tmp_path):
                               check=True, capture_output=True, text=True).stdout.strip()
     git("init", "-q")
     (tmp_path / "recipe.py").write_text("lr = 1e-3\n")
-    git("add", "recipe.py")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "ablation.log").write_text("study 1\n")
+    git("add", "recipe.py", "results/ablation.log")
     git("commit", "-q", "-m", "first")
     sha = git("rev-parse", "HEAD")
-    (tmp_path / "results").mkdir()
     (tmp_path / "results" / "metrics.csv").write_text("epoch\n")  # untracked
+    (tmp_path / "results" / "ablation.log").write_text("study 1\nstudy 2\n")  # tracked, appended by a run
     assert common.git_commit(tmp_path) == sha
     (tmp_path / "recipe.py").write_text("lr = 0.1\n")
     assert common.git_commit(tmp_path) == sha + "-dirty"
