@@ -181,7 +181,7 @@ def test_tuning_rows_change_the_enhanced_default_one_setting_each():
     ref_args = settings(ref.flags)
     expected = {"v2_ema": {"model_ema"}, "v2_label_smoothing_0.2": {"label_smoothing"},
                 "v2_no_drop_path": {"drop_path"}, "v2_lr_0.2": {"lr"}, "v2_lr_0.05": {"lr"},
-                "v2_batch128": {"batch_size", "lr"}}
+                "v2_batch128": {"batch_size", "lr"}, "v2_no_crop": {"crop_padding"}}
     assert set(rows) == set(expected)
     for key, changed in expected.items():
         args = settings(rows[key].flags)
