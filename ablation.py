@@ -369,9 +369,14 @@ def read_json(path: Path):
         return None
 
 
+def as_saved(args: argparse.Namespace) -> dict:
+    """A script's parsed flags as its config.json holds them (tuples become lists)."""
+    return json.loads(json.dumps(vars(args), default=str))
+
+
 def settings_diff(saved: dict, expected: argparse.Namespace):
     """Differences between a run folder's saved settings and this invocation's, budget and recipe only."""
-    mine = json.loads(json.dumps(vars(expected), default=str))  # tuples -> lists, as in the saved JSON
+    mine = as_saved(expected)
     return [f"--{k.replace('_', '-')} {saved[k]} (now {mine[k]})" for k in sorted(mine)
             if k in saved and k not in RUNTIME_KEYS and saved[k] != mine[k]]
 

@@ -172,8 +172,8 @@ def test_tuning_rows_change_the_enhanced_default_one_setting_each():
     """The tuning study measures changes to the enhanced default: its reference row must train exactly what
     mobilenetv4_enhanced.py trains with no flags (a default moved without this study would leave its rows
     measuring something else), and every other row must change the setting its label names, nothing more."""
-    def settings(flags):  # as saved in config.json (tuples become lists), run-time keys left out
-        args = json.loads(json.dumps(vars(mobilenetv4_enhanced.parse_args(list(flags))), default=str))
+    def settings(flags):  # as config.json holds them, run-time keys left out
+        args = ablation.as_saved(mobilenetv4_enhanced.parse_args(list(flags)))
         return {k: v for k, v in args.items() if k not in ablation.RUNTIME_KEYS}
     ref, *others = ablation.STUDIES["tuning"]
     rows = {c.key: c for c in others}
