@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from scipy import stats
 
 import common
 import mobilenetv4_baseline
@@ -538,31 +539,32 @@ def row_result(cfg: Config, rows: dict, jobs_by_key: dict) -> dict:
 
 
 def seed_noise(rows: dict):
-    """The study's run-to-run noise: its training rows' seed variances pooled (weighted by degrees of freedom),
-    and the smallest paired gain over n seeds that clears it, two standard errors of a difference:
-    2 * sigma * sqrt(2 / n). Conservative: it ignores what pairing by seed cancels. None below two seeds."""
-    spreads = [(len(r["values"]) - 1, r["std"]) for r in rows.values() if r["script"] and r["std"] is not None]
-    df = sum(d for d, _ in spreads)
-    if not df:
-        return None
-    sigma = math.sqrt(sum(d * std ** 2 for d, std in spreads) / df)
-    seed_counts = sorted({r["gain_seeds"] for r in rows.values() if r["gain_seeds"]})
-    return {"sigma": sigma, "df": df, "rows": len(spreads),
-            "threshold": {str(n): 2 * sigma * math.sqrt(2 / n) for n in seed_counts}}  # str: as JSON keys
+    """The study's noise, from its paired gains: each row's gains over seeds vary, and those variances pool
+    (weighted by degrees of freedom, n - 1 per row) into sigma, the std of one paired gain. A mean gain over n
+    seeds is beyond noise past t(0.975, df) * sigma / sqrt(n): a two-sided paired t-test at 5% per row, with
+    the pooled df (with two seeds a row alone has 1 df, and t(0.975, 1) = 12.7). Pairing by seed cancels what
+    runs of one seed share (initial weights, batch order), so a paired gain varies less than two runs do.
+    Training rows and TTA rows (two views of the same weights, no training noise) pool apart; None where no row
+    of the kind has two seeds yet."""
+    def pool(is_tta: bool):
+        kind = [r for r in rows.values() if (r["script"] is None) == is_tta and r["gain_seeds"]]
+        spreads = [(r["gain_seeds"] - 1, r["gain_std"]) for r in kind if r["gain_seeds"] >= 2]
+        df = sum(d for d, _ in spreads)
+        if not df:
+            return None
+        sigma = math.sqrt(sum(d * std ** 2 for d, std in spreads) / df)
+        t = float(stats.t.ppf(0.975, df))
+        return {"sigma": sigma, "df": df, "rows": len(spreads), "t": t,
+                "threshold": {str(n): t * sigma / math.sqrt(n)  # str: as JSON keys
+                              for n in sorted({r["gain_seeds"] for r in kind})}}
+    return {"training": pool(False), "tta": pool(True)}
 
 
-def judge_gains(rows: dict, noise):
-    """Training rows: against the pooled run-to-run noise. TTA rows compare two evaluations of the same weights,
-    so training noise cancels exactly: their own paired spread is the noise, 2 * gain_std / sqrt(n)."""
+def judge_gains(rows: dict, noise: dict):
     for r in rows.values():
-        if r["gain"] is None:
-            r["beyond_noise"] = None
-        elif r["script"] is None:
-            judged = r["gain_std"] is not None
-            r["beyond_noise"] = abs(r["gain"]) > 2 * r["gain_std"] / math.sqrt(r["gain_seeds"]) if judged else None
-        else:
-            judged = noise is not None and str(r["gain_seeds"]) in noise["threshold"]
-            r["beyond_noise"] = abs(r["gain"]) > noise["threshold"][str(r["gain_seeds"])] if judged else None
+        pool = noise["tta" if r["script"] is None else "training"]
+        judged = r["gain"] is not None and pool is not None and str(r["gain_seeds"]) in pool["threshold"]
+        r["beyond_noise"] = abs(r["gain"]) > pool["threshold"][str(r["gain_seeds"])] if judged else None
 
 
 def results(study, configs, jobs, args, extra, study_dir, argv):
@@ -622,16 +624,19 @@ def row_cells(row: dict, res: dict, labels: dict) -> list:
     return [row["label"], row["claimed"], gain, beyond, acc, seeds, run]
 
 
-def noise_note(noise) -> str:
-    if noise is None:
-        return ("- Beyond noise: judged once some rows have two or more seeds (TTA rows: against their own paired "
-                "std, 2 x std / sqrt(n)).")
-    limits = ", ".join(f"{t:.2f} for {n} seed(s)" for n, t in noise["threshold"].items())
-    return (f"- Beyond noise: |gain| > 2 sigma sqrt(2 / n) over n paired seeds ({limits}), where sigma = "
-            f"{noise['sigma']:.2f} points is the seed std pooled over the {noise['rows']} training rows with two "
-            f"or more seeds ({noise['df']} degrees of freedom); conservative, as pairing by seed may cancel part "
-            "of it. TTA rows compare views of the same weights (training noise cancels): |gain| > 2 x their "
-            "paired std / sqrt(n).")
+def noise_note(noise: dict) -> str:
+    def pool_text(pool, what):
+        if pool is None:
+            return f"{what}: not judged until some have two seeds"
+        limits = ", ".join(f"{t:.2f} over {n} seed(s)" for n, t in pool["threshold"].items())
+        return (f"{what}: sigma = {pool['sigma']:.2f} points pooled over {pool['rows']} row(s) ({pool['df']} "
+                f"degree(s) of freedom, t = {pool['t']:.2f}), so |gain| > {limits}")
+    return ("- Beyond noise: a paired t-test per row, two-sided at 5%: |mean gain| > t(0.975, df) sigma / sqrt(n) "
+            "over n paired seeds, where sigma is the std of one paired gain, pooled over the rows with two or more "
+            "seeds. " + pool_text(noise["training"], "Training rows") + "; "
+            + pool_text(noise["tta"], "TTA rows (views of the same weights, pooled apart)")
+            + ". Each row is one test: among many rows, about one in twenty with no real effect is still called "
+            "beyond noise.")
 
 
 def markdown(res: dict) -> str:

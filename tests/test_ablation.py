@@ -45,9 +45,10 @@ def stub_accuracy(script, args):
     return acc
 
 
-def make_stub(script, calls, fail=None):
+def make_stub(script, calls, fail=None, accuracy=None):
     """A stand-in for SCRIPTS[script].main: parses the real flags, writes config.json and summary.json as the
-    script would, and records its argv. `fail(args)` may return an exit code to raise instead."""
+    script would, and records its argv. `fail(args)` may return an exit code to raise instead; `accuracy(script,
+    args)` replaces stub_accuracy."""
     def main(argv=None):
         calls.append((script, list(argv)))
         args = SCRIPTS[script].parse_args(argv)
@@ -59,7 +60,7 @@ def make_stub(script, calls, fail=None):
         if code:
             (out / "last.pt").write_bytes(b"stub")  # what an interrupted run leaves behind
             raise SystemExit(code)
-        acc = stub_accuracy(script, args)
+        acc = (accuracy or stub_accuracy)(script, args)
         modes = TTA_ACC if getattr(args, "tta_table", True) else ("none", args.tta)  # as Run.finish() does
         summary = {"script": script, "test_acc": acc, "epochs_completed": args.epochs, "config": config,
                    "tta_table": {k: {"test_acc": acc + TTA_ACC[k]} for k in modes}}
@@ -120,32 +121,65 @@ def test_cumulative_table_claims_and_gains(tmp_path, stubs):
     assert saved["rows"] == json.loads(json.dumps(res["rows"]))
 
 
-def test_gains_are_judged_against_the_pooled_seed_noise(tmp_path, stubs):
-    """Every training row's seed spread pools into one run-to-run std; a paired gain over n seeds counts as
-    beyond noise only past two standard errors of a difference, 2 * sigma * sqrt(2 / n)."""
+def test_gains_are_judged_by_a_paired_t_test_on_pooled_noise():
+    """A training row's paired gains vary from seed to seed; their variances pool over the rows with two or more
+    seeds (df = sum of n - 1), and a mean gain over n seeds is beyond noise past t(0.975, df) * sigma / sqrt(n).
+    TTA rows compare views of the same weights, far less noisy: they pool apart. Before this rule the multiplier
+    was 2 whatever df (t(0.975, 1) is 12.7), and 'a' and 'tta_a' below were called beyond noise."""
+    def row(gain, std, n, script="enhanced"):
+        return {"gain": gain, "gain_std": std, "gain_seeds": n, "script": script}
+    rows = {"reference": row(None, None, 0), "a": row(3.0, 1.0, 2), "b": row(0.5, 2.0, 3), "c": row(-6.0, None, 1),
+            "tta_a": row(0.5, 0.1, 2, None), "tta_b": row(-1.0, 0.3, 2, None)}
+    noise = ablation.seed_noise(rows)
+    train, tta = noise["training"], noise["tta"]
+    sigma = ((1 * 1.0 ** 2 + 2 * 2.0 ** 2) / 3) ** 0.5  # 1.732, df 1 + 2
+    assert (train["df"], train["rows"]) == (3, 2) and train["sigma"] == pytest.approx(sigma)
+    assert train["t"] == pytest.approx(3.182446, abs=1e-5)  # t(0.975, 3), from tables
+    assert train["threshold"] == pytest.approx({"1": 3.182446 * sigma, "2": 3.182446 * sigma / 2 ** 0.5,
+                                                "3": 3.182446 * sigma / 3 ** 0.5}, abs=1e-4)
+    tta_sigma = ((0.1 ** 2 + 0.3 ** 2) / 2) ** 0.5
+    assert (tta["df"], tta["t"]) == (2, pytest.approx(4.302653, abs=1e-5))  # t(0.975, 2)
+    assert tta["threshold"] == pytest.approx({"2": 4.302653 * tta_sigma / 2 ** 0.5}, abs=1e-4)  # 0.68
+    ablation.judge_gains(rows, noise)
+    verdict = {k: r["beyond_noise"] for k, r in rows.items()}
+    assert verdict == {"reference": None, "a": False, "b": False, "c": True, "tta_a": False, "tta_b": True}
+    # Nothing to pool yet (every row one seed): no verdict rather than a guess.
+    lone = {"reference": row(None, None, 0), "a": row(3.0, None, 1)}
+    noise = ablation.seed_noise(lone)
+    assert noise["training"] is None and noise["tta"] is None
+    ablation.judge_gains(lone, noise)
+    assert lone["a"]["beyond_noise"] is None
+
+
+def test_the_table_states_its_noise_and_verdicts(tmp_path, monkeypatch, stubs):
+    """End to end: EMA's stub gain is +0.75 on seed 0 and +0.25 on seed 1; every other row gains the same on both
+    seeds. The pooled paired sigma, df and t reach the table's notes and each row's verdict."""
+    from scipy import stats
+
+    def noisy(script, args):
+        return stub_accuracy(script, args) + 0.25 * args.model_ema * (1 - 2 * args.seed)
+    monkeypatch.setattr(mobilenetv4_enhanced, "main", make_stub("enhanced", stubs, accuracy=noisy))
     out = tmp_path / "cand"
     res = run_ablation("--study", "candidates", "--seeds", "0", "1", "--epochs", "1", "--output-dir", str(out))
-    sigma = SEED_OFFSET / 2 ** 0.5  # seeds 0 and 1 differ by SEED_OFFSET on every row
-    assert res["noise"]["sigma"] == pytest.approx(sigma)
-    assert res["noise"]["rows"] == len([c for c in ablation.STUDIES["candidates"] if c.script])
-    threshold = 2 * sigma  # n = 2 seeds
-    assert res["noise"]["threshold"]["2"] == pytest.approx(threshold)
+    paired = [c for c in ablation.STUDIES["candidates"] if c.script and c.key != "full"]
+    df = len(paired)
+    sigma = (0.125 / df) ** 0.5  # EMA's paired std is 0.35 (variance 0.125), every other row's 0
+    train = res["noise"]["training"]
+    assert (train["df"], train["sigma"]) == (df, pytest.approx(sigma))
+    threshold = stats.t.ppf(0.975, df) * sigma / 2 ** 0.5
+    assert train["threshold"]["2"] == pytest.approx(threshold)
     rows = table_rows(out / "candidates.md")
     verdict = {label: r["beyond noise"] for label, r in rows.items()}
     assert verdict["full recipe"] == "-"
-    assert verdict["+ EMA of weights (warm-up)"] == "no"  # +0.5 < 0.71
-    assert verdict["+ warm-up (1 epoch)"] == "no"  # -0.25
-    assert verdict["TTA flip_shift"] == "yes"  # +0.75 > 0.71
-    assert f"{sigma:.2f}" in (out / "candidates.md").read_text().split("Notes:")[1]
-    # TTA rows compare views of the same weights: their own paired spread is the noise (2 std / sqrt(n)).
-    tta = {"gain": 1.0, "gain_seeds": 2, "script": None}
-    rows = {"wide": {**tta, "gain_std": 1.0}, "tight": {**tta, "gain_std": 0.1}}
-    ablation.judge_gains(rows, res["noise"])
-    assert (rows["wide"]["beyond_noise"], rows["tight"]["beyond_noise"]) == (False, True)
-    # One seed: no spread to judge by.
+    assert threshold < 0.25  # so the stub's smallest gains (warm-up -0.25, EMA +0.5) count
+    assert verdict["+ EMA of weights (warm-up)"] == "yes" and verdict["+ warm-up (1 epoch)"] == "yes"
+    assert verdict["TTA flip_shift"] == "yes"  # the only TTA row, its own pool: df 1, paired std 0
+    notes = (out / "candidates.md").read_text().split("Notes:")[1]
+    assert f"{sigma:.2f}" in notes and f"{df} degree(s) of freedom" in notes
+    # One seed: nothing to judge by.
     one = run_ablation("--study", "candidates", "--configs", "ema", "--seeds", "0", "--epochs", "1",
                        "--output-dir", str(out))
-    assert one["noise"] is None
+    assert one["noise"]["training"] is None
     assert table_rows(out / "candidates.md")["+ EMA of weights (warm-up)"]["beyond noise"] == "-"
 
 
