@@ -843,13 +843,28 @@ def synchronize(device: torch.device):
         torch.mps.synchronize()
 
 
+def reset_peak_memory(device: torch.device):
+    """Start a run's peak from here: ablation.py trains many runs in one process, each reports its own."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "cpu":
+        try:  # Linux: writing 5 resets the process's peak resident set (VmHWM in /proc/self/status)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass  # elsewhere the CPU figure stays the process's lifetime peak
+
+
 def peak_memory_mb(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     if device.type == "mps":
         return torch.mps.driver_allocated_memory() / 2**20
-    import resource  # CPU: the process's peak resident set (Linux reports KiB)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:  # CPU: the peak resident set since reset_peak_memory (Linux)
+        status = Path("/proc/self/status").read_text()
+        return next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):
+        import resource  # the process's lifetime peak: KiB on Linux, bytes on macOS
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 # =====================================================================================================
@@ -1268,6 +1283,7 @@ class Run:
         seed_everything(args.seed, args.deterministic)
         self.device = select_device(args.device, self.dist.local_rank if self.dist else None)
         self.dist.init(self.device)
+        reset_peak_memory(self.device)
         self.amp_dtype = autocast_dtype(self.device, args.amp)
         self.channels_last = default_channels_last(self.device) if args.channels_last is None else args.channels_last
         self.checkpoint = load_checkpoint(args.resume) if args.resume else None
@@ -1275,7 +1291,7 @@ class Run:
         self.data = self._load_data()
         self.history, self.best_acc, self.stop_signum = [], -1.0, None
         self.resume_epoch, self.resume_step, self.partial, self.step = 0, 0, None, None
-        self.model = self.optimizer = self.scheduler = self.ema = None
+        self.model = self.optimizer = self.scheduler = self.ema = self.scaler = None
         self.identity_probs = None  # the last evaluation's probabilities, reused by the TTA table
         self.finishing = False
 
@@ -1372,6 +1388,8 @@ class Run:
         if ckpt.get("script") != self.script and not self.args.test_only:  # optimizer/schedule states differ
             raise UserError(f"checkpoint {self.args.resume} was written by mobilenetv4_{ckpt.get('script')}.py: "
                             f"resume it with that script (--test-only evaluates it with either)")
+        if not self.args.test_only:
+            self._check_optimizer_settings(ckpt["config"])
         if ckpt["step"] and not self.args.test_only:  # a mid-epoch resume replays that epoch's batch order
             saved = {**ckpt["config"], "world_size": ckpt.get("world_size", 1)}
             mine = {**vars(self.args), "world_size": self.dist.world_size}
@@ -1379,6 +1397,25 @@ class Run:
                 if saved.get(key) != mine.get(key):
                     raise UserError(f"checkpoint {self.args.resume} stopped mid-epoch with {key.replace('_', '-')} "
                                     f"{saved.get(key)}; resume with the same value (or from an epoch-end checkpoint)")
+
+    def _check_optimizer_settings(self, saved: dict):
+        """Loading the optimizer's and scheduler's states brings back their learning rate, weight decay, momentum
+        or betas and StepLR's period and factor: a resume with other values would silently train with the saved
+        ones while config.json recorded the new. (The schedule's shape, --epochs and --min-lr come from the
+        flags, so changing them re-plans the rest of the run.)"""
+        keys = ["opt", "lr", "wd", "norm_weight_decay", "lr_step_size", "lr_gamma"]
+        keys.append("momentum" if getattr(self.args, "opt", None) == "sgd" else "betas")
+        def comparable(value):  # --betas parses to a list, a recipe's default is a tuple
+            return list(value) if isinstance(value, (list, tuple)) else value
+        for key in keys:
+            mine, theirs = getattr(self.args, key, None), saved.get(key)
+            if mine is None or theirs is None:  # not this script's flag, or an older checkpoint's config
+                continue
+            if comparable(mine) != comparable(theirs):
+                flag = "--" + key.replace("_", "-")
+                raise UserError(f"checkpoint {self.args.resume} trained with {flag} {theirs} (this run: {mine}); "
+                                "its optimizer state would keep the old value: resume with the same flag, or start "
+                                "a new run")
 
     def start(self, optimizer, scheduler, ema=None) -> int:
         """Register what checkpoints hold, restore it from --resume, install signal handlers; returns the
@@ -1397,6 +1434,8 @@ class Run:
                 ema.load_state_dict(ckpt["ema"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            if self.scaler is not None and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
             if ckpt["step"]:  # mid-epoch (same world size, checked): this rank's own random stream
                 set_rng_state(ckpt["rng"][self.dist.rank], self.device)
             self.history, self.best_acc = list(ckpt["history"]), ckpt["best_acc"]
@@ -1458,8 +1497,10 @@ class Run:
                               enabled=self.amp_dtype is not None)
 
     def grad_scaler(self):
-        """Loss scaling for fp16 only (bf16 and fp32 need none): a pass-through when disabled."""
-        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        """Loss scaling for fp16 only (bf16 and fp32 need none): a pass-through when disabled. Kept, so that
+        checkpoints hold its adapted scale and a resume continues with it."""
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        return self.scaler
 
     def should_skip(self, loss) -> bool:
         """With --skip-nonfinite: True for a NaN/inf loss on any rank (every rank skips the step). Otherwise the
@@ -1598,6 +1639,7 @@ class Run:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None and self.scaler.is_enabled() else None,
                 "rng": rng, "config": vars(self.args), "model_config": self.model.config,
                 "world_size": self.dist.world_size, "history": self.history, "best_acc": self.best_acc,
                 "segments": self.config["segments"]}

@@ -127,6 +127,7 @@ def main(argv=None):
                     logits = model(images)
                     loss = criterion(logits, labels)
                 if run.should_skip(loss):
+                    scheduler.step()  # the rate follows progress, skipped steps included
                     continue
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

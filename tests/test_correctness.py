@@ -435,3 +435,97 @@ def test_git_commit_says_when_the_tracked_files_differ_from_it(tmp_path):
     plain = tmp_path.parent / f"{tmp_path.name}-plain"
     plain.mkdir()
     assert common.git_commit(plain) is None   # not a repository (a copied-out project): unknown, no error
+
+
+# ---------------------------------------------------------------------------------------------------
+# Review of 2026-11-26: a skipped step, a resume with other optimizer settings, fp16 loss scale, peak memory
+# ---------------------------------------------------------------------------------------------------
+def test_a_skipped_step_leaves_the_learning_rate_on_its_curve(tiny_cifar, tmp_path, monkeypatch):
+    """--skip-nonfinite: the enhanced rate is a function of progress, skipped steps included. Before the fix a
+    skipped step also skipped scheduler.step(), so the next step trained at the rate meant for the skipped one,
+    and a skip on an epoch's last step left lr_end one step behind (the run's last: not --min-lr)."""
+    from test_scripts import STEPS_PER_EPOCH, nan_criterion_at
+    used = []  # (progress before the step, rate it trains with): should_skip runs before each optimizer step
+    should_skip = common.Run.should_skip
+
+    def recording(self, loss):
+        used.append((self.epoch + self.step / self.steps_per_epoch(), self.optimizer.param_groups[0]["lr"]))
+        return should_skip(self, loss)
+    monkeypatch.setattr(common.Run, "should_skip", recording)
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", nan_criterion_at(STEPS_PER_EPOCH + 2))  # epoch 2, step 2
+    out = tmp_path / "run"
+    res = run_main("enhanced", [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 2,
+                                "--skip-nonfinite", "--sched", "cosine", "--lr", "0.1"])
+    assert res.code == 0, res.err
+    args = mobilenetv4_enhanced.parse_args(["--sched", "cosine", "--lr", "0.1", "--epochs", "2"])
+    assert len(used) == 2 * STEPS_PER_EPOCH
+    for progress, lr in used:
+        assert lr == pytest.approx(0.1 * mobilenetv4_enhanced.lr_factor(args, progress), rel=1e-9), progress
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", nan_criterion_at(2 * STEPS_PER_EPOCH))  # the last step
+    out = tmp_path / "last"
+    res = run_main("enhanced", [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 2,
+                                "--skip-nonfinite"])
+    assert res.code == 0, res.err
+    rows = read_metrics(out / "metrics.csv")
+    assert rows[-1]["skipped_steps"] == "1" and float(rows[-1]["lr"]) == pytest.approx(1e-6, rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def one_epoch_of_two(tiny_cifar, tmp_path_factory):
+    """{script: run folder} after epoch 1 of --epochs 2: a checkpoint to resume."""
+    runs = {}
+    for script in ("baseline", "enhanced"):
+        runs[script] = tmp_path_factory.mktemp(f"half-{script}") / "run"
+        train(script, tiny_cifar, runs[script], 1)
+    return runs
+
+
+@pytest.mark.parametrize("script,flag,value", [
+    ("enhanced", "--lr", "0.05"), ("enhanced", "--wd", "1e-3"), ("enhanced", "--momentum", "0.8"),
+    ("enhanced", "--opt", "adamw"), ("baseline", "--lr", "5e-4"), ("baseline", "--lr-step-size", "3")])
+def test_resume_refuses_optimizer_settings_the_checkpoint_overrides(script, flag, value, one_epoch_of_two,
+                                                                     tiny_cifar):
+    """The optimizer's and scheduler's saved states carry lr, weight decay, momentum, betas and StepLR's period:
+    loading them silently replaced the new flag (a resume with --lr 0.05 trained at the old 0.1, ended at neither
+    floor, and config.json said 0.05). Refused now, in one line naming the flag; the checkpoint is untouched."""
+    ckpt = one_epoch_of_two[script] / "last.pt"
+    before = ckpt.read_bytes()
+    res = run_main(script, [*TINY, "--data-dir", tiny_cifar, "--epochs", 2, "--deterministic", flag, value,
+                            "--resume", ckpt])
+    assert res.code == 2, res.err
+    assert_one_error_line(res.err, flag)
+    assert ckpt.read_bytes() == before
+    # The same flags as the checkpoint's still resume (--epochs may change: it re-plans the schedule).
+    res = run_main(script, [*TINY, "--data-dir", tiny_cifar, "--epochs", 2, "--deterministic", "--resume", ckpt,
+                            "--output-dir", one_epoch_of_two[script].parent / f"again-{flag}"])
+    assert res.code == 0, res.err
+
+
+def test_fp16_loss_scale_survives_a_resume(tiny_cifar, tmp_path):
+    """--amp fp16 keeps a GradScaler whose scale adapts over the run; a checkpoint without it restarted the scale
+    at 2**16 on resume, so the next steps overflowed and were skipped: not the run that was interrupted."""
+    out = tmp_path / "run"
+    train("enhanced", tiny_cifar, out, 1, "--amp", "fp16", "--epochs", 2)
+    ckpt = load(out / "last.pt")
+    assert ckpt["scaler"] is not None and ckpt["scaler"]["scale"] > 0
+    ckpt["scaler"]["scale"] = 1024.0  # as if overflows had lowered it
+    torch.save(ckpt, out / "last.pt")
+    res = run_main("enhanced", [*TINY, "--data-dir", tiny_cifar, "--epochs", 2, "--deterministic", "--amp", "fp16",
+                                "--resume", out / "last.pt"])
+    assert res.code == 0, res.err
+    assert load(out / "last.pt")["scaler"]["scale"] in (1024.0, 512.0, 256.0)  # restored (maybe lowered), not 2**16
+
+
+def test_peak_memory_is_this_runs_not_the_processes(tiny_cifar, tmp_path):
+    """ablation.py trains many runs in one process: each summary's peak_memory_mb must be its own run's, not the
+    largest any earlier work in the process reached (CPU: ru_maxrss is a lifetime maximum)."""
+    def rss_mb():
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS"))
+        return int(line.split()[1]) / 1024
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to reset the peak")
+    big = torch.ones(600 * 2**20 // 4)  # 600 MB, touched
+    del big
+    before = rss_mb()
+    res = train("baseline", tiny_cifar, tmp_path / "run", 1)
+    assert res.summary["peak_memory_mb"] < before + 300
