@@ -561,6 +561,7 @@ def seed_noise(rows: dict):
 
 
 def judge_gains(rows: dict, noise: dict):
+    """Each row's beyond_noise: True or False against its kind's pool, None where it cannot be judged yet."""
     for r in rows.values():
         pool = noise["tta" if r["script"] is None else "training"]
         judged = r["gain"] is not None and pool is not None and str(r["gain_seeds"]) in pool["threshold"]

@@ -1405,6 +1405,7 @@ class Run:
         flags, so changing them re-plans the rest of the run.)"""
         keys = ["opt", "lr", "wd", "norm_weight_decay", "lr_step_size", "lr_gamma"]
         keys.append("momentum" if getattr(self.args, "opt", None) == "sgd" else "betas")
+
         def comparable(value):  # --betas parses to a list, a recipe's default is a tuple
             return list(value) if isinstance(value, (list, tuple)) else value
         for key in keys:
