@@ -1257,6 +1257,15 @@ def tta_table(model, images, labels, *, modes=TTA_VIEWS, known=None, dist=None, 
     return {name: score(sum(probs[v] for v in mode) / len(mode), labels, dist) for name, mode in modes.items()}
 
 
+def changed_setting(keys, saved: dict, mine: dict):
+    """The first of `keys` whose value differs between a checkpoint's config and this run's, or None. Keys that
+    either side lacks (another script's flags, an older checkpoint) are skipped; lists and tuples compare alike
+    (--betas parses to a list, a recipe's default is a tuple)."""
+    def comparable(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
+    return next((k for k in keys if k in saved and k in mine and comparable(saved[k]) != comparable(mine[k])), None)
+
+
 class Run:
     """The plumbing around a script's own loop: setup and banner, batches, per-step bookkeeping, evaluation,
     checkpoints and signals, the final report. Use as a context manager:
@@ -1388,35 +1397,27 @@ class Run:
         if ckpt.get("script") != self.script and not self.args.test_only:  # optimizer/schedule states differ
             raise UserError(f"checkpoint {self.args.resume} was written by mobilenetv4_{ckpt.get('script')}.py: "
                             f"resume it with that script (--test-only evaluates it with either)")
-        if not self.args.test_only:
-            self._check_optimizer_settings(ckpt["config"])
-        if ckpt["step"] and not self.args.test_only:  # a mid-epoch resume replays that epoch's batch order
-            saved = {**ckpt["config"], "world_size": ckpt.get("world_size", 1)}
-            mine = {**vars(self.args), "world_size": self.dist.world_size}
-            for key in ("batch_size", "max_train_samples", "seed", "world_size"):
-                if saved.get(key) != mine.get(key):
-                    raise UserError(f"checkpoint {self.args.resume} stopped mid-epoch with {key.replace('_', '-')} "
-                                    f"{saved.get(key)}; resume with the same value (or from an epoch-end checkpoint)")
-
-    def _check_optimizer_settings(self, saved: dict):
-        """Loading the optimizer's and scheduler's states brings back their learning rate, weight decay, momentum
-        or betas and StepLR's period and factor: a resume with other values would silently train with the saved
-        ones while config.json recorded the new. (The schedule's shape, --epochs and --min-lr come from the
-        flags, so changing them re-plans the rest of the run.)"""
-        keys = ["opt", "lr", "wd", "norm_weight_decay", "lr_step_size", "lr_gamma"]
-        keys.append("momentum" if getattr(self.args, "opt", None) == "sgd" else "betas")
-
-        def comparable(value):  # --betas parses to a list, a recipe's default is a tuple
-            return list(value) if isinstance(value, (list, tuple)) else value
-        for key in keys:
-            mine, theirs = getattr(self.args, key, None), saved.get(key)
-            if mine is None or theirs is None:  # not this script's flag, or an older checkpoint's config
-                continue
-            if comparable(mine) != comparable(theirs):
-                flag = "--" + key.replace("_", "-")
-                raise UserError(f"checkpoint {self.args.resume} trained with {flag} {theirs} (this run: {mine}); "
-                                "its optimizer state would keep the old value: resume with the same flag, or start "
-                                "a new run")
+        if self.args.test_only:
+            return
+        saved = {**ckpt["config"], "world_size": ckpt.get("world_size", 1)}
+        mine = {**vars(self.args), "world_size": self.dist.world_size}
+        # The optimizer's and scheduler's saved states bring back their lr, weight decay, momentum or betas and
+        # StepLR's period and factor: another value would silently lose to the saved one while config.json
+        # recorded it. (The schedule's shape, --epochs and --min-lr come from the flags: they re-plan the rest.)
+        carried = ("opt", "lr", "wd", "norm_weight_decay", "lr_step_size", "lr_gamma",
+                   "momentum" if mine.get("opt") == "sgd" else "betas")
+        key = changed_setting(carried, saved, mine)
+        if key:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"checkpoint {self.args.resume} trained with {flag} {saved[key]} (this run: "
+                            f"{mine[key]}); its optimizer state would keep the old value: resume with the same flag, "
+                            "or start a new run")
+        # A mid-epoch resume replays that epoch's batch order.
+        key = changed_setting(("batch_size", "max_train_samples", "seed", "world_size"), saved, mine) \
+            if ckpt["step"] else None
+        if key:
+            raise UserError(f"checkpoint {self.args.resume} stopped mid-epoch with {key.replace('_', '-')} "
+                            f"{saved[key]}; resume with the same value (or from an epoch-end checkpoint)")
 
     def start(self, optimizer, scheduler, ema=None) -> int:
         """Register what checkpoints hold, restore it from --resume, install signal handlers; returns the

@@ -529,3 +529,17 @@ def test_peak_memory_is_this_runs_not_the_processes(tiny_cifar, tmp_path):
     before = rss_mb()
     res = train("baseline", tiny_cifar, tmp_path / "run", 1)
     assert res.summary["peak_memory_mb"] < before + 300
+
+
+@pytest.mark.parametrize("flag,value,named", [("-b", "8", "batch-size 16"), ("--seed", "1", "seed 0"),
+                                              ("--max-train-samples", "48", "max-train-samples 64")])
+def test_mid_epoch_resume_refuses_another_batch_order(flag, value, named, one_epoch_of_two, tiny_cifar, tmp_path):
+    """A mid-epoch checkpoint replays the rest of its epoch's batch order, which batch size, seed and sample count
+    fix: another value is refused (an epoch-end checkpoint accepts them)."""
+    ckpt = load(one_epoch_of_two["enhanced"] / "last.pt")
+    ckpt["step"] = 2  # as if stopped after 2 of the epoch's 4 steps
+    torch.save(ckpt, tmp_path / "mid.pt")
+    res = run_main("enhanced", [*TINY, "--data-dir", tiny_cifar, "--epochs", 2, flag, value,
+                                "--resume", tmp_path / "mid.pt", "--output-dir", tmp_path / "out"])
+    assert res.code == 2, res.err
+    assert_one_error_line(res.err, f"stopped mid-epoch with {named}")
