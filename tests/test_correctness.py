@@ -15,8 +15,9 @@ import ablation
 import common
 import mobilenetv4_baseline
 import mobilenetv4_enhanced
-from test_scripts import (ENH_LEARN, LEARN, MD5_WARNING, TINY, _Crash, assert_one_error_line,  # noqa: F401
-                          base1, crash_after_epoch, enh_learned, learned, load, read_metrics, run_main, train)
+from test_scripts import (ENH_LEARN, LEARN, MD5_WARNING, STEPS_PER_EPOCH, TINY, _Crash,  # noqa: F401
+                          assert_one_error_line, base1, crash_after_epoch, enh_learned, learned, load,
+                          nan_criterion_at, read_metrics, run_main, train)
 
 pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
 SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
@@ -444,7 +445,6 @@ def test_a_skipped_step_leaves_the_learning_rate_on_its_curve(tiny_cifar, tmp_pa
     """--skip-nonfinite: the enhanced rate is a function of progress, skipped steps included. Before the fix a
     skipped step also skipped scheduler.step(), so the next step trained at the rate meant for the skipped one,
     and a skip on an epoch's last step left lr_end one step behind (the run's last: not --min-lr)."""
-    from test_scripts import STEPS_PER_EPOCH, nan_criterion_at
     used = []  # (progress before the step, rate it trains with): should_skip runs before each optimizer step
     should_skip = common.Run.should_skip
 
