@@ -3,9 +3,11 @@
 Times the baseline and the enhanced model configuration (median of several steps after warm-up, synchronised)
 in fp32 and with each layout / precision option, so the defaults can be chosen by measurement.
 
-    python benchmarks/model_step.py [--batch-size 128] [--steps 8] [--device auto] [--variant conv_small]
+    python benchmarks/model_step.py [--batch-size 128] [--steps 8] [--device auto] [--variant conv_small] [--json PATH]
 """
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
@@ -52,6 +54,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--device", default="auto", choices=common.DEVICES)
     parser.add_argument("--variant", default="conv_small", choices=common.VARIANTS)
+    parser.add_argument("--json", default=None, help="also write the table, machine and commit to this JSON file")
     args = parser.parse_args(argv)
     device = common.select_device(args.device)
     options = {"fp32": (False, None), "fp32 channels_last": (True, None), "bf16 autocast": (False, torch.bfloat16),
@@ -59,13 +62,21 @@ def main(argv=None):
     print(f"{args.variant}, CIFAR stem, batch {args.batch_size}, {device} ({common.device_name(device)}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.steps} steps")
     print(f"| config | option | ms/step | img/s |\n|---|---|---|---|")
-    results = {}
+    rows = []
     for name, config in CONFIGS.items():
         for option, (channels_last, amp_dtype) in options.items():
             t = step_time(args.variant, config, args.batch_size, args.steps, device, channels_last, amp_dtype)
-            results[(name, option)] = args.batch_size / t
+            rows.append({"model": name, "option": option, "ms_per_step": t * 1e3, "img_per_s": args.batch_size / t})
             print(f"| {name} | {option} | {t * 1e3:.0f} | {args.batch_size / t:.0f} |", flush=True)
-    return results
+    if args.json:
+        report = {"variant": args.variant, "batch_size": args.batch_size, "steps": args.steps, "device": str(device),
+                  "device_name": common.device_name(device), "cpu_count": os.cpu_count(),
+                  "threads": torch.get_num_threads(), "torch": torch.__version__, "git_commit": common.git_commit(),
+                  "results": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -43,6 +43,22 @@ def test_model_step_times_a_step():
     assert 0 < seconds < 60
 
 
+def test_model_step_main_saves_every_option_with_its_provenance(tmp_path, monkeypatch):
+    """The JSON holds every model x option row the table printed, img/s = batch / step time, and the machine and
+    commit that measured them (the README quotes this file)."""
+    monkeypatch.setattr(model_step, "CONFIGS", {name: {**config, "width_mult": 0.25}
+                                                for name, config in model_step.CONFIGS.items()})
+    model_step.main(["-b", "4", "--steps", "1", "--device", "cpu", "--json", str(tmp_path / "step.json")])
+    saved = json.loads((tmp_path / "step.json").read_text())
+    rows = saved["results"]
+    assert {(r["model"], r["option"]) for r in rows} == {(m, o) for m in ("baseline", "enhanced") for o in
+                                                         ("fp32", "fp32 channels_last", "bf16 autocast",
+                                                          "bf16 channels_last")}
+    assert all(r["img_per_s"] == pytest.approx(4 / (r["ms_per_step"] / 1e3)) for r in rows)
+    assert saved["batch_size"] == 4 and saved["steps"] == 1 and saved["device"] == "cpu"
+    assert saved["git_commit"] == common.git_commit() and saved["torch"] == torch.__version__
+
+
 def test_inference_benchmark_reports_both_runtimes(tmp_path, monkeypatch):
     """benchmarks/inference.py on one tiny model: every figure positive, speedups are ratios of the figures, and
     the exported model agrees with PyTorch."""
