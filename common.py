@@ -1413,8 +1413,7 @@ class Run:
                             f"{mine[key]}); its optimizer state would keep the old value: resume with the same flag, "
                             "or start a new run")
         # A mid-epoch resume replays that epoch's batch order.
-        key = changed_setting(("batch_size", "max_train_samples", "seed", "world_size"), saved, mine) \
-            if ckpt["step"] else None
+        key = ckpt["step"] and changed_setting(("batch_size", "max_train_samples", "seed", "world_size"), saved, mine)
         if key:
             raise UserError(f"checkpoint {self.args.resume} stopped mid-epoch with {key.replace('_', '-')} "
                             f"{saved[key]}; resume with the same value (or from an epoch-end checkpoint)")
