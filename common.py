@@ -919,8 +919,8 @@ def build_parser(recipes: dict, name: str, description: str) -> argparse.Argumen
     p = ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--recipe", choices=tuple(recipes), default=name,
                    help="named settings for every flag below (flags given beside it win): project is this "
-                        "project's recipe, project-v1 its first (where the script has one, README), notebook the "
-                        "public notebook's exact recipe")
+                        "project's recipe, project-v1 and project-v2 its earlier ones (where the script has them, "
+                        "README), notebook the public notebook's exact recipe")
     bool_flag = argparse.BooleanOptionalAction
     m = p.add_argument_group("model")
     m.add_argument("--variant", default=recipe["variant"], choices=VARIANTS, help="MobileNetV4 block table")

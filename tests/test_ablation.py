@@ -203,15 +203,15 @@ def test_leave_one_out_table(tmp_path, stubs):
 
 
 def test_tuning_rows_change_the_enhanced_default_one_setting_each():
-    """The tuning study measures changes to the enhanced default: its reference row must train exactly what
-    mobilenetv4_enhanced.py trains with no flags (a default moved without this study would leave its rows
-    measuring something else), and every other row must change the setting its label names, nothing more."""
+    """The tuning study measures changes to project-v2, the default it tuned: its reference row must train exactly
+    what mobilenetv4_enhanced.py --recipe project-v2 trains (a recipe edited under this study would leave its
+    rows measuring something else), and every other row must change the setting its label names, nothing more."""
     def settings(flags):  # as config.json holds them, run-time keys left out
         args = ablation.as_saved(mobilenetv4_enhanced.parse_args(list(flags)))
         return {k: v for k, v in args.items() if k not in ablation.RUNTIME_KEYS}
     ref, *others = ablation.STUDIES["tuning"]
     rows = {c.key: c for c in others}
-    assert settings(ref.flags) == settings([])
+    assert settings(ref.flags) == settings(["--recipe", "project-v2"])
     ref_args = settings(ref.flags)
     expected = {"v2_ema": {"model_ema"}, "v2_label_smoothing_0.2": {"label_smoothing"},
                 "v2_no_drop_path": {"drop_path"}, "v2_lr_0.2": {"lr"}, "v2_lr_0.05": {"lr"},
@@ -233,7 +233,7 @@ def test_tuning_table_measures_against_the_default_and_shares_its_runs(tmp_path,
                  "--output-dir", str(tmp_path))
     assert len(stubs) == 4  # the default's run was reused
     gain = {label: r["measured gain (% points)"] for label, r in table_rows(tmp_path / "tuning.md").items()}
-    assert gain == {"enhanced default": "(reference)", "+ EMA of weights (warm-up)": "+0.50",
+    assert gain == {"project-v2 (default until no crop)": "(reference)", "+ EMA of weights (warm-up)": "+0.50",
                     "no stochastic depth": "-2.00"}
 
 

@@ -229,13 +229,15 @@ def test_recipe_notebook_is_the_notebooks_recipe_one_flag_away(script, wd, tiny_
 
 @pytest.mark.parametrize("recipe,run", [
     ("project-v1", "enhanced-20ep-seed0"), ("project-v1", "ablation-proxy-5k/full/seed0"),
-    ("project", "enhanced-sgd-lightaug-20ep-seed0"),
-    ("project", "ablation-proxy-5k/sgd_onecycle_flip_translate/seed0")])
+    ("project-v2", "enhanced-sgd-lightaug-20ep-seed0"),
+    ("project-v2", "ablation-proxy-5k/sgd_onecycle_flip_translate/seed0"),
+    ("project", "enhanced-nocrop-20ep-seed0"), ("project", "ablation-proxy-5k/v2_no_crop/seed0")])
 def test_recipes_are_what_their_committed_runs_trained(recipe, run):
     """Each recipe equals the recorded settings (config.json under results/) of the runs that measured it:
-    project-v1, the first full enhanced run and the proxy study's reference, so moving the default cannot orphan
-    them; project (the default), the study's row that cleared the noise and the README headline's full run, so a
-    default moved without the runs that measured it fails here."""
+    project-v1, the first full enhanced run and the proxy study's reference, and project-v2, the second default
+    and the tuning study's reference, so moving the default cannot orphan them; project (the default), the study's
+    row that cleared the noise and the README headline's full run, so a default moved without the runs that
+    measured it fails here."""
     saved = json.loads((ROOT / "results" / run / "config.json").read_text())["args"]
     budget = ["--max-train-samples", str(saved["max_train_samples"])] if saved["max_train_samples"] else []
     args = mobilenetv4_enhanced.parse_args(["--recipe", recipe, *budget])
@@ -334,7 +336,7 @@ def test_augmentation_flags_build_the_config(script):
 def test_a_recipe_sets_the_augmentation_defaults():
     """A recipe may choose its augmentation ops (the study can drop some): its entries become the flags'
     defaults, --help shows them, and --no-augment still works since the ops then equal the defaults."""
-    recipes = {"lighter": {**mobilenetv4_enhanced.RECIPE, "rotation": 0.0, "color_jitter": (0.0, 0.0, 0.0, 0.0)}}
+    recipes = {"lighter": {**mobilenetv4_enhanced.RECIPE_V1, "rotation": 0.0, "color_jitter": (0.0, 0.0, 0.0, 0.0)}}
     parser = common.build_parser(recipes, "lighter", "test")
     cfg = common.augment_config(common.parse_args(parser, []))
     assert cfg == common.AugmentConfig(rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
