@@ -202,7 +202,7 @@ def test_leave_one_out_table(tmp_path, stubs):
     assert sum("--no-tta-table" in a for _, a in stubs) == len(stubs) - 1
 
 
-def test_tuning_rows_change_the_enhanced_default_one_setting_each():
+def test_tuning_rows_change_project_v2_one_setting_each():
     """The tuning study measures changes to project-v2, the default it tuned: its reference row must train exactly
     what mobilenetv4_enhanced.py --recipe project-v2 trains (a recipe edited under this study would leave its
     rows measuring something else), and every other row must change the setting its label names, nothing more."""
