@@ -202,25 +202,36 @@ def test_leave_one_out_table(tmp_path, stubs):
     assert sum("--no-tta-table" in a for _, a in stubs) == len(stubs) - 1
 
 
-def test_tuning_rows_change_project_v2_one_setting_each():
-    """The tuning study measures changes to project-v2, the default it tuned: its reference row must train exactly
-    what mobilenetv4_enhanced.py --recipe project-v2 trains (a recipe edited under this study would leave its
-    rows measuring something else), and every other row must change the setting its label names, nothing more."""
+@pytest.mark.parametrize("study,recipe,expected", [
+    ("tuning", "project-v2", {"v2_ema": {"model_ema"}, "v2_label_smoothing_0.2": {"label_smoothing"},
+                              "v2_no_drop_path": {"drop_path"}, "v2_no_crop": {"crop_padding"}}),
+    ("tuning-2", "project", {"nocrop_lr_0.2": {"lr"}, "nocrop_lr_0.05": {"lr"},
+                             "nocrop_batch128": {"batch_size", "lr"}})])
+def test_tuning_rows_change_their_recipe_one_setting_each(study, recipe, expected):
+    """Each tuning round measures changes to the default it tuned (tuning: project-v2; tuning-2: project, v2
+    without the crop): its reference row must train exactly what mobilenetv4_enhanced.py --recipe <that recipe>
+    trains (a recipe edited under a study would leave its rows measuring something else), and every other row
+    must change the setting its label names, nothing more."""
     def settings(flags):  # as config.json holds them, run-time keys left out
         args = ablation.as_saved(mobilenetv4_enhanced.parse_args(list(flags)))
         return {k: v for k, v in args.items() if k not in ablation.RUNTIME_KEYS}
-    ref, *others = ablation.STUDIES["tuning"]
+    ref, *others = ablation.STUDIES[study]
     rows = {c.key: c for c in others}
-    assert settings(ref.flags) == settings(["--recipe", "project-v2"])
+    assert settings(ref.flags) == settings(["--recipe", recipe])
     ref_args = settings(ref.flags)
-    expected = {"v2_ema": {"model_ema"}, "v2_label_smoothing_0.2": {"label_smoothing"},
-                "v2_no_drop_path": {"drop_path"}, "v2_lr_0.2": {"lr"}, "v2_lr_0.05": {"lr"},
-                "v2_batch128": {"batch_size", "lr"}, "v2_no_crop": {"crop_padding"}}
     assert set(rows) == set(expected)
     for key, changed in expected.items():
         args = settings(rows[key].flags)
         assert rows[key].reference == ref.key
         assert {k for k, v in args.items() if v != ref_args[k]} == changed, key
+
+
+def test_second_tuning_round_starts_from_the_first_rounds_winner():
+    """tuning-2's reference is tuning's no-crop row, the same key and flags: its two runs (the ones that moved the
+    default) are reused, not trained again under another name."""
+    first = {c.key: c for c in ablation.STUDIES["tuning"]}
+    ref = ablation.STUDIES["tuning-2"][0]
+    assert ref.key == "v2_no_crop" and ref.flags == first["v2_no_crop"].flags
 
 
 def test_tuning_table_measures_against_the_default_and_shares_its_runs(tmp_path, stubs):
@@ -235,6 +246,12 @@ def test_tuning_table_measures_against_the_default_and_shares_its_runs(tmp_path,
     gain = {label: r["measured gain (% points)"] for label, r in table_rows(tmp_path / "tuning.md").items()}
     assert gain == {"project-v2 (default until no crop)": "(reference)", "+ EMA of weights (warm-up)": "+0.50",
                     "no stochastic depth": "-2.00"}
+    run_ablation("--study", "tuning", "--configs", "v2_no_crop", "--seeds", "0", "--output-dir", str(tmp_path))
+    assert len(stubs) == 5
+    run_ablation("--study", "tuning-2", "--configs", "nocrop_lr_0.05", "--seeds", "0", "--output-dir", str(tmp_path))
+    assert len(stubs) == 6  # the no-crop run was reused as the second round's reference
+    gain = {label: r["measured gain (% points)"] for label, r in table_rows(tmp_path / "tuning-2.md").items()}
+    assert gain == {"project (default)": "(reference)", "peak lr 0.05": "+0.00"}
 
 
 def test_configs_filter_brings_in_references_and_sources(tmp_path, stubs):
