@@ -1722,6 +1722,25 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() if device.type == "cpu" else device.type
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name where Linux tells it (platform.processor() gives only the architecture there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device: torch.device) -> dict:
+    """What measured a benchmark's figures, in one shape for every benchmark: the code's commit, the library
+    versions and the machine (a training run records the same in its config.json)."""
+    return {"git_commit": git_commit(), "versions": versions(),
+            "machine": {"device": str(device), "device_name": device_name(device), "cpu": cpu_model(),
+                        "cpu_count": os.cpu_count()}}
+
+
 def progress_bar(total, initial, desc, enabled=True):
     from tqdm.auto import tqdm
     # disable=None turns the bar off when stderr is not a terminal, so logs and CI output stay clean.

@@ -12,7 +12,6 @@ count and git commit.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -94,16 +93,6 @@ def speedup(runtimes: dict) -> dict:
     return {"latency": ours["latency_ms_batch1"] / ort["latency_ms_batch1"], "throughput": ort[big] / ours[big]}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def markdown(results: dict) -> str:
     lines = ["| model | runtime | latency, batch 1 (ms) | throughput, batch 256 (img/s) |", "|---|---|---|---|"]
     for model, report in results.items():
@@ -136,14 +125,13 @@ def main(argv=None):
         results = {name: bench_model(model, args.threads, runs, big_runs, Path(folder))
                    for name, model in default_models().items()}
     report = {
-        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "load_average_1min_before": load_before, "load_average_1min_after": os.getloadavg()[0]},
-        "threads": args.threads, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-        "git_commit": common.git_commit(), "quick": args.quick, "runs_batch1": runs, f"runs_batch{BIG_BATCH}": big_runs,
+        "provenance": common.provenance(torch.device("cpu")), "onnxruntime": onnxruntime.__version__,
+        "load_average_1min_before": load_before, "load_average_1min_after": os.getloadavg()[0],
+        "threads": args.threads, "quick": args.quick, "runs_batch1": runs, f"runs_batch{BIG_BATCH}": big_runs,
         "results": results,
         "onnxruntime_speedup": {name: speedup(figures["runtimes"]) for name, figures in results.items()},
     }
-    print(f"\n## Inference on {report['machine']['cpu']} ({args.threads} threads, torch {torch.__version__}, "
+    print(f"\n## Inference on {report['provenance']['machine']['cpu']} ({args.threads} threads, torch {torch.__version__}, "
           f"onnxruntime {onnxruntime.__version__}, fp32)\n")
     print(markdown(results))
     for name, ratio in report["onnxruntime_speedup"].items():

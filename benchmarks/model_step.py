@@ -7,7 +7,6 @@ in fp32 and with each layout / precision option, so the defaults can be chosen b
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -69,10 +68,8 @@ def main(argv=None):
             rows.append({"model": name, "option": option, "ms_per_step": t * 1e3, "img_per_s": args.batch_size / t})
             print(f"| {name} | {option} | {t * 1e3:.0f} | {args.batch_size / t:.0f} |", flush=True)
     if args.json:
-        report = {"variant": args.variant, "batch_size": args.batch_size, "steps": args.steps, "device": str(device),
-                  "device_name": common.device_name(device), "cpu_count": os.cpu_count(),
-                  "threads": torch.get_num_threads(), "torch": torch.__version__, "git_commit": common.git_commit(),
-                  "results": rows}
+        report = {"provenance": common.provenance(device), "variant": args.variant, "batch_size": args.batch_size,
+                  "steps": args.steps, "threads": torch.get_num_threads(), "results": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")

@@ -64,7 +64,11 @@ def main(argv=None):
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device("cpu")  # the PIL pipeline is CPU-bound; compare both on the same device
-    data = common.load_cifar10(args.data_dir, download=False).subset(args.max_train_samples, args.max_test_samples)
+    try:
+        data = common.load_cifar10(args.data_dir, download=False)
+    except common.UserError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    data = data.subset(args.max_train_samples, args.max_test_samples)
     results = {"torchvision": [], "ours": []}
     for seed in args.seeds:
         for pipeline in results:
@@ -75,7 +79,8 @@ def main(argv=None):
         spread = f" +- {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         print(f"{pipeline:>11}: {statistics.mean(accs):.2f}%{spread} over seeds {args.seeds}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"provenance": common.provenance(device), "args": vars(args), "results": results},
+                                              indent=2))
     return results
 
 

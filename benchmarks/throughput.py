@@ -217,8 +217,7 @@ def main(argv=None):
     notebook = max(v for k, v in train.items() if k.startswith("notebook"))
     ours_best = max(v for k, v in train.items() if k.startswith("ours") and isinstance(v, float))
     report = {
-        "device": str(device), "device_name": common.device_name(device), "cpu_count": os.cpu_count(),
-        "torch": torch.__version__, "quick": args.quick, "git_commit": common.git_commit(),
+        "provenance": common.provenance(device), "quick": args.quick,
         "results": results,
         "aug_speedup": aug["ours (batched, on device)"] / tv_aug_single,
         "aug_speedup_vs_best_loader": aug["ours (batched, on device)"] / tv_aug,
@@ -226,7 +225,7 @@ def main(argv=None):
         "train_speedup": train[DEFAULTS_NAME] / notebook,
         "train_speedup_best_option": ours_best / notebook,
     }
-    print(f"\n## Throughput on {report['device_name']} ({device}, {os.cpu_count()} CPUs, torch {torch.__version__})\n")
+    print(f"\n## Throughput on {common.device_name(device)} ({device}, {os.cpu_count()} CPUs, torch {torch.__version__})\n")
     print(markdown(results))
     print(f"\naug_speedup (ours / torchvision 1 process) = {report['aug_speedup']:.1f}x; "
           f"vs best DataLoader = {report['aug_speedup_vs_best_loader']:.1f}x")

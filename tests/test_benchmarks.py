@@ -55,8 +55,7 @@ def test_model_step_main_saves_every_option_with_its_provenance(tmp_path, monkey
                                                          ("fp32", "fp32 channels_last", "bf16 autocast",
                                                           "bf16 channels_last")}
     assert all(r["img_per_s"] == pytest.approx(4 / (r["ms_per_step"] / 1e3)) for r in rows)
-    assert saved["batch_size"] == 4 and saved["steps"] == 1 and saved["device"] == "cpu"
-    assert saved["git_commit"] == common.git_commit() and saved["torch"] == torch.__version__
+    assert saved["batch_size"] == 4 and saved["steps"] == 1 and saved["provenance"]["machine"]["device"] == "cpu"
 
 
 def test_inference_benchmark_reports_both_runtimes(tmp_path, monkeypatch):
@@ -82,7 +81,7 @@ def test_inference_benchmark_reports_both_runtimes(tmp_path, monkeypatch):
     assert ratio["throughput"] == pytest.approx(runtimes["onnxruntime"]["img_per_s_batch8"]
                                                 / runtimes["pytorch (channels_last)"]["img_per_s_batch8"])
     assert saved["results"]["baseline"]["max_abs_diff"] <= 1e-4
-    assert saved["threads"] == 1 and saved["torch"] == torch.__version__ and saved["onnxruntime"]
+    assert saved["threads"] == 1 and saved["onnxruntime"]
 
 
 def test_inference_benchmark_models_are_the_scripts_defaults():
@@ -92,3 +91,50 @@ def test_inference_benchmark_models_are_the_scripts_defaults():
     assert models["enhanced"].config == {**models["enhanced"].config, "variant": "conv_small", "width_mult": 1.2,
                                          "act": "silu", "se": True, "head": "mlp", "drop_path_rate": 0.1}
     assert not any(m.training for model in models.values() for m in model.modules())
+
+
+def expected_provenance(device="cpu"):
+    return json.loads(json.dumps(common.provenance(torch.device(device))))
+
+
+def test_provenance_names_the_code_the_libraries_and_the_machine():
+    record = common.provenance(torch.device("cpu"))
+    assert record["git_commit"] == common.git_commit() and record["versions"] == common.versions()
+    machine = record["machine"]
+    assert machine["device"] == "cpu" and machine["cpu_count"] >= 1 and machine["cpu"]
+
+
+def test_every_benchmark_saves_the_same_provenance_record(tiny_cifar, tmp_path, monkeypatch):
+    """The README quotes these files: each one names the commit, library versions and machine that measured it,
+    in one shape, so a figure can be traced the same way whichever benchmark wrote it."""
+    import pipeline_accuracy
+    monkeypatch.setattr(throughput, "BATCH", 16)
+    monkeypatch.setattr(throughput, "ENHANCED", {**throughput.ENHANCED, "width_mult": 0.25})
+    monkeypatch.setattr(throughput, "bench_inference", lambda device, repeats, channels_last: {"latency ms (batch 1)": 1.0})
+    monkeypatch.setattr(throughput, "sizes", lambda quick, device: (64, 2, 1))
+    throughput.main(["--quick", "--device", "cpu", "--data-dir", str(tiny_cifar), "--json", str(tmp_path / "t.json")])
+    monkeypatch.setattr(model_step, "CONFIGS", {"baseline": {"width_mult": 0.25}})
+    model_step.main(["-b", "4", "--steps", "1", "--device", "cpu", "--json", str(tmp_path / "m.json")])
+    tiny = common.mobilenetv4("conv_small", 10, width_mult=0.25).eval()
+    monkeypatch.setattr(inference, "default_models", lambda: {"baseline": tiny})
+    monkeypatch.setattr(inference, "BIG_BATCH", 8)
+    threads = torch.get_num_threads()
+    try:
+        inference.main(["--quick", "--threads", "1", "--json", str(tmp_path / "i.json")])
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(pipeline_accuracy, "ENHANCED", {**pipeline_accuracy.ENHANCED, "width_mult": 0.25})
+    pipeline_accuracy.main(["--epochs", "1", "--max-train-samples", "64", "--max-test-samples", "32",
+                            "--data-dir", str(tiny_cifar), "--json", str(tmp_path / "p.json")])
+    for name in ("t", "m", "i", "p"):
+        saved = json.loads((tmp_path / f"{name}.json").read_text())
+        assert saved["provenance"] == expected_provenance(), name
+
+
+def test_pipeline_accuracy_names_a_missing_data_folder_in_one_line(tmp_path, capsys):
+    import pipeline_accuracy
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline_accuracy.main(["--data-dir", str(tmp_path / "nowhere")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith("error: ") and "nowhere" in error
+    assert error.count("\n") == 1 and "Traceback" not in error
