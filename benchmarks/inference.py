@@ -131,7 +131,7 @@ def main(argv=None):
         "results": results,
         "onnxruntime_speedup": {name: speedup(figures["runtimes"]) for name, figures in results.items()},
     }
-    print(f"\n## Inference on {report['provenance']['machine']['cpu']} ({args.threads} threads, torch {torch.__version__}, "
+    print(f"\n## Inference on {common.cpu_model()} ({args.threads} threads, torch {torch.__version__}, "
           f"onnxruntime {onnxruntime.__version__}, fp32)\n")
     print(markdown(results))
     for name, ratio in report["onnxruntime_speedup"].items():

@@ -79,8 +79,8 @@ def main(argv=None):
         spread = f" +- {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         print(f"{pipeline:>11}: {statistics.mean(accs):.2f}%{spread} over seeds {args.seeds}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"provenance": common.provenance(device), "args": vars(args), "results": results},
-                                              indent=2))
+        report = {"provenance": common.provenance(device), "args": vars(args), "results": results}
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return results
 
 

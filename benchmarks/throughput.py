@@ -225,7 +225,8 @@ def main(argv=None):
         "train_speedup": train[DEFAULTS_NAME] / notebook,
         "train_speedup_best_option": ours_best / notebook,
     }
-    print(f"\n## Throughput on {common.device_name(device)} ({device}, {os.cpu_count()} CPUs, torch {torch.__version__})\n")
+    print(f"\n## Throughput on {common.device_name(device)} ({device}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__})\n")
     print(markdown(results))
     print(f"\naug_speedup (ours / torchvision 1 process) = {report['aug_speedup']:.1f}x; "
           f"vs best DataLoader = {report['aug_speedup_vs_best_loader']:.1f}x")

@@ -14,12 +14,31 @@ import model_step  # noqa: E402
 import throughput  # noqa: E402
 
 
-def test_throughput_main_writes_speedups(tiny_cifar, tmp_path, monkeypatch):
-    """The whole report on tiny sizes: every figure positive, speedups are ratios of the measured figures."""
+@pytest.fixture
+def tiny_throughput(monkeypatch):
+    """benchmarks/throughput.py on tiny sizes (a small model, few images and steps, a stub inference timing)."""
     monkeypatch.setattr(throughput, "BATCH", 16)
     monkeypatch.setattr(throughput, "ENHANCED", {**throughput.ENHANCED, "width_mult": 0.25})
-    monkeypatch.setattr(throughput, "bench_inference", lambda device, repeats, channels_last: {"latency ms (batch 1)": 1.0})
+    monkeypatch.setattr(throughput, "bench_inference",
+                        lambda device, repeats, channels_last: {"latency ms (batch 1)": 1.0})
     monkeypatch.setattr(throughput, "sizes", lambda quick, device: (64, 2, 1))
+    return throughput
+
+
+@pytest.fixture
+def tiny_inference(monkeypatch):
+    """benchmarks/inference.py on one tiny model and batch 8; restores the thread count its main() sets."""
+    torch.manual_seed(0)
+    tiny = common.mobilenetv4("conv_small", 10, width_mult=0.25).eval()
+    monkeypatch.setattr(inference, "default_models", lambda: {"baseline": tiny})
+    monkeypatch.setattr(inference, "BIG_BATCH", 8)
+    threads = torch.get_num_threads()
+    yield inference
+    torch.set_num_threads(threads)
+
+
+def test_throughput_main_writes_speedups(tiny_cifar, tmp_path, tiny_throughput):
+    """The whole report on tiny sizes: every figure positive, speedups are ratios of the measured figures."""
     report = throughput.main(["--quick", "--device", "cpu", "--data-dir", str(tiny_cifar),
                               "--json", str(tmp_path / "t.json")])
     saved = json.loads((tmp_path / "t.json").read_text())
@@ -58,18 +77,10 @@ def test_model_step_main_saves_every_option_with_its_provenance(tmp_path, monkey
     assert saved["batch_size"] == 4 and saved["steps"] == 1 and saved["provenance"]["machine"]["device"] == "cpu"
 
 
-def test_inference_benchmark_reports_both_runtimes(tmp_path, monkeypatch):
+def test_inference_benchmark_reports_both_runtimes(tmp_path, tiny_inference):
     """benchmarks/inference.py on one tiny model: every figure positive, speedups are ratios of the figures, and
     the exported model agrees with PyTorch."""
-    torch.manual_seed(0)
-    tiny = common.mobilenetv4("conv_small", 10, width_mult=0.25).eval()
-    monkeypatch.setattr(inference, "default_models", lambda: {"baseline": tiny})
-    monkeypatch.setattr(inference, "BIG_BATCH", 8)
-    threads = torch.get_num_threads()
-    try:
-        report = inference.main(["--quick", "--threads", "1", "--json", str(tmp_path / "inference.json")])
-    finally:
-        torch.set_num_threads(threads)  # main() sets the process-wide thread count
+    report = inference.main(["--quick", "--threads", "1", "--json", str(tmp_path / "inference.json")])
     saved = json.loads((tmp_path / "inference.json").read_text())
     assert saved == json.loads(json.dumps(report))
     runtimes = saved["results"]["baseline"]["runtimes"]
@@ -93,10 +104,6 @@ def test_inference_benchmark_models_are_the_scripts_defaults():
     assert not any(m.training for model in models.values() for m in model.modules())
 
 
-def expected_provenance(device="cpu"):
-    return json.loads(json.dumps(common.provenance(torch.device(device))))
-
-
 def test_provenance_names_the_code_the_libraries_and_the_machine():
     record = common.provenance(torch.device("cpu"))
     assert record["git_commit"] == common.git_commit() and record["versions"] == common.versions()
@@ -104,31 +111,21 @@ def test_provenance_names_the_code_the_libraries_and_the_machine():
     assert machine["device"] == "cpu" and machine["cpu_count"] >= 1 and machine["cpu"]
 
 
-def test_every_benchmark_saves_the_same_provenance_record(tiny_cifar, tmp_path, monkeypatch):
+def test_every_benchmark_saves_the_same_provenance_record(tiny_cifar, tmp_path, monkeypatch, tiny_throughput,
+                                                           tiny_inference):
     """The README quotes these files: each one names the commit, library versions and machine that measured it,
     in one shape, so a figure can be traced the same way whichever benchmark wrote it."""
     import pipeline_accuracy
-    monkeypatch.setattr(throughput, "BATCH", 16)
-    monkeypatch.setattr(throughput, "ENHANCED", {**throughput.ENHANCED, "width_mult": 0.25})
-    monkeypatch.setattr(throughput, "bench_inference", lambda device, repeats, channels_last: {"latency ms (batch 1)": 1.0})
-    monkeypatch.setattr(throughput, "sizes", lambda quick, device: (64, 2, 1))
     throughput.main(["--quick", "--device", "cpu", "--data-dir", str(tiny_cifar), "--json", str(tmp_path / "t.json")])
     monkeypatch.setattr(model_step, "CONFIGS", {"baseline": {"width_mult": 0.25}})
     model_step.main(["-b", "4", "--steps", "1", "--device", "cpu", "--json", str(tmp_path / "m.json")])
-    tiny = common.mobilenetv4("conv_small", 10, width_mult=0.25).eval()
-    monkeypatch.setattr(inference, "default_models", lambda: {"baseline": tiny})
-    monkeypatch.setattr(inference, "BIG_BATCH", 8)
-    threads = torch.get_num_threads()
-    try:
-        inference.main(["--quick", "--threads", "1", "--json", str(tmp_path / "i.json")])
-    finally:
-        torch.set_num_threads(threads)
+    inference.main(["--quick", "--threads", "1", "--json", str(tmp_path / "i.json")])
     monkeypatch.setattr(pipeline_accuracy, "ENHANCED", {**pipeline_accuracy.ENHANCED, "width_mult": 0.25})
     pipeline_accuracy.main(["--epochs", "1", "--max-train-samples", "64", "--max-test-samples", "32",
                             "--data-dir", str(tiny_cifar), "--json", str(tmp_path / "p.json")])
+    expected = json.loads(json.dumps(common.provenance(torch.device("cpu"))))
     for name in ("t", "m", "i", "p"):
-        saved = json.loads((tmp_path / f"{name}.json").read_text())
-        assert saved["provenance"] == expected_provenance(), name
+        assert json.loads((tmp_path / f"{name}.json").read_text())["provenance"] == expected, name
 
 
 def test_pipeline_accuracy_names_a_missing_data_folder_in_one_line(tmp_path, capsys):
