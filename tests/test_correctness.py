@@ -231,7 +231,8 @@ def test_recipe_notebook_is_the_notebooks_recipe_one_flag_away(script, wd, tiny_
     ("project-v1", "enhanced-20ep-seed0"), ("project-v1", "ablation-proxy-5k/full/seed0"),
     ("project-v2", "enhanced-sgd-lightaug-20ep-seed0"),
     ("project-v2", "ablation-proxy-5k/sgd_onecycle_flip_translate/seed0"),
-    ("project", "enhanced-nocrop-20ep-seed0"), ("project", "ablation-proxy-5k/v2_no_crop/seed0")])
+    ("project", "enhanced-nocrop-20ep-seed0"), ("project", "enhanced-nocrop-20ep-seed1"),
+    ("project", "ablation-proxy-5k/v2_no_crop/seed0")])
 def test_recipes_are_what_their_committed_runs_trained(recipe, run):
     """Each recipe equals the recorded settings (config.json under results/) of the runs that measured it:
     project-v1, the first full enhanced run and the proxy study's reference, and project-v2, the second default
@@ -240,7 +241,8 @@ def test_recipes_are_what_their_committed_runs_trained(recipe, run):
     measured it fails here."""
     saved = json.loads((ROOT / "results" / run / "config.json").read_text())["args"]
     budget = ["--max-train-samples", str(saved["max_train_samples"])] if saved["max_train_samples"] else []
-    args = mobilenetv4_enhanced.parse_args(["--recipe", recipe, *budget])
+    seed = ["--seed", str(saved["seed"])]  # a run's seed is its own, not its recipe's
+    args = mobilenetv4_enhanced.parse_args(["--recipe", recipe, *budget, *seed])
     assert ablation.settings_diff(saved, args) == []
     # The study reads every TTA from one table and keeps project-v1's flip; a full run's headline TTA is its recipe's
     if recipe == "project-v1" or not budget:
