@@ -1673,8 +1673,8 @@ class Run:
             "config": self.config,
         }
         if self.dist.is_main:
-            print_tta_table(tta, self.args.tta)
-            print_summary(summary, self.out_dir)
+            print_tta_table(tta, self.args.tta, evaluated_model(summary, self.args.test_only))
+            print_summary(summary, self.out_dir, self.args.test_only)
             write_json(self.out_dir / "summary.json", summary)
             plot_confusion(self.out_dir / "confusion.png", labels, headline_preds, self.data.classes)
             if self.history:
@@ -1781,21 +1781,31 @@ def print_banner(config: dict, out_dir: Path):
     print(f"data: {config['train_images']} train / {config['test_images']} test images | output: {out_dir}")
 
 
-def print_tta_table(tta: dict, headline: str):
-    print("\nTest-time augmentation (final model):")
+def evaluated_model(summary: dict, test_only: bool) -> str:
+    return f"{summary['checkpoint']} (epoch {summary['epochs_completed']})" if test_only else "final model"
+
+
+def print_tta_table(tta: dict, headline: str, model: str):
+    print(f"\nTest-time augmentation ({model}):")
     print(f"  {'tta':<11} {'views':>5} {'test acc':>9}")
     for name, row in tta.items():
         mark = "  <- headline (--tta)" if name == headline else ""
         print(f"  {name:<11} {row['views']:>5d} {row['test_acc']:>8.2f}%{mark}")
 
 
-def print_summary(summary: dict, out_dir: Path):
-    best = "n/a" if summary["best_acc"] is None else f"{summary['best_acc']:.2f}%"
-    print(f"\nfinal test acc {summary['test_acc']:.2f}% | with TTA '{summary['tta']}' {summary['test_acc_tta']:.2f}% | "
-          f"best epoch {best} | epochs {summary['epochs_completed']} | train time {summary['train_time_s']:.1f} s | "
-          f"peak memory {summary['peak_memory_mb']:.0f} MB ({summary['device']})")
+def print_summary(summary: dict, out_dir: Path, test_only: bool):
+    accuracy = f"test acc {summary['test_acc']:.2f}% | with TTA '{summary['tta']}' {summary['test_acc_tta']:.2f}%"
+    memory = f"peak memory {summary['peak_memory_mb']:.0f} MB ({summary['device']})"
+    if test_only:  # nothing trained: name what was evaluated, and the three files an evaluation writes
+        print(f"\n{accuracy} | {evaluated_model(summary, True)} | {memory}")
+        files = "test_config.json, summary.json, confusion.png"
+    else:
+        best = "n/a" if summary["best_acc"] is None else f"{summary['best_acc']:.2f}%"
+        print(f"\nfinal {accuracy} | best epoch {best} | epochs {summary['epochs_completed']} | "
+              f"train time {summary['train_time_s']:.1f} s | {memory}")
+        files = "config.json, metrics.csv, summary.json, curves.png, confusion.png, last.pt, best.pt"
     print("per-class acc: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["per_class_acc"].items()))
-    print(f"files: {out_dir}/{{config.json, metrics.csv, summary.json, curves.png, confusion.png, last.pt, best.pt}}")
+    print(f"files: {out_dir}/{{{files}}}")
 
 
 def per_class_accuracy(labels, preds, classes) -> dict:

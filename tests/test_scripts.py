@@ -838,6 +838,26 @@ def test_test_only_reproduces_best_epoch(script, learned, enh_learned, tiny_cifa
     assert (run_dir / "eval-last" / "summary.json").is_file()
 
 
+def listed_files(stdout: str) -> list[str]:
+    """The names on the report's last line, 'files: <folder>/{a, b, ...}'."""
+    line = next(line for line in stdout.splitlines() if line.startswith("files: "))
+    return sorted(line.split("/{", 1)[1].rstrip("}").split(", "))
+
+
+def test_test_only_report_names_the_checkpoint_and_the_files_it_wrote(learned, tiny_cifar):
+    """--test-only trains nothing: its report names the checkpoint and epoch it evaluated (not a training time of
+    0 s, nor "the final model"), and its files line lists what it wrote (eval-best/ holds no checkpoint, metrics
+    or curves); a training run's files line lists its folder."""
+    run_dir, run = learned
+    assert listed_files(run.out) == sorted(p.name for p in run_dir.iterdir() if p.is_file())
+    epoch = load(run_dir / "best.pt")["epoch"]
+    res = run_main("baseline", [*LEARN, "--data-dir", tiny_cifar, "--test-only", "--resume", run_dir / "best.pt"])
+    assert res.code == 0, res.err
+    assert listed_files(res.out) == sorted(p.name for p in (run_dir / "eval-best").iterdir())
+    assert f"{run_dir / 'best.pt'} (epoch {epoch})" in res.out
+    assert "train time" not in res.out and "(final model)" not in res.out
+
+
 # ---------------------------------------------------------------------------------------------------
 # 9. Logs without a terminal: no progress bars, one fixed-column line per epoch
 # ---------------------------------------------------------------------------------------------------
