@@ -28,6 +28,8 @@ Studies (--study):
                  no random crop.
   tuning-2       project, the default the tuning study chose (its no-crop row, whose runs it shares), then one
                  change each: peak lr 0.2 / 0.05, batch 128 with lr 0.2.
+  architecture   project (the same runs), then one change of architecture each: Conv-S with an 8x8 final map,
+                 Conv-M at width 1.0, MobileNetV2 (4x4 and 8x8 final maps).
 
 Examples:
   python ablation.py --study cumulative --epochs 1 --max-train-samples 2000 --seeds 0 --data-dir data
@@ -215,8 +217,25 @@ def _tuning_2():
     )
 
 
+def _architecture():
+    """Where the compute goes and how much of it, under the enhanced default recipe: the final map (resolution),
+    a larger MobileNetV4 at similar MACs (capacity), and the MobileNetV2 peer the notebook trained. The reference is
+    the default, as the tuning-2 study ran it (same key and flags, so its runs are reused)."""
+    default = {c.key: c for c in _tuning_2()}["v2_no_crop"]
+
+    def change(key, label, *flags):
+        return Config(key, label, script="enhanced", flags=default.flags + flags, reference=default.key)
+    return (
+        default,
+        change("conv_s_8x8", "Conv-S, 8x8 final map (--output-stride 4)", "--output-stride", "4"),
+        change("conv_m_w1.0", "Conv-M, width 1.0 (4x4 map)", "--variant", "conv_medium", "--width-mult", "1.0"),
+        change("mobilenetv2", "MobileNetV2 (4x4 map)", "--variant", "mobilenetv2"),
+        change("mobilenetv2_8x8", "MobileNetV2, 8x8 final map", "--variant", "mobilenetv2", "--output-stride", "4"),
+    )
+
+
 STUDIES = {"cumulative": _cumulative(), "leave-one-out": _leave_one_out(), "candidates": _candidates(),
-           "tuning": _tuning(), "tuning-2": _tuning_2()}
+           "tuning": _tuning(), "tuning-2": _tuning_2(), "architecture": _architecture()}
 # Named budgets (--preset). proxy-5k / proxy-10k: 20 epochs on the first 5,000 / 10,000 training images (a tenth /
 # a fifth of a full run's training), the full test set; the README checks their ranking against full runs.
 # Proxy budgets evaluate once, after the last epoch (the table reads the final accuracy): at 5,000 training
@@ -246,6 +265,11 @@ STUDY_NOTES = {
               "helps). Every row runs mobilenetv4_enhanced.py with v2's settings spelled as flags (--recipe "
               "project-v1 plus Nesterov SGD + one-cycle and flip + crop + translate only: the candidates study's "
               "stacked row, whose runs it shares) and one change.",
+    "architecture": "Gain = this row minus project, the enhanced default (Conv-S, width 1.2, 4x4 final map; positive: "
+                    "the architecture does better). Every row runs mobilenetv4_enhanced.py with the default's "
+                    "settings spelled as flags (as in tuning-2, whose reference runs it shares) and one change of "
+                    "architecture; the recipe (SE, SiLU, MLP head, width 1.2 where not stated, SGD + one-cycle, "
+                    "flip + translate) stays.",
     "tuning-2": "Gain = this row minus project, the enhanced default the tuning study chose (positive: the change "
                 "helps). Every row runs mobilenetv4_enhanced.py with project's settings spelled as flags "
                 "(project-v2's, as in the tuning study, plus --crop-padding 0: that study's no-crop row, whose "

@@ -82,9 +82,10 @@ def mqa(heads, key_dim, kv_stride, c):
     return BlockSpec("mqa", c, heads=heads, key_dim=key_dim, kv_stride=kv_stride)
 
 
-# The paper's block tables (MNV4_SPEC.md section 4). Stage 4 is the 1x1 conv to 960 channels.
-MNV4_SPECS = {
-    "conv_small": dict(stem=32, layer_scale=False, stages=[
+# The paper's block tables (MNV4_SPEC.md section 4). Stage 4 is the 1x1 conv to 960 channels; `head_width` is the
+# 1x1 conv after the global pool (MobileNetV4 only). Strides are the ImageNet ones: see `output_stride`.
+BLOCK_TABLES = {
+    "conv_small": dict(stem=32, head_width=1280, layer_scale=False, stages=[
         [conv(3, 2, 32), conv(1, 1, 32)],
         [conv(3, 2, 96), conv(1, 1, 64)],
         [uib(5, 5, 2, 3, 96), *[uib(0, 3, 1, 2, 96)] * 4, uib(3, 0, 1, 4, 96)],
@@ -92,7 +93,7 @@ MNV4_SPECS = {
          *[uib(0, 3, 1, 4, 128)] * 2],
         [conv(1, 1, 960)],
     ]),
-    "conv_medium": dict(stem=32, layer_scale=False, stages=[
+    "conv_medium": dict(stem=32, head_width=1280, layer_scale=False, stages=[
         [fused_ib(3, 2, 4, 48)],
         [uib(3, 5, 2, 4, 80), uib(3, 3, 1, 2, 80)],
         [uib(3, 5, 2, 6, 160), *[uib(3, 3, 1, 4, 160)] * 2, uib(3, 5, 1, 4, 160), uib(3, 3, 1, 4, 160),
@@ -102,7 +103,7 @@ MNV4_SPECS = {
          uib(5, 0, 1, 2, 256)],
         [conv(1, 1, 960)],
     ]),
-    "conv_large": dict(stem=24, layer_scale=False, stages=[
+    "conv_large": dict(stem=24, head_width=1280, layer_scale=False, stages=[
         [fused_ib(3, 2, 4, 48)],
         [uib(3, 5, 2, 4, 96), uib(3, 3, 1, 4, 96)],
         [uib(3, 5, 2, 4, 192), *[uib(3, 3, 1, 4, 192)] * 3, uib(3, 5, 1, 4, 192),
@@ -111,7 +112,7 @@ MNV4_SPECS = {
          *[uib(5, 0, 1, 4, 512)] * 2, uib(5, 3, 1, 4, 512), uib(5, 5, 1, 4, 512), *[uib(5, 0, 1, 4, 512)] * 3],
         [conv(1, 1, 960)],
     ]),
-    "hybrid_medium": dict(stem=32, layer_scale=True, stages=[
+    "hybrid_medium": dict(stem=32, head_width=1280, layer_scale=True, stages=[
         [fused_ib(3, 2, 4, 48)],
         [uib(3, 5, 2, 4, 80), uib(3, 3, 1, 2, 80)],
         [uib(3, 5, 2, 6, 160), uib(0, 0, 1, 2, 160), uib(3, 3, 1, 4, 160), uib(3, 5, 1, 4, 160),
@@ -123,11 +124,19 @@ MNV4_SPECS = {
          uib(5, 0, 1, 4, 256), mqa(4, 64, 1, 256), uib(5, 0, 1, 4, 256)],
         [conv(1, 1, 960)],
     ]),
+    # MobileNetV2 (Sandler et al., Table 2) in the same notation, as the peer to compare with: an inverted bottleneck
+    # is a UIB with no start depthwise (and no expansion conv at ratio 1); the 1x1 conv to 1280 runs before the pool.
+    "mobilenetv2": dict(stem=32, head_width=0, layer_scale=False, stages=[
+        [uib(0, 3, 1, 1, 16)],
+        [uib(0, 3, 2, 6, 24), uib(0, 3, 1, 6, 24)],
+        [uib(0, 3, 2, 6, 32), *[uib(0, 3, 1, 6, 32)] * 2],
+        [uib(0, 3, 2, 6, 64), *[uib(0, 3, 1, 6, 64)] * 3, uib(0, 3, 1, 6, 96), *[uib(0, 3, 1, 6, 96)] * 2],
+        [uib(0, 3, 2, 6, 160), *[uib(0, 3, 1, 6, 160)] * 2, uib(0, 3, 1, 6, 320), conv(1, 1, 1280)],
+    ]),
 }
-VARIANTS = tuple(MNV4_SPECS)
+VARIANTS = tuple(BLOCK_TABLES)
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU}
 HEADS = ("linear", "mlp")
-HEAD_WIDTH = 1280
 SE_REDUCTION = 16
 
 
@@ -173,7 +182,8 @@ def uib_branch(c_in, c_out, spec: BlockSpec, act, se: bool):
     start_stride = 1 if spec.middle_dw else spec.stride
     return nn.Sequential(
         conv_bn(c_in, c_in, spec.start_dw, start_stride, groups=c_in) if spec.start_dw else nn.Identity(),
-        conv_bn(c_in, expanded, 1, act=act),
+        # MobileNetV2's ratio-1 block has no expansion conv (MobileNetV4's tables never use ratio 1).
+        conv_bn(c_in, expanded, 1, act=act) if spec.expand != 1 else nn.Identity(),
         conv_bn(expanded, expanded, spec.middle_dw, spec.stride, groups=expanded, act=act)
         if spec.middle_dw else nn.Identity(),
         # SE on the expanded channels of every UIB: after the middle DW, else right after the expansion (timm).
@@ -235,39 +245,66 @@ def build_block(c_in, spec: BlockSpec, width_mult, act, se, layer_scale, drop_pa
     return Residual(branch, residual, c_out, layer_scale, drop_path), c_out
 
 
+OUTPUT_STRIDES = (32, 16, 8, 4)  # 32x32 input: 1x1, 2x2, 4x4 (the CIFAR default), 8x8 final map
+
+
+def with_output_stride(stem_stride: int, stages: list, output_stride: int) -> tuple[int, list]:
+    """The stem stride and block table with strided layers set to stride 1, as many as it takes for the network to
+    down-sample by `output_stride` in all (32 in the tables). The first to go are the stem and stage 0 (8: the usual
+    CIFAR port, 32x32 -> 4x4, MNV4_SPEC.md section 3), then the strided UIBs in order (4: an 8x8 map), so extra
+    resolution goes where the inverted bottlenecks are rather than to Conv-S's plain 3x3 conv of stage 1. Kernels
+    stay; only strides change (timm's `output_stride` dilates instead, keeping the receptive field)."""
+    total = stem_stride * math.prod(spec.stride for stage in stages for spec in stage)
+    if output_stride not in OUTPUT_STRIDES or output_stride > total:
+        raise ValueError(f"unknown output_stride {output_stride!r}; choose from {', '.join(map(str, OUTPUT_STRIDES))}")
+    strided = [(i, j) for i, stage in enumerate(stages) for j, spec in enumerate(stage) if spec.stride > 1]
+    stage0 = [(i, j) for i, j in strided if i == 0][:1]
+    bottlenecks = [(i, j) for i, j in strided if i > 0 and stages[i][j].kind in ("uib", "mqa")]
+    order = [*stage0, *bottlenecks, *(p for p in strided if p not in stage0 and p not in bottlenecks)]
+    to_drop = int(math.log2(total // output_stride))
+    if to_drop and stem_stride > 1:
+        stem_stride, to_drop = 1, to_drop - 1
+    unstrided = set(order[:to_drop])
+    return stem_stride, [[BlockSpec(**{**spec.__dict__, "stride": 1}) if (i, j) in unstrided else spec
+                          for j, spec in enumerate(stage)] for i, stage in enumerate(stages)]
+
+
 class MobileNetV4(nn.Module):
-    def __init__(self, variant="conv_small", num_classes=10, *, width_mult=1.0, cifar_stem=True, act="relu",
+    """The network a block table describes: stem, stages of table rows, pool, optional 1x1 head conv, classifier."""
+
+    def __init__(self, variant="conv_small", num_classes=10, *, width_mult=1.0, output_stride=8, act="relu",
                  se=False, drop_path_rate=0.0, head="linear", dropout=0.2):
         super().__init__()
-        spec = MNV4_SPECS[variant]
+        spec = BLOCK_TABLES[variant]
         act_layer = ACTIVATIONS[act]
+        stem_stride, table = with_output_stride(2, spec["stages"], output_stride)
         stem_width = make_divisible(spec["stem"] * width_mult, 8) if width_mult >= 1 else spec["stem"]
-        self.stem = conv_bn(3, stem_width, 3, 1 if cifar_stem else 2, act=act_layer)
-        n_blocks = sum(len(stage) for stage in spec["stages"])
+        self.stem = conv_bn(3, stem_width, 3, stem_stride, act=act_layer)
+        n_blocks = sum(len(stage) for stage in table)
         stages, c, index = [], stem_width, 0
-        for stage_index, stage_spec in enumerate(spec["stages"]):
+        for stage_spec in table:
             blocks = []
-            for row, block_spec in enumerate(stage_spec):
-                if cifar_stem and stage_index == 0 and row == 0:
-                    block_spec = BlockSpec(**{**block_spec.__dict__, "stride": 1})  # 32x32: keep resolution
+            for block_spec in stage_spec:
                 block, c = build_block(c, block_spec, width_mult, act_layer, se, spec["layer_scale"],
                                        drop_path_rate * index / n_blocks)
                 blocks.append(block)
                 index += 1
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
+        head_width = spec["head_width"] or c
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
-            conv_bn(c, HEAD_WIDTH, 1, act=act_layer),
+            conv_bn(c, head_width, 1, act=act_layer) if spec["head_width"] else nn.Identity(),
             nn.Flatten(1),
-            classifier(head, HEAD_WIDTH, num_classes, dropout, act_layer),
+            classifier(head, head_width, num_classes, dropout, act_layer),
         )
-        self.config = dict(variant=variant, num_classes=num_classes, width_mult=width_mult, cifar_stem=cifar_stem,
-                           act=act, se=se, drop_path_rate=drop_path_rate, head=head, dropout=dropout)
+        self.config = dict(variant=variant, num_classes=num_classes, width_mult=width_mult,
+                           output_stride=output_stride, act=act, se=se, drop_path_rate=drop_path_rate, head=head,
+                           dropout=dropout)
         self.apply(init_weights)
 
     def forward_features(self, x):
-        return self.stages(self.stem(x))   # [B, 3, H, W] -> [B, 960*w, H/8, W/8] with the CIFAR stem
+        return self.stages(self.stem(x))   # [B, 3, H, W] -> [B, C, H / output_stride, W / output_stride]
 
     def forward(self, x):
         return self.head(self.forward_features(x))  # [B, classes]
@@ -302,23 +339,26 @@ def init_weights(m):
         nn.init.zeros_(m.bias)
 
 
-def mobilenetv4(variant="conv_small", num_classes=10, *, width_mult=1.0, cifar_stem=True, act="relu", se=False,
+def mobilenetv4(variant="conv_small", num_classes=10, *, width_mult=1.0, output_stride=8, act="relu", se=False,
                 drop_path_rate=0.0, head="linear", dropout=0.2) -> MobileNetV4:
-    """Build a MobileNetV4. `cifar_stem` keeps 32x32 inputs at full resolution through stage 0 (4x4 final map)."""
-    if variant not in MNV4_SPECS:
+    """Build a MobileNetV4 (or the MobileNetV2 peer). `output_stride` is the total down-sampling: 8 (the default)
+    keeps 32x32 inputs at full resolution through stage 0 (4x4 final map), 4 gives an 8x8 map, 32 is ImageNet's."""
+    if variant not in BLOCK_TABLES:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; choose from {', '.join(ACTIVATIONS)}")
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
-    return MobileNetV4(variant, num_classes, width_mult=width_mult, cifar_stem=cifar_stem, act=act, se=se,
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"unknown output_stride {output_stride!r}; choose from {', '.join(map(str, OUTPUT_STRIDES))}")
+    return MobileNetV4(variant, num_classes, width_mult=width_mult, output_stride=output_stride, act=act, se=se,
                        drop_path_rate=drop_path_rate, head=head, dropout=dropout)
 
 
 def model_from_args(args) -> MobileNetV4:
-    """The model the command-line flags describe (CIFAR stem, 10 classes)."""
-    return mobilenetv4(args.variant, 10, width_mult=args.width_mult, act=args.act, se=args.se,
-                       drop_path_rate=args.drop_path, head=args.head, dropout=args.dropout)
+    """The model the command-line flags describe (10 classes)."""
+    return mobilenetv4(args.variant, 10, width_mult=args.width_mult, output_stride=args.output_stride, act=args.act,
+                       se=args.se, drop_path_rate=args.drop_path, head=args.head, dropout=args.dropout)
 
 
 def count_params(model: nn.Module) -> int:
@@ -872,7 +912,16 @@ def peak_memory_mb(device: torch.device):
 # =====================================================================================================
 
 CHECKPOINT_VERSION = 2  # 2: SE on every UIB's expanded channels (new module layout), per-rank RNG states
-MODEL_KEYS = ("variant", "width_mult", "act", "se", "head", "cifar_stem", "num_classes")
+MODEL_KEYS = ("variant", "width_mult", "act", "se", "head", "output_stride", "num_classes")
+
+
+def saved_model_config(state: dict) -> dict:
+    """A checkpoint's model configuration in today's terms: checkpoints that predate `output_stride` recorded
+    `cifar_stem` (True: the CIFAR port, output stride 8; False: the ImageNet strides, 32)."""
+    cfg = dict(state.get("model_config") or {})
+    if "output_stride" not in cfg and "cifar_stem" in cfg:
+        cfg["output_stride"] = 8 if cfg.pop("cifar_stem") else 32
+    return cfg
 
 
 class Interrupted(Exception):
@@ -923,8 +972,12 @@ def build_parser(recipes: dict, name: str, description: str) -> argparse.Argumen
                         "README), notebook the public notebook's exact recipe")
     bool_flag = argparse.BooleanOptionalAction
     m = p.add_argument_group("model")
-    m.add_argument("--variant", default=recipe["variant"], choices=VARIANTS, help="MobileNetV4 block table")
+    m.add_argument("--variant", default=recipe["variant"], choices=VARIANTS,
+                   help="block table: a MobileNetV4, or mobilenetv2 (the peer, for comparison)")
     m.add_argument("--width-mult", type=float, default=recipe["width_mult"], help="channel width multiplier")
+    m.add_argument("--output-stride", type=int, default=recipe.get("output_stride", 8), choices=OUTPUT_STRIDES,
+                   help="total down-sampling: 8 gives a 4x4 final map at 32x32 (stem and first strided stage at "
+                        "stride 1), 4 an 8x8 map (the next stage too, about 2.6x the MACs), 32 the ImageNet strides")
     m.add_argument("--act", default=recipe["act"], choices=tuple(ACTIVATIONS), help="activation function")
     m.add_argument("--se", action=bool_flag, default=recipe["se"], help="squeeze-and-excitation in every UIB")
     m.add_argument("--drop-path", type=float, default=recipe["drop_path"], help="stochastic depth rate (max)")
@@ -1112,10 +1165,10 @@ def evaluated_weights(state: dict) -> tuple[dict, str]:
 def model_from_checkpoint(state: dict) -> tuple[MobileNetV4, str]:
     """Rebuild the model a checkpoint describes from its own saved configuration and load the evaluated weights
     (see `evaluated_weights`). Returns (model on CPU in eval mode, "ema" | "model")."""
-    cfg = state.get("model_config") or {}
+    cfg = saved_model_config(state)
     try:
         model = mobilenetv4(cfg["variant"], cfg["num_classes"], width_mult=cfg["width_mult"],
-                            cifar_stem=cfg["cifar_stem"], act=cfg["act"], se=cfg["se"],
+                            output_stride=cfg["output_stride"], act=cfg["act"], se=cfg["se"],
                             drop_path_rate=cfg.get("drop_path_rate", 0.0), head=cfg["head"],
                             dropout=cfg.get("dropout", 0.2))
         weights, which = evaluated_weights(state)
@@ -1389,7 +1442,7 @@ class Run:
         return [*earlier, {**this, "from_epoch": ckpt["epoch"], "from_step": ckpt["step"]}]
 
     def _check_compatible(self, ckpt):
-        mine, theirs = self.model.config, ckpt.get("model_config", {})
+        mine, theirs = self.model.config, saved_model_config(ckpt)
         diff = [f"{k}={theirs.get(k)!r} (this run: {mine[k]!r})" for k in MODEL_KEYS if theirs.get(k) != mine[k]]
         if diff:
             raise UserError(f"checkpoint {self.args.resume} is for another model: {', '.join(diff)}; pass the "

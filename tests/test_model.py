@@ -16,7 +16,7 @@ import common
 # ---------------------------------------------------------------------------------------------------
 # Reference values (MNV4_SPEC.md sections 2 and 3)
 # ---------------------------------------------------------------------------------------------------
-IMAGENET_PARAMS = {  # variant: (1000 classes, 10 classes), cifar_stem=False, width 1, no SE, linear head
+IMAGENET_PARAMS = {  # variant: (1000 classes, 10 classes), output_stride 32, width 1, no SE, linear head
     "conv_small": (3_774_024, 2_505_834),
     "conv_medium": (9_715_512, 8_447_322),
     "conv_large": (32_590_864, 31_322_674),
@@ -28,7 +28,10 @@ CIFAR_MACS = {  # MACs per 32x32 image, stem + stage 0 at stride 1 (4x4 final ma
     "conv_large": 707.44e6,
     "hybrid_medium": 307.89e6,
 }
-ALL_VARIANTS = ("conv_small", "conv_medium", "conv_large", "hybrid_medium")
+MNV4_VARIANTS = ("conv_small", "conv_medium", "conv_large", "hybrid_medium")
+ALL_VARIANTS = (*MNV4_VARIANTS, "mobilenetv2")
+# Conv-S (10 classes, width 1, no SE, linear head) at each output stride: MNV4_SPEC.md section 3.
+CONV_S_MACS_BY_OUTPUT_STRIDE = {32: 4.99e6, 16: 16.22e6, 8: 58.50e6}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,18 +60,18 @@ def build(variant="conv_small", seed=0, **kwargs):
 # ---------------------------------------------------------------------------------------------------
 def test_public_constants():
     assert set(common.VARIANTS) == set(ALL_VARIANTS)
-    assert set(common.MNV4_SPECS) == set(ALL_VARIANTS)
-    assert common.HEAD_WIDTH == 1280
+    assert set(common.BLOCK_TABLES) == set(ALL_VARIANTS)
+    assert all(common.BLOCK_TABLES[v]["head_width"] == 1280 for v in MNV4_VARIANTS)
     assert common.SE_REDUCTION == 16
 
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Exact parameter counts at the ImageNet configuration
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ALL_VARIANTS)
+@pytest.mark.parametrize("variant", MNV4_VARIANTS)
 @pytest.mark.parametrize("num_classes", [1000, 10])
 def test_imagenet_param_count(variant, num_classes):
-    model = build(variant, num_classes=num_classes, cifar_stem=False, width_mult=1.0, se=False, head="linear")
+    model = build(variant, num_classes=num_classes, output_stride=32, width_mult=1.0, se=False, head="linear")
     expected = IMAGENET_PARAMS[variant][0 if num_classes == 1000 else 1]
     assert common.count_params(model) == expected
     # count_params counts parameters only (no BN running statistics)
@@ -78,9 +81,9 @@ def test_imagenet_param_count(variant, num_classes):
 # ---------------------------------------------------------------------------------------------------
 # 2. Feature-map geometry and MACs at 32x32
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ALL_VARIANTS)
+@pytest.mark.parametrize("variant", MNV4_VARIANTS)
 def test_cifar_stem_geometry_and_macs(variant):
-    model = build(variant, cifar_stem=True)
+    model = build(variant, output_stride=8)
     summary = common.model_summary(model, 32)
     maps = summary["feature_maps"]
     assert maps["stem"][1:] == [32, 32]          # stem at stride 1
@@ -92,10 +95,74 @@ def test_cifar_stem_geometry_and_macs(variant):
 
 
 def test_stock_stem_at_32_shrinks_to_1x1():
-    model = build("conv_small", cifar_stem=False)
+    model = build("conv_small", output_stride=32)
     summary = common.model_summary(model, 32)
     assert summary["feature_maps"]["stage4"] == [960, 1, 1]
     assert summary["macs"] == pytest.approx(4.99e6, rel=0.02)
+
+
+@pytest.mark.parametrize("output_stride", [32, 16, 8])
+def test_output_stride_sets_the_final_map_and_macs(output_stride):
+    """Each halving of the output stride moves one more stride-2 layer (stem, then stage 0) to stride 1."""
+    summary = common.model_summary(build("conv_small", output_stride=output_stride), 32)
+    side = 32 // output_stride
+    assert summary["feature_maps"]["stage4"] == [960, side, side]
+    assert summary["macs"] == pytest.approx(CONV_S_MACS_BY_OUTPUT_STRIDE[output_stride], rel=0.01)
+    # the stride-1 layers are the earliest: the stem keeps full resolution whenever anything does
+    assert summary["feature_maps"]["stem"][1] == (16 if output_stride == 32 else 32)
+
+
+def test_output_stride_4_on_the_enhanced_model():
+    """The enhanced Conv-S (width 1.2, SE, MLP head, SiLU): 84.33 M MACs at 4x4, 223.28 M at 8x8 (MNV4_SPEC.md)."""
+    kwargs = dict(width_mult=1.2, se=True, act="silu", head="mlp", dropout=0.3)
+    four = common.model_summary(build("conv_small", output_stride=8, **kwargs), 32)
+    eight = common.model_summary(build("conv_small", output_stride=4, **kwargs), 32)
+    assert four["macs"] == pytest.approx(84.33e6, rel=0.005)
+    assert eight["macs"] == pytest.approx(223.28e6, rel=0.005)
+    assert four["params"] == eight["params"]  # strides change no weight
+    # the 8x8 map comes from the first UIB stage (stage 2) at stride 1; Conv-S's plain 3x3 conv of stage 1 stays
+    assert [eight["feature_maps"][f"stage{i}"][1] for i in range(5)] == [32, 16, 16, 8, 8]
+
+
+def test_output_stride_4_on_conv_medium():
+    """Conv-M's first UIB stage is stage 1: 903.95 M MACs with it at stride 1 too (MNV4_SPEC.md section 3)."""
+    summary = common.model_summary(build("conv_medium", output_stride=4), 32)
+    assert summary["macs"] == pytest.approx(903.95e6, rel=0.005)
+    assert summary["feature_maps"]["stage4"][1:] == [8, 8]
+
+
+@pytest.mark.parametrize("output_stride", [2, 6, 64, 0])
+def test_bad_output_stride(output_stride):
+    with pytest.raises(ValueError, match=rf"output_stride {output_stride}\b.*32, 16, 8, 4"):
+        common.mobilenetv4("conv_small", output_stride=output_stride)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2b. The MobileNetV2 peer: the same builder, torchvision's network at the ImageNet configuration
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_classes, expected", [(1000, 3_504_872), (10, 2_236_682)])
+def test_mobilenetv2_matches_torchvision(num_classes, expected):
+    from torchvision.models import mobilenet_v2
+    model = build("mobilenetv2", num_classes=num_classes, output_stride=32, act="relu6", head="linear")
+    reference = mobilenet_v2(num_classes=num_classes)
+    assert common.count_params(model) == common.count_params(reference) == expected
+    # layer for layer: the same parameter shapes in the same order
+    assert [p.shape for p in model.parameters()] == [p.shape for p in reference.parameters()]
+    # and the same number of multiply-accumulates at 224
+    assert common.count_macs(model, (1, 3, 224, 224)) == common.count_macs(reference, (1, 3, 224, 224))
+
+
+def test_mobilenetv2_cifar_port():
+    """The usual CIFAR port (stem and 24-channel row at stride 1): maps 32-32-32-16-8-8-4-4, 87.98 M MACs."""
+    model = build("mobilenetv2", output_stride=8, act="relu6", head="linear")
+    summary = common.model_summary(model, 32)
+    assert [m[1] for m in summary["feature_maps"].values()] == [32, 32, 32, 16, 8, 4]
+    assert summary["feature_maps"]["stage4"] == [1280, 4, 4]
+    assert summary["macs"] == pytest.approx(87.98e6, rel=0.005)
+    # the ratio-1 block has no expansion conv: depthwise 3x3 then the projection, as in the paper
+    first = model.stages[0][0]
+    convs = [m for m in first.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.kernel_size, c.groups > 1) for c in convs] == [((3, 3), True), ((1, 1), False)]
 
 
 def test_count_macs_is_per_image_and_restores_mode():
@@ -191,7 +258,7 @@ def _blocks(model):
 def test_drop_path_schedule(variant):
     rate = 0.5
     model = build(variant, drop_path_rate=rate)
-    spec_stages = common.MNV4_SPECS[variant]["stages"]
+    spec_stages = common.BLOCK_TABLES[variant]["stages"]
     n = sum(len(stage) for stage in spec_stages)
     blocks = _blocks(model)
     assert len(blocks) == n
@@ -279,7 +346,7 @@ def _se_params(c):
 
 
 def _expected_se_delta(variant):
-    spec = common.MNV4_SPECS[variant]
+    spec = common.BLOCK_TABLES[variant]
     c = spec["stem"]
     delta = 0
     for stage in spec["stages"]:
@@ -411,7 +478,7 @@ def test_width_0_5_keeps_stem():
 # ---------------------------------------------------------------------------------------------------
 def test_overfit_one_batch():
     """16 random images with random labels must be memorised within 20 Adam steps."""
-    model = build("conv_small", cifar_stem=True)
+    model = build("conv_small", output_stride=8)
     torch.manual_seed(7)
     x = torch.randn(16, 3, 32, 32)
     y = torch.randint(0, 10, (16,))
