@@ -10,6 +10,7 @@ count and git commit.
     python benchmarks/inference.py [--quick] [--threads N] [--json results/inference-cpu.json]
 """
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -52,8 +53,10 @@ def median_seconds(fn, runs: int, warmup: int) -> float:
 
 
 def torch_runner(model, channels_last: bool):
+    """model(x) in the given memory format, on a copy of the model: Module.to(memory_format=...) converts in place,
+    so runners sharing one model would all run in the layout of whichever was built last."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = copy.deepcopy(model).to(memory_format=fmt)
 
     def run(x):
         with torch.inference_mode():

@@ -95,6 +95,42 @@ def test_inference_benchmark_reports_both_runtimes(tmp_path, tiny_inference):
     assert saved["threads"] == 1 and saved["onnxruntime"]
 
 
+def test_inference_benchmark_times_each_pytorch_row_in_its_own_memory_format(tmp_path, tiny_inference, monkeypatch):
+    """While a PyTorch row is timed, its conv weights are in the layout its label names. Both runners are built
+    before either is timed, so a runner that converted a shared model in place would time the other's layout."""
+    model = inference.default_models()["baseline"]
+    seen = []  # per conv call: is its weight channels_last? (only weights whose two layouts differ in memory)
+
+    def record(conv, _inputs):
+        weight = conv.weight
+        if not weight.contiguous().is_contiguous(memory_format=torch.channels_last):
+            seen.append(weight.is_contiguous(memory_format=torch.channels_last))
+    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        conv.register_forward_pre_hook(record)  # a copy of the model keeps its hooks
+
+    layouts = {}
+    labels = {}
+    real_runner = inference.torch_runner
+
+    def labelled_runner(model, channels_last):
+        run = real_runner(model, channels_last)
+        labels[run] = "channels_last" if channels_last else "contiguous"
+        return run
+
+    def one_call(run, runs, big_runs):  # instead of timing: one forward, recording the layouts it met
+        seen.clear()
+        run(torch.randn(2, 3, 32, 32))
+        if run in labels:
+            layouts[labels[run]] = list(seen)
+        return {"latency_ms_batch1": 1.0, "img_per_s_batch8": 1.0}
+    monkeypatch.setattr(inference, "torch_runner", labelled_runner)
+    monkeypatch.setattr(inference, "measure", one_call)
+    inference.bench_model(model, 1, 1, 1, tmp_path)
+    assert set(layouts) == {"channels_last", "contiguous"}
+    assert layouts["channels_last"] and all(layouts["channels_last"])
+    assert layouts["contiguous"] and not any(layouts["contiguous"])
+
+
 def test_inference_benchmark_models_are_the_scripts_defaults():
     models = inference.default_models()
     assert models["baseline"].config == {**models["baseline"].config, "variant": "conv_small", "width_mult": 1.0,
