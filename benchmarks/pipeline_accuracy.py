@@ -1,7 +1,8 @@
 """Does the on-device augmentation train as well as the torchvision PIL pipeline it replaces?
 
 Trains the enhanced model on the notebook's recipe (`--recipe notebook`: AdamW, cosine, all five augmentation ops,
-label smoothing 0.1, clipping 1.0, batch 64) twice per seed on the same images, once fed by torchvision's
+label smoothing 0.1, clipping 1.0, batch 64; model, augmentation and batch size read from mobilenetv4_enhanced.py's
+parser) twice per seed on the same images, once fed by torchvision's
 per-sample PIL transforms in a DataLoader (the notebook's pipeline) and once by `common.train_batches_for_epoch`,
 and prints test accuracy (no TTA) for each.
 
@@ -20,28 +21,28 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-from throughput import ENHANCED, PilCifar  # noqa: E402
-
-BATCH = 64
+import throughput  # noqa: E402
 
 
 def train(pipeline, data, epochs, seed, device):
+    recipe = throughput.recipe_args("notebook")
+    batch, cfg = recipe.batch_size, throughput.recipe_augment(recipe)
     torch.manual_seed(seed)
-    model = common.mobilenetv4(**ENHANCED).to(device)
+    model = common.model_from_args(recipe).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    steps = epochs * (data.train_images.shape[0] // BATCH)
+    steps = epochs * (data.train_images.shape[0] // batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     if pipeline == "torchvision":
         generator = torch.Generator().manual_seed(seed)
-        loader = torch.utils.data.DataLoader(PilCifar(data.train_images, data.train_labels), batch_size=BATCH,
-                                             shuffle=True, drop_last=True, generator=generator)
+        loader = torch.utils.data.DataLoader(throughput.PilCifar(data.train_images, data.train_labels, cfg),
+                                             batch_size=batch, shuffle=True, drop_last=True, generator=generator)
     start = time.perf_counter()
     for epoch in range(epochs):
         model.train()
         batches = loader if pipeline == "torchvision" else common.train_batches_for_epoch(
-            data, BATCH, seed, epoch, 0, common.AugmentConfig())
+            data, batch, seed, epoch, 0, cfg)
         for images, labels in batches:
             loss = criterion(model(images.to(device)), labels.to(device))
             optimizer.zero_grad(set_to_none=True)

@@ -1,16 +1,22 @@
 """Throughput benchmark: our on-device pipeline against the notebook's torchvision/DataLoader pipeline.
 
-Measures, in one run on one machine:
-  1. augmentation images/s: torchvision per-sample PIL transforms (DataLoader, 0 and N workers) vs ours;
-  2. end-to-end training images/s for the enhanced model on the notebook's recipe (AdamW, all five augmentation
-     ops, as `--recipe notebook`): notebook-style loop (DataLoader + PIL transforms +
-     eager fp32) vs ours, and ours with each option (channels_last, bf16 autocast, torch.compile);
-  3. inference images/s at batch 256 and latency at batch 1 for the enhanced model.
-Prints a markdown table and writes JSON (`--json PATH`) with `aug_speedup` and `train_speedup`.
+Measures, in one run on one machine, the enhanced script's model under two of its recipes, each read from
+mobilenetv4_enhanced.py's own parser (so the figures follow its defaults): the notebook's (`--recipe notebook`:
+AdamW; crop, flip, rotation, colour jitter, translate) and the script's default (no flags: Nesterov SGD; flip,
+translate). For each recipe:
+  1. augmentation images/s of the recipe's ops: torchvision per-sample PIL transforms (DataLoader, 0 and N
+     workers) vs ours;
+  2. end-to-end training images/s (forward, loss, backward, gradient clipping, the recipe's optimizer step):
+     notebook-style loop (DataLoader + PIL transforms + eager fp32) vs ours with the script defaults, and, for
+     the default recipe, ours with each option (channels_last, bf16 autocast, torch.compile);
+then 3. inference images/s at batch 256 and latency at batch 1 for the default recipe's model.
+Records the load average before and after the measurements (a warning when the machine was not idle). Prints a
+markdown table and writes JSON (`--json PATH`) with each recipe's `aug_speedup` and `train_speedup`.
 
     python benchmarks/throughput.py [--quick] [--device auto] [--data-dir data] [--json PATH]
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -23,26 +29,53 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import mobilenetv4_enhanced  # noqa: E402
 
-ENHANCED = dict(variant="conv_small", width_mult=1.2, act="silu", se=True, drop_path_rate=0.1, head="mlp")
-BATCH = 64  # the enhanced recipe's batch size
+DEFAULT_RECIPE = common.chosen_recipe(mobilenetv4_enhanced.RECIPES, [])  # what the script runs given no flags
+RECIPE_NAMES = ("notebook", DEFAULT_RECIPE)
+BUSY_LOAD = 0.5  # a 1-minute load average above this: other work shared the CPUs during the measurement
+SETTINGS = ("variant", "width_mult", "output_stride", "act", "se", "drop_path", "head", "dropout", "batch_size",
+            "opt", "lr", "wd", "norm_weight_decay", "betas", "momentum", "label_smoothing", "clip_grad_norm")
 
 
-def notebook_transforms():
-    """The enhanced recipe's augmentation as the notebook wrote it: per-sample PIL transforms."""
+def recipe_args(name):
+    """The flags mobilenetv4_enhanced.py runs with under `--recipe NAME` and no other flag."""
+    return mobilenetv4_enhanced.build_parser(name).parse_args([])
+
+
+def recipe_augment(recipe):
+    """The recipe's augmentation ops (None: no augmentation), as the training script derives them."""
+    return common.augment_config(recipe) if recipe.augment else None
+
+
+def pil_transforms(cfg):
+    """`cfg`'s ops as the notebook wrote its augmentation: per-sample torchvision PIL transforms, in our order."""
     from torchvision import transforms as T
-    return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.RandomRotation(15),
-                      T.ColorJitter(0.2, 0.2, 0.2, 0.1), T.RandomAffine(0, translate=(0.1, 0.1)),
-                      T.ToTensor(), T.Normalize(common.CIFAR10_MEAN, common.CIFAR10_STD)])
+    ops = []
+    if cfg is not None:
+        if cfg.cutout:  # ours fills with the mean after normalising: no torchvision transform does the same work
+            raise ValueError("cutout has no counterpart in the notebook's torchvision pipeline")
+        if cfg.crop_padding:
+            ops.append(T.RandomCrop(32, padding=cfg.crop_padding))
+        if cfg.flip_prob:
+            ops.append(T.RandomHorizontalFlip(cfg.flip_prob))
+        if cfg.rotation:
+            ops.append(T.RandomRotation(cfg.rotation))
+        jitter = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
+        if any(jitter):
+            ops.append(T.ColorJitter(*jitter))
+        if cfg.translate:
+            ops.append(T.RandomAffine(0, translate=(cfg.translate, cfg.translate)))
+    return T.Compose([*ops, T.ToTensor(), T.Normalize(common.CIFAR10_MEAN, common.CIFAR10_STD)])
 
 
 class PilCifar(torch.utils.data.Dataset):
-    """torchvision.datasets.CIFAR10's access pattern: uint8 HWC array -> PIL image -> transforms."""
+    """torchvision.datasets.CIFAR10's access pattern: uint8 HWC array -> PIL image -> transforms of `cfg`."""
 
-    def __init__(self, images, labels):
+    def __init__(self, images, labels, cfg):
         self.images = images.permute(0, 2, 3, 1).contiguous().numpy()   # [N, 32, 32, 3]
         self.labels = labels.tolist()
-        self.transform = notebook_transforms()
+        self.transform = pil_transforms(cfg)
 
     def __len__(self):
         return len(self.labels)
@@ -65,78 +98,86 @@ def timed(fn, repeats, device):
     return statistics.median(times)
 
 
-def loader_images(dataset, workers, n_images):
-    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers,
+def loader_images(dataset, batch_size, workers):
+    """One pass over the dataset's full batches (the last partial batch is dropped, as ours drops it)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          drop_last=True, persistent_workers=False)
     def run():
-        seen = 0
-        for images, _ in loader:
-            seen += images.shape[0]
-            if seen >= n_images:
-                break
+        for _ in loader:
+            pass
     return run
 
 
-def bench_augmentation(data, device, n_images, repeats):
+def bench_augmentation(data, device, n_images, repeats, recipe):
+    """Images/s of the recipe's augmentation, batched and normalised: torchvision PIL DataLoader vs ours."""
+    cfg, batch = recipe_augment(recipe), recipe.batch_size
     subset = data.subset(n_images)
-    dataset = PilCifar(subset.train_images, subset.train_labels)
+    done = n_images // batch * batch  # images each pass yields: full batches only
+    dataset = PilCifar(subset.train_images, subset.train_labels, cfg)
     results = {}
     for workers in sorted({0, os.cpu_count() or 1}):
-        t = timed(loader_images(dataset, workers, n_images), repeats, device)
-        results[f"torchvision PIL, {workers} workers"] = n_images / t
+        t = timed(loader_images(dataset, batch, workers), repeats, device)
+        results[f"torchvision PIL, {workers} workers"] = done / t
     on_device = subset.to(device)
-    t = timed(lambda: [b for b in common.train_batches_for_epoch(on_device, BATCH, 0, 0, 0, common.AugmentConfig())],
-              repeats, device)
-    results["ours (batched, on device)"] = (n_images // BATCH * BATCH) / t
+    t = timed(lambda: [b for b in common.train_batches_for_epoch(on_device, batch, 0, 0, 0, cfg)], repeats, device)
+    results["ours (batched, on device)"] = done / t
     return results
 
 
-def train_step_fn(model, optimizer, criterion, autocast_dtype, device):
+def train_step_fn(model, optimizer, criterion, clip_grad_norm, autocast_dtype, device):
     def step(images, labels):
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             loss = criterion(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if clip_grad_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
     return step
 
 
-def make_trainer(device, channels_last=False, autocast_dtype=None, compile_model=False):
+def make_trainer(device, recipe, channels_last=False, autocast_dtype=None, compile_model=False):
+    """One training step as mobilenetv4_enhanced.py takes it under `recipe`: its model, loss, gradient clipping
+    and optimizer (with its weight-decay groups). The learning rate stays at --lr: a schedule changes the values
+    a step computes, not its cost."""
     torch.manual_seed(0)
-    model = common.mobilenetv4(**ENHANCED).to(device)
+    model = common.model_from_args(recipe).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    optimizer = mobilenetv4_enhanced.make_optimizer(
+        recipe, common.weight_decay_groups(model, recipe.wd, recipe.norm_weight_decay))
     step = train_step_fn(torch.compile(model) if compile_model else model, optimizer,
-                         nn.CrossEntropyLoss(label_smoothing=0.1), autocast_dtype, device)
+                         nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), recipe.clip_grad_norm,
+                         autocast_dtype, device)
     return step
 
 
-def bench_training(data, device, steps, repeats, options):
-    """Images/s over `steps` optimizer steps: notebook-style loop, then ours with each option."""
-    n_images = steps * BATCH
+def bench_training(data, device, steps, repeats, options, recipe):
+    """Images/s over `steps` optimizer steps of the recipe: notebook-style loop, then ours with each option."""
+    batch, cfg = recipe.batch_size, recipe_augment(recipe)
+    n_images = steps * batch
     subset = data.subset(n_images)
-    dataset = PilCifar(subset.train_images, subset.train_labels)
+    dataset = PilCifar(subset.train_images, subset.train_labels, cfg)
     results = {}
-    step = make_trainer(device)
+    step = make_trainer(device, recipe)
     for workers in sorted({0, os.cpu_count() or 1}):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers,
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
                                              drop_last=True)
         def notebook_epoch():
             for images, labels in loader:
                 step(images.to(device), labels.to(device))
-        results[f"notebook loop (DataLoader {workers} workers, PIL, fp32)"] = n_images / timed(notebook_epoch, repeats, device)
+        seconds = timed(notebook_epoch, repeats, device)
+        results[f"notebook loop (DataLoader {workers} workers, PIL, fp32)"] = n_images / seconds
     on_device = subset.to(device)
     for name, kwargs in options:
         try:
-            step = make_trainer(device, **kwargs)
+            step = make_trainer(device, recipe, **kwargs)
         except Exception as exc:  # e.g. compile without a working compiler: report, keep going
             results[name] = f"failed: {type(exc).__name__}"
             continue
         def ours_epoch():
-            for images, labels in common.train_batches_for_epoch(on_device, BATCH, 0, 0, 0, common.AugmentConfig()):
+            for images, labels in common.train_batches_for_epoch(on_device, batch, 0, 0, 0, cfg):
                 if kwargs.get("channels_last"):
                     images = images.contiguous(memory_format=torch.channels_last)
                 step(images, labels)
@@ -149,8 +190,9 @@ def bench_training(data, device, steps, repeats, options):
 
 @torch.no_grad()
 def bench_inference(device, repeats, channels_last):
+    """Eval-mode forward of the default recipe's model: batch-256 images/s and batch-1 latency."""
     torch.manual_seed(0)
-    model = common.mobilenetv4(**ENHANCED).to(device).eval()
+    model = common.model_from_args(recipe_args(DEFAULT_RECIPE)).to(device).eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     big = torch.randn(256, 3, 32, 32, device=device).contiguous(memory_format=fmt)
@@ -179,25 +221,50 @@ def training_options(device, quick):
 
 
 def sizes(quick, device):
-    """(images for the augmentation test, training steps, repeats): --quick stays under two minutes on 2 cores."""
+    """(images for each augmentation test, training steps per row, repeats): --quick is a smoke test's sizes."""
     aug_images, steps, repeats = (1024, 4, 3) if quick else (4096, 24, 3)
     scale = 4 if device.type == "cuda" else 1
     return aug_images * scale, steps * scale, repeats
 
 
-def markdown(results: dict) -> str:
+def markdown(sections: dict) -> str:
     lines = ["| measurement | value |", "|---|---|"]
-    for section, rows in results.items():
-        if isinstance(rows, dict):
-            for name, value in rows.items():
-                shown = f"{value:,.1f}" if isinstance(value, float) else str(value)
-                lines.append(f"| {section}: {name} | {shown} |")
+    for section, rows in sections.items():
+        for name, value in rows.items():
+            shown = f"{value:,.1f}" if isinstance(value, float) else str(value)
+            lines.append(f"| {section}: {name} | {shown} |")
     return "\n".join(lines)
+
+
+def busy_warning(load_1min: float):
+    """The line to print when the machine was not idle before the run, else None."""
+    if load_1min > BUSY_LOAD:
+        return (f"warning: 1-minute load average {load_1min:.2f} before the run (above {BUSY_LOAD}): other work "
+                f"shared the CPUs, so these are not an idle machine's figures")
+    return None
+
+
+def speedups(results: dict) -> dict:
+    """Ours over the torchvision pipeline, from one recipe's figures: > 1 means ours is faster."""
+    aug, train = results["augmentation img/s"], results["training img/s"]
+    notebook = max(v for k, v in train.items() if k.startswith("notebook"))
+    ours_best = max(v for k, v in train.items() if k.startswith("ours") and isinstance(v, float))
+    return {"aug_speedup": aug["ours (batched, on device)"] / aug["torchvision PIL, 0 workers"],
+            "aug_speedup_vs_best_loader": aug["ours (batched, on device)"]
+            / max(v for k, v in aug.items() if k.startswith("torchvision")),
+            "train_speedup": train[DEFAULTS_NAME] / notebook,
+            "train_speedup_best_option": ours_best / notebook}
+
+
+def recipe_settings(recipe) -> dict:
+    cfg = recipe_augment(recipe)
+    return {**{key: getattr(recipe, key) for key in SETTINGS},
+            "augmentation": None if cfg is None else dataclasses.asdict(cfg)}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, no compile: under two minutes on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="small sizes, no compile: a smoke test, not a measurement")
     parser.add_argument("--device", default="auto", choices=common.DEVICES)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--json", default="benchmarks/throughput.json", help="where the JSON results go")
@@ -208,30 +275,39 @@ def main(argv=None):
     except common.UserError as exc:
         parser.exit(2, f"error: {exc}\n")
     aug_images, steps, repeats = sizes(args.quick, device)
-    results = {"augmentation img/s": bench_augmentation(data, device, aug_images, repeats),
-               "training img/s": bench_training(data, device, steps, repeats, training_options(device, args.quick)),
-               "inference": bench_inference(device, repeats, common.default_channels_last(device))}
-    aug, train = results["augmentation img/s"], results["training img/s"]
-    tv_aug = max(v for k, v in aug.items() if k.startswith("torchvision"))
-    tv_aug_single = aug["torchvision PIL, 0 workers"]
-    notebook = max(v for k, v in train.items() if k.startswith("notebook"))
-    ours_best = max(v for k, v in train.items() if k.startswith("ours") and isinstance(v, float))
+    recipes = {name: recipe_args(name) for name in RECIPE_NAMES}
+    options = training_options(device, args.quick)
+    load_before = os.getloadavg()
+    results = {}
+    for name, recipe in recipes.items():
+        # The options change how the model runs, not the recipe: measured once, on the default recipe.
+        results[name] = {"augmentation img/s": bench_augmentation(data, device, aug_images, repeats, recipe),
+                         "training img/s": bench_training(data, device, steps, repeats,
+                                                          options if name == DEFAULT_RECIPE else options[:1], recipe)}
+    inference = bench_inference(device, repeats, common.default_channels_last(device))
+    load_after = os.getloadavg()
     report = {
-        "provenance": common.provenance(device), "quick": args.quick,
-        "results": results,
-        "aug_speedup": aug["ours (batched, on device)"] / tv_aug_single,
-        "aug_speedup_vs_best_loader": aug["ours (batched, on device)"] / tv_aug,
+        "provenance": common.provenance(device), "quick": args.quick, "cpu_count": os.cpu_count(),
+        "load_average_before": list(load_before), "load_average_after": list(load_after),
+        "recipes": {name: {"settings": recipe_settings(recipe), "results": results[name], **speedups(results[name])}
+                    for name, recipe in recipes.items()},
+        "inference": inference, "inference_recipe": DEFAULT_RECIPE,
         "train_defaults": {k: str(v) for k, v in dict(training_options(device, True))[DEFAULTS_NAME].items()},
-        "train_speedup": train[DEFAULTS_NAME] / notebook,
-        "train_speedup_best_option": ours_best / notebook,
     }
     print(f"\n## Throughput on {common.device_name(device)} ({device}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__})\n")
-    print(markdown(results))
-    print(f"\naug_speedup (ours / torchvision 1 process) = {report['aug_speedup']:.1f}x; "
-          f"vs best DataLoader = {report['aug_speedup_vs_best_loader']:.1f}x")
-    print(f"train_speedup (ours with the script defaults / best notebook loop) = {report['train_speedup']:.2f}x; "
-          f"best option = {report['train_speedup_best_option']:.2f}x")
+    print("load average (1, 5, 15 min): before " + " ".join(f"{x:.2f}" for x in load_before)
+          + ", after " + " ".join(f"{x:.2f}" for x in load_after) + f"; {os.cpu_count()} CPUs")
+    warning = busy_warning(load_before[0])
+    if warning:
+        print(warning)
+    sections = {f"{name} recipe, {section}": rows for name in recipes for section, rows in results[name].items()}
+    print("\n" + markdown({**sections, f"inference ({DEFAULT_RECIPE} recipe's model)": inference}))
+    for name, recipe in report["recipes"].items():
+        print(f"\n{name} recipe: aug_speedup (ours / torchvision 1 process) = {recipe['aug_speedup']:.1f}x; "
+              f"vs best DataLoader = {recipe['aug_speedup_vs_best_loader']:.1f}x")
+        print(f"{name} recipe: train_speedup (ours with the script defaults / best notebook loop) = "
+              f"{recipe['train_speedup']:.2f}x; best option = {recipe['train_speedup_best_option']:.2f}x")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")

@@ -1,6 +1,9 @@
 """Smoke tests for the benchmark scripts: they run end to end on tiny inputs and report sane numbers.
 (Timing targets live in the benchmarks' printed figures, not here.)"""
+import dataclasses
+import inspect
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,19 +13,33 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common  # noqa: E402
 import inference  # noqa: E402
+import mobilenetv4_enhanced  # noqa: E402
 import model_step  # noqa: E402
 import throughput  # noqa: E402
 
 
 @pytest.fixture
 def tiny_throughput(monkeypatch):
-    """benchmarks/throughput.py on tiny sizes (a small model, few images and steps, a stub inference timing)."""
-    monkeypatch.setattr(throughput, "BATCH", 16)
-    monkeypatch.setattr(throughput, "ENHANCED", {**throughput.ENHANCED, "width_mult": 0.25})
+    """benchmarks/throughput.py on tiny sizes (each recipe's model at width 0.25, batches of 16, one step per
+    measurement, no bf16 row: its first steps on a CPU take tens of seconds; a stub inference timing)."""
+    real_recipe_args, real_options = throughput.recipe_args, throughput.training_options
+
+    def tiny_recipe_args(name):
+        args = real_recipe_args(name)
+        args.width_mult, args.batch_size = 0.25, 16
+        return args
+    monkeypatch.setattr(throughput, "recipe_args", tiny_recipe_args)
+    monkeypatch.setattr(throughput, "training_options", lambda device, quick: [
+        (name, kwargs) for name, kwargs in real_options(device, quick) if kwargs.get("autocast_dtype") is None])
     monkeypatch.setattr(throughput, "bench_inference",
                         lambda device, repeats, channels_last: {"latency ms (batch 1)": 1.0})
-    monkeypatch.setattr(throughput, "sizes", lambda quick, device: (64, 2, 1))
+    monkeypatch.setattr(throughput, "sizes", lambda quick, device: (32, 1, 1))
     return throughput
+
+
+def script_augmentation(recipe):
+    """The augmentation mobilenetv4_enhanced.py trains with under `--recipe RECIPE` and no other flag."""
+    return common.augment_config(mobilenetv4_enhanced.build_parser(recipe).parse_args([]))
 
 
 @pytest.fixture
@@ -37,22 +54,96 @@ def tiny_inference(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_throughput_main_writes_speedups(tiny_cifar, tmp_path, tiny_throughput):
-    """The whole report on tiny sizes: every figure positive, speedups are ratios of the measured figures."""
+def test_throughput_main_measures_both_recipes_and_the_machine_load(tiny_cifar, tmp_path, tiny_throughput,
+                                                                   monkeypatch, capsys):
+    """The whole report on tiny sizes, for the notebook's recipe and the script's default: every figure positive,
+    speedups are ratios of the measured figures, each recipe's rows augment (on the device and in the PIL
+    loop) with that recipe's ops as the script's parser gives them, and the load average before and after the
+    run is saved, with a warning printed when the machine was not idle."""
+    loads = iter([(0.9, 0.6, 0.3), (1.4, 0.8, 0.4)])
+    monkeypatch.setattr(os, "getloadavg", lambda: next(loads))
+    running, used = [], {}  # the recipe being measured; (recipe, pipeline) -> the augmentations it was given
+
+    def during_recipe(bench):
+        def wrapped(*args, **kwargs):
+            running.append(inspect.signature(bench).bind(*args, **kwargs).arguments["recipe"].recipe)
+            try:
+                return bench(*args, **kwargs)
+            finally:
+                running.pop()
+        return wrapped
+    real_augment = common.augment
+
+    def recording_augment(images, gen, cfg):
+        used.setdefault((running[-1], "ours"), set()).add(cfg)
+        return real_augment(images, gen, cfg)
+
+    class RecordingPilCifar(throughput.PilCifar):
+        def __init__(self, images, labels, cfg):
+            used.setdefault((running[-1], "torchvision"), set()).add(cfg)
+            super().__init__(images, labels, cfg)
+    monkeypatch.setattr(common, "augment", recording_augment)
+    monkeypatch.setattr(throughput, "PilCifar", RecordingPilCifar)
+    for name in ("bench_augmentation", "bench_training"):
+        monkeypatch.setattr(throughput, name, during_recipe(getattr(throughput, name)))
+
     report = throughput.main(["--quick", "--device", "cpu", "--data-dir", str(tiny_cifar),
                               "--json", str(tmp_path / "t.json")])
+    out = capsys.readouterr().out
     saved = json.loads((tmp_path / "t.json").read_text())
-    aug, train = saved["results"]["augmentation img/s"], saved["results"]["training img/s"]
-    assert all(v > 0 for v in aug.values())
-    assert saved["aug_speedup"] == pytest.approx(aug["ours (batched, on device)"] / aug["torchvision PIL, 0 workers"])
-    notebook = max(v for k, v in train.items() if k.startswith("notebook"))
-    assert saved["train_speedup"] == pytest.approx(train[throughput.DEFAULTS_NAME] / notebook)
+    assert saved == json.loads(json.dumps(report))
+    assert set(saved["recipes"]) == {"notebook", "project"} and throughput.DEFAULT_RECIPE == "project"
+    for name, recipe in saved["recipes"].items():
+        aug, train = recipe["results"]["augmentation img/s"], recipe["results"]["training img/s"]
+        assert aug and train and all(v > 0 for v in (*aug.values(), *train.values()))
+        assert recipe["aug_speedup"] == pytest.approx(aug["ours (batched, on device)"]
+                                                      / aug["torchvision PIL, 0 workers"])
+        notebook = max(v for k, v in train.items() if k.startswith("notebook"))
+        assert recipe["train_speedup"] == pytest.approx(train[throughput.DEFAULTS_NAME] / notebook)
+        cfg = script_augmentation(name)
+        assert recipe["settings"]["augmentation"] == json.loads(json.dumps(dataclasses.asdict(cfg)))
+        assert used[name, "ours"] == used[name, "torchvision"] == {cfg}, name
+    notebook_aug = saved["recipes"]["notebook"]["settings"]["augmentation"]
+    project_aug = saved["recipes"]["project"]["settings"]["augmentation"]
+    assert notebook_aug["rotation"] == 15 and notebook_aug["crop_padding"] == 4 and notebook_aug["hue"] == 0.1
+    assert project_aug["rotation"] == 0 and project_aug["crop_padding"] == 0 and project_aug["hue"] == 0
+    assert project_aug["flip_prob"] == 0.5 and project_aug["translate"] == 0.1
+    assert saved["recipes"]["notebook"]["settings"]["opt"] == "adamw"
+    assert saved["recipes"]["project"]["settings"]["opt"] == "sgd"
+    assert "ours + channels_last" in saved["recipes"]["project"]["results"]["training img/s"]
     assert report["train_defaults"]["channels_last"] == "True"  # the CPU default
+    assert saved["load_average_before"] == [0.9, 0.6, 0.3] and saved["load_average_after"] == [1.4, 0.8, 0.4]
+    assert saved["cpu_count"] == os.cpu_count()
+    assert throughput.busy_warning(0.9) in out.splitlines() and "1.40" in out
+
+
+def test_throughput_warns_only_above_the_idle_load():
+    assert throughput.busy_warning(0.5) is None and throughput.busy_warning(0.2) is None
+    warning = throughput.busy_warning(0.51)
+    assert warning.startswith("warning: ") and "0.51" in warning
+
+
+def test_pil_transforms_run_each_recipes_ops_as_torchvision_transforms():
+    """The notebook-style loop augments with the same ops as ours, as the notebook wrote them."""
+    from torchvision import transforms as T
+    notebook = throughput.pil_transforms(script_augmentation("notebook")).transforms
+    assert [type(t) for t in notebook] == [T.RandomCrop, T.RandomHorizontalFlip, T.RandomRotation, T.ColorJitter,
+                                           T.RandomAffine, T.ToTensor, T.Normalize]
+    crop, flip, rotation, jitter, affine = notebook[:5]
+    assert crop.padding == 4 and flip.p == 0.5 and list(rotation.degrees) == [-15, 15]
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.8, 1.2), (0.8, 1.2), (0.8, 1.2),
+                                                                                  (-0.1, 0.1))
+    assert affine.translate == (0.1, 0.1) and list(affine.degrees) == [0, 0]
+    project = throughput.pil_transforms(script_augmentation("project")).transforms
+    assert [type(t) for t in project] == [T.RandomHorizontalFlip, T.RandomAffine, T.ToTensor, T.Normalize]
+    assert [type(t) for t in throughput.pil_transforms(None).transforms] == [T.ToTensor, T.Normalize]
+    with pytest.raises(ValueError, match="cutout"):
+        throughput.pil_transforms(common.AugmentConfig(cutout=8))
 
 
 def test_pil_dataset_matches_the_notebook_transform_shapes(tiny_cifar):
     data = common.load_cifar10(tiny_cifar)
-    dataset = throughput.PilCifar(data.train_images[:4], data.train_labels[:4])
+    dataset = throughput.PilCifar(data.train_images[:4], data.train_labels[:4], script_augmentation("notebook"))
     image, label = dataset[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == int(data.train_labels[0])
 
@@ -150,13 +241,13 @@ def test_provenance_names_the_code_the_libraries_and_the_machine():
 def test_every_benchmark_saves_the_same_provenance_record(tiny_cifar, tmp_path, monkeypatch, tiny_throughput,
                                                            tiny_inference):
     """The README quotes these files: each one names the commit, library versions and machine that measured it,
-    in one shape, so a figure can be traced the same way whichever benchmark wrote it."""
+    in one shape, so a figure can be traced the same way whichever benchmark wrote it. (pipeline_accuracy reads
+    its recipe through throughput.recipe_args: tiny here too.)"""
     import pipeline_accuracy
     throughput.main(["--quick", "--device", "cpu", "--data-dir", str(tiny_cifar), "--json", str(tmp_path / "t.json")])
     monkeypatch.setattr(model_step, "CONFIGS", {"baseline": {"width_mult": 0.25}})
     model_step.main(["-b", "4", "--steps", "1", "--device", "cpu", "--json", str(tmp_path / "m.json")])
     inference.main(["--quick", "--threads", "1", "--json", str(tmp_path / "i.json")])
-    monkeypatch.setattr(pipeline_accuracy, "ENHANCED", {**pipeline_accuracy.ENHANCED, "width_mult": 0.25})
     pipeline_accuracy.main(["--epochs", "1", "--max-train-samples", "64", "--max-test-samples", "32",
                             "--data-dir", str(tiny_cifar), "--json", str(tmp_path / "p.json")])
     expected = json.loads(json.dumps(common.provenance(torch.device("cpu"))))
