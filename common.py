@@ -13,6 +13,7 @@ Importing this module has no side effects of its own: it downloads nothing and s
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import hashlib
 import json
@@ -33,7 +34,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.ops import Conv2dNormActivation, SqueezeExcitation, StochasticDepth
 
 
@@ -621,12 +621,13 @@ def _adjust_hue(x, shift):
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's op indices
 
 
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, hue: bool = True) -> torch.Tensor:
     """Brightness, contrast, saturation and hue on [0, 1] images, in a per-sample random order.
 
     Brightness, contrast and saturation are all blends x' = m + f (x - m) with m = 0, the image's mean grey
-    or the pixel's grey, so one fused lerp per position serves every sample (f = 1 leaves a sample alone);
-    hue runs only on the samples whose turn it is.
+    or the pixel's grey, so one fused lerp per position serves every sample (f = 1 leaves a sample alone).
+    Hue is computed for every sample and kept where it is the sample's turn: indexing the chosen samples would
+    need their count on the host, a wait for the GPU at every position. `hue=False` skips it (a zero hue range).
     """
     for position in range(4):
         op = order[:, position]
@@ -636,9 +637,8 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
         is_saturation = (op == SATURATION).view(-1, 1, 1, 1)
         target = grey * is_saturation + grey.mean((2, 3), keepdim=True) * is_contrast  # 0 for brightness
         x = torch.lerp(target, x, f).clamp_(0, 1)
-        rows = (op == HUE).nonzero().squeeze(1)
-        if rows.numel():
-            x[rows] = _adjust_hue(x[rows], factors[rows, HUE]).clamp_(0, 1)
+        if hue:
+            x = torch.where((op == HUE).view(-1, 1, 1, 1), _adjust_hue(x, factors[:, HUE]).clamp_(0, 1), x)
     return x
 
 
@@ -652,7 +652,8 @@ def augment(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig = Aug
     """
     params = sample_augment_params(images.shape[0], images.shape[-1], cfg, gen, images.device)
     x, in_view = geometric_transform(images.float().mul_(1 / 255), params)
-    x = color_jitter(x, params["jitter"], params["jitter_order"]) * in_view
+    if any((cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)):  # with all four at 0 it is the identity
+        x = color_jitter(x, params["jitter"], params["jitter_order"], hue=cfg.hue > 0) * in_view
     return cutout(x, cfg.cutout, gen) if cfg.cutout else x
 
 
@@ -759,7 +760,14 @@ def select_device(name: str = "auto", local_rank: int | None = None) -> torch.de
     """auto: MPS, then CUDA, then CPU (CUDA, then CPU under torchrun: MPS has no distributed backend).
     An explicit device that is not available is a user error. Under torchrun each process takes cuda:LOCAL_RANK."""
     mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if local_rank is not None and name == "mps":
+        raise UserError("--device mps cannot run under torchrun: PyTorch's distributed backends (gloo, nccl) do not "
+                        "take MPS tensors; run the script without torchrun")
     if local_rank is not None and name in ("auto", "cuda") and torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise UserError(f"torchrun started a process of local rank {local_rank} but this node has {gpus} GPU(s): "
+                            f"use --nproc-per-node {gpus} or fewer (one process per GPU)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if name == "auto":
@@ -788,9 +796,13 @@ class Distributed:
         return self.world_size > 1
 
     def init(self, device: torch.device):
-        """nccl on CUDA, gloo on CPU; rendezvous from torchrun's MASTER_ADDR / MASTER_PORT."""
+        """nccl on CUDA, told its device up front (it then binds the communicator to it at once rather than
+        guessing at the first collective); gloo on CPU. Rendezvous from torchrun's MASTER_ADDR / MASTER_PORT."""
         if self and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if device.type == "cuda":
+                torch.distributed.init_process_group("nccl", device_id=device)
+            else:
+                torch.distributed.init_process_group("gloo")
 
     def close(self):
         if self and torch.distributed.is_initialized():
@@ -856,17 +868,32 @@ class Distributed:
 
 
 def autocast_dtype(device: torch.device, amp: str):
-    """Mixed-precision dtype for autocast, or None for fp32. auto: bf16 (fp16 without bf16) on CUDA only:
-    on CPU autocast was measured slower than fp32 here (README, Performance), and MPS autocast is young."""
+    """Mixed-precision dtype for autocast, or None for fp32. auto: bf16 on GPUs that have it natively (compute
+    capability 8.0 and up), fp16 on older ones, fp32 off CUDA: on the CPU autocast measured slower than fp32
+    (docs/PERFORMANCE.md), and MPS autocast is unmeasured here. torch.cuda.is_bf16_supported() alone counts
+    emulation, which a T4 or V100 offers but runs far slower than fp16 (cuDNN has no bf16 convolutions there)."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "fp16":
         return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         if amp == "bf16":
-            raise UserError("--amp bf16: this GPU does not support bfloat16; use --amp fp16 or --amp auto")
+            raise UserError("--amp bf16: this GPU has no native bfloat16 (compute capability below 8.0); use "
+                            "--amp fp16 or --amp auto")
         return torch.float16
     return torch.bfloat16
+
+
+def device_warnings(device: torch.device, args) -> list[str]:
+    """One line for each option the user forced that PyTorch documents as risky on this device."""
+    warnings_ = []
+    if device.type == "mps" and args.compile:
+        warnings_.append("--compile on MPS is a prototype in PyTorch, with known failures in backward: drop "
+                         "--compile if training fails or its losses look wrong")
+    if device.type == "mps" and args.channels_last:
+        warnings_.append("--channels-last on MPS makes convolution backward much slower in PyTorch's MPS backend "
+                         "(hence off by default there): drop it unless you measured otherwise")
+    return warnings_
 
 
 def default_channels_last(device: torch.device) -> bool:
@@ -894,11 +921,13 @@ def reset_peak_memory(device: torch.device):
             pass  # elsewhere the CPU figure stays the process's lifetime peak
 
 
-def peak_memory_mb(device: torch.device):
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak memory of the run in MiB: CUDA's allocator peak, the CPU process's peak resident set; None on MPS,
+    where PyTorch keeps no peak (its current allocation would understate it)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**20
+        return None
     try:  # CPU: the peak resident set since reset_peak_memory (Linux)
         status = Path("/proc/self/status").read_text()
         return next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM:")) / 1024  # kB
@@ -954,11 +983,38 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def chosen_recipe(recipes: dict, argv) -> str:
-    """The recipe --recipe names in argv (default: the first of `recipes`). Read before the parser is built,
-    because the recipe supplies every other flag's default: a flag given beside it still wins."""
+    """The recipe --recipe names in argv, else the one a --config file recorded, else the first of `recipes`. Read
+    before the parser is built, because the recipe supplies every other flag's default: a flag given beside it
+    still wins."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    recorded = replayed_flags(argv).get("recipe")
     pre = ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", choices=tuple(recipes), default=next(iter(recipes)))
-    return pre.parse_known_args(sys.argv[1:] if argv is None else list(argv))[0].recipe
+    pre.add_argument("--recipe", choices=tuple(recipes),
+                     default=recorded if recorded in recipes else next(iter(recipes)))
+    return pre.parse_known_args(argv)[0].recipe
+
+
+# What --config does not replay: where the run's files went and how it was started, not what it trained.
+NOT_REPLAYED = ("argv", "config", "output_dir", "resume", "overwrite", "test_only")
+
+
+def replayed_flags(argv) -> dict:
+    """The flags of the run whose config.json `--config PATH` names (timm's -c/--config, for a run's own record),
+    as flag defaults; {} without --config. Only what decides the training: output, resume and the command line
+    itself are the new run's."""
+    pre = ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    path = pre.parse_known_args(list(argv))[0].config
+    if path is None:
+        return {}
+    try:
+        recorded = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as exc:
+        pre.error(f"--config {path}: cannot read it as a run's config.json ({getattr(exc, 'strerror', None) or exc})")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("args"), dict):
+        pre.error(f"--config {path} is not a config.json written by these scripts (no 'args'); pass a run's "
+                  "config.json")
+    return {k: v for k, v in recorded["args"].items() if k not in NOT_REPLAYED}
 
 
 def build_parser(recipes: dict, name: str, description: str) -> argparse.ArgumentParser:
@@ -1040,6 +1096,9 @@ def build_parser(recipes: dict, name: str, description: str) -> argparse.Argumen
                    help="where files go (default: runs/<script>-<timestamp>; with --resume, the checkpoint's "
                         "folder)")
     o.add_argument("--overwrite", action="store_true", help="allow an output dir that holds another run")
+    o.add_argument("--config", default=None, metavar="CONFIG.json",
+                   help="replay a run: the flags its config.json recorded are used unless given here; where "
+                        "files go and --resume stay this command's (default: none)")
     o.add_argument("--resume", default=None, metavar="PATH",
                    help="continue (or --test-only) from a checkpoint (default: none, start from scratch)")
     o.add_argument("--test-only", action="store_true", help="evaluate --resume PATH (with TTA), no training")
@@ -1064,6 +1123,13 @@ NUMERIC_LIMITS = [("epochs", 1, 100_000, True), ("batch_size", 2, 65_536, True),
 
 def parse_args(parser: argparse.ArgumentParser, argv=None, limits=()) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
+    replayed = replayed_flags(argv)
+    known = vars(parser.parse_known_args([])[0])
+    unknown = sorted(k for k in replayed if k not in known)
+    if unknown:
+        parser.error(f"--config: the run it records has flags this script lacks ({', '.join(unknown)}): replay it "
+                     f"with the script that wrote it (config.json's 'script')")
+    parser.set_defaults(**replayed)
     args = parser.parse_args(argv)
     for name, low, high, low_ok in [*NUMERIC_LIMITS, *limits]:
         values = getattr(args, name, None)
@@ -1154,7 +1220,7 @@ def load_checkpoint(path) -> dict:
 
 def evaluated_weights(state: dict) -> tuple[dict, str]:
     """The weights a checkpoint's run evaluated and reported, and which they are: the EMA when the run kept
-    one (its AveragedModel state, `module.` prefix and `n_averaged` stripped), else the raw model."""
+    one (its ModelEma state, `module.` prefix and `n_averaged` stripped), else the raw model."""
     ema = state.get("ema")
     if ema is None:
         return state["model"], "model"
@@ -1198,11 +1264,14 @@ def weight_decay_groups(model: nn.Module, weight_decay: float, norm_weight_decay
 
 
 def rng_state(device: torch.device) -> dict:
-    """This process's random state: the CPU generator and the training device's own (not every visible GPU's,
-    so a checkpoint resumes on a machine with fewer GPUs, or on another device type)."""
+    """This process's random state: the CPU generator and the training device's own (dropout and drop-path masks
+    are drawn there; not every visible GPU's, so a checkpoint resumes on a machine with fewer GPUs, or on another
+    device type)."""
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -1211,25 +1280,62 @@ def set_rng_state(state: dict, device: torch.device):
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
 
 
-def model_ema(model: nn.Module, decay: float) -> AveragedModel:
-    """EMA of the weights and buffers with timm ModelEmaV3's warm-up: step t uses min(decay, (1 + t) / (10 + t)),
-    so the average follows the fast-moving early weights instead of staying near the initial ones for ~1/(1 -
-    decay) steps (without it: 144 steps left the EMA at 25% where the raw weights scored 100%)."""
-    def update(ema_params, params, num_averaged):
-        t = int(num_averaged)
-        get_ema_multi_avg_fn(min(decay, (1 + t) / (10 + t)))(ema_params, params, num_averaged)
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+class ModelEma(nn.Module):
+    """An exponential moving average of a model's weights and buffers (BatchNorm statistics too), with timm
+    ModelEmaV3's warm-up: update t uses decay min(decay, (1 + t) / (10 + t)), so the average follows the
+    fast-moving early weights instead of staying near the initial ones for ~1/(1 - decay) steps.
+
+    It computes what torch.optim.swa_utils.AveragedModel does with that decay (a test holds the two equal) and
+    keeps its state layout ('module.*', 'n_averaged'). Written here because AveragedModel tests and copies its
+    update count, a tensor, at every update, which on a GPU makes the host wait each step; this one counts on
+    the host."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.module = copy.deepcopy(model)
+        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long))  # on the CPU, like AveragedModel's
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module):
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if self.updates == 0:
+            for average, value in zip(averaged, current, strict=True):
+                average.copy_(value)
+        else:
+            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+            floats = [(a, v) for a, v in zip(averaged, current, strict=True) if a.is_floating_point()]
+            torch._foreach_lerp_([a for a, _ in floats], [v for _, v in floats], 1 - decay)
+            for average, value in zip(averaged, current):
+                if not average.is_floating_point():  # BatchNorm's batch counter, averaged as AveragedModel does
+                    average.copy_(average * decay + value * (1 - decay))
+        self.updates += 1
+        self.n_averaged.fill_(self.updates)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        result = super().load_state_dict(state_dict, strict, assign)
+        self.updates = int(self.n_averaged)
+        return result
+
+
+def model_ema(model: nn.Module, decay: float) -> ModelEma:
+    return ModelEma(model, decay)
 
 
 def seed_everything(seed: int, deterministic: bool):
     torch.manual_seed(seed)  # seeds CPU, CUDA and MPS generators (model init, dropout, stochastic depth)
+    # cuDNN's autotuner picks the fastest convolution for each shape; CIFAR's shapes never change, so it pays for
+    # its first-step search at once (torchvision's references do the same). It is not deterministic.
+    torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         # cuBLAS needs this for deterministic matmuls; the user's own setting wins.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
 
 
 def git_commit(repo: Path = Path(__file__).parent):
@@ -1281,7 +1387,8 @@ def score(probs, labels, dist: "Distributed | None" = None):
     """Loss, accuracy (%) and predictions of this rank's `probs` against all `labels` (see `evaluate`)."""
     n = labels.numel()
     local_labels = labels[dist.shard(n)] if dist else labels
-    loss_sum = F.nll_loss(probs.clamp_min(1e-12).log(), local_labels, reduction="sum").double()
+    # float32: the reduction sums pairwise, good to about 1e-6 of the total, far below the four digits reported.
+    loss_sum = F.nll_loss(probs.clamp_min(1e-12).log(), local_labels, reduction="sum")
     preds = probs.argmax(1)
     if dist:
         loss_sum, preds = dist.all_sum(loss_sum), dist.gather_shards(preds, n)
@@ -1319,6 +1426,54 @@ def changed_setting(keys, saved: dict, mine: dict):
     return next((k for k in keys if k in saved and k in mine and comparable(saved[k]) != comparable(mine[k])), None)
 
 
+class EpochMeter:
+    """One epoch's training loss and accuracy, kept on the device and read only at the loop's refresh points (a
+    read makes the host wait for a GPU), in dtypes every backend has (MPS has no float64): each step's mean loss
+    in a float32 slot, correct predictions in an int64 count, samples counted on the host. Totals are summed on
+    the host in double precision from the per-step values (math.fsum, exact for any grouping), so float32 costs
+    nothing beyond each loss's own rounding, and an epoch resumed mid-way reports what an uninterrupted one does
+    to the last bit. Also holds the epoch's first non-finite step, checked at the same points."""
+
+    def __init__(self, steps: int, batch_size: int, device: torch.device, dist: Distributed, start: int = 0,
+                 partial: dict | None = None):
+        carried = partial or {}
+        self.batch_size, self.dist, self.start = batch_size, dist, start
+        self.step_losses = torch.zeros(steps, device=device)              # this process's mean loss per step
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)  # this process's, since `start`
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.recorded = 0                                                 # steps counted since `start`
+        # Before `start` (a mid-epoch checkpoint): per-step losses summed over processes, or one loss sum in
+        # checkpoints that predate per-step losses.
+        self.carried_losses = [float(v) for v in carried.get("step_losses", ())]
+        self.carried_loss_sum = float(carried.get("loss_sum", 0.0))
+        self.carried_correct, self.carried_seen = int(carried.get("correct", 0)), int(carried.get("seen", 0))
+        self.skipped = int(carried.get("skipped", 0))
+
+    def update(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor):
+        self.step_losses[step] = loss.detach()
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.recorded += 1
+
+    def note_if_bad(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """Remember the first step whose loss is NaN/inf, on the device (no read); returns the flag."""
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
+        return bad
+
+    def first_bad(self) -> int:
+        """The first non-finite step on any process, or -1 (a read: call at refresh points)."""
+        return int(self.dist.all_max(self.first_bad_step).item())
+
+    def totals(self, done: int) -> dict:
+        """Over every process, steps [0, done): per-step losses, loss sum, correct predictions and samples."""
+        step_losses = self.carried_losses + self.dist.all_sum(self.step_losses[self.start:done]).tolist()
+        seen = self.carried_seen + self.recorded * self.batch_size * self.dist.world_size
+        correct = self.carried_correct + int(self.dist.all_sum(self.correct).item())
+        loss_sum = self.carried_loss_sum + math.fsum(v * self.batch_size for v in step_losses)
+        return {"step_losses": step_losses, "loss_sum": loss_sum, "correct": correct, "seen": seen,
+                "skipped": self.skipped}
+
+
 class Run:
     """The plumbing around a script's own loop: setup and banner, batches, per-step bookkeeping, evaluation,
     checkpoints and signals, the final report. Use as a context manager:
@@ -1344,6 +1499,9 @@ class Run:
         self.dist = Distributed()
         seed_everything(args.seed, args.deterministic)
         self.device = select_device(args.device, self.dist.local_rank if self.dist else None)
+        if args.sync_bn and self.device.type != "cuda":
+            raise UserError(f"--sync-bn needs CUDA (SyncBatchNorm runs on CUDA devices only), not "
+                            f"{self.device.type}: drop --sync-bn")
         self.dist.init(self.device)
         reset_peak_memory(self.device)
         self.amp_dtype = autocast_dtype(self.device, args.amp)
@@ -1421,6 +1579,8 @@ class Run:
         self.config["segments"] = self._segments()
         if self.dist.is_main:
             print_banner(self.config, self.out_dir)
+            for line in device_warnings(self.device, self.args):
+                print(f"warning: {line}", file=sys.stderr)
             write_json(self.out_dir / ("config.json" if not self.args.test_only else "test_config.json"), self.config)
         if self.dist:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -1511,13 +1671,7 @@ class Run:
         steps = self.steps_per_epoch()
         start = self.resume_step if epoch == self.resume_epoch else 0
         partial = self.partial if start else None
-        # Running sums on the device, read only at refresh points: [loss sum, correct, samples] of this rank.
-        self.meters = torch.zeros(3, device=self.device, dtype=torch.float64)
-        self.first_bad_step = torch.full((), -1, device=self.device, dtype=torch.int64)
-        if partial:
-            self.meters += torch.tensor([partial["loss_sum"], partial["correct"], partial["seen"]],
-                                        device=self.device, dtype=torch.float64) / dist.world_size
-        self.skipped = partial["skipped"] if partial else 0
+        self.meter = EpochMeter(steps, args.batch_size, self.device, dist, start, partial)
         self.time_before = partial["time"] if partial else 0.0
         if not start:
             # Dropout and stochastic-depth masks: one stream per (seed, epoch, rank), so ranks draw different masks
@@ -1559,25 +1713,23 @@ class Run:
     def should_skip(self, loss) -> bool:
         """With --skip-nonfinite: True for a NaN/inf loss on any rank (every rank skips the step). Otherwise the
         bad step is recorded on the device and the run stops at the next check, before anything is saved."""
-        bad = ~torch.isfinite(loss.detach())
         if self.args.skip_nonfinite:
-            if self.dist.all_max(bad.to(torch.int64)).item():
-                self.skipped += 1
+            if self.dist.all_max((~torch.isfinite(loss.detach())).to(torch.int64)).item():
+                self.meter.skipped += 1
                 return True
             return False
-        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), self.step, self.first_bad_step)
+        self.meter.note_if_bad(self.step, loss)
         return False
 
     def step_done(self, loss, logits, labels):
         """Account one optimizer step; refresh the bar; on SIGINT/SIGTERM save last.pt and stop."""
-        n = labels.shape[0]
-        self.meters += torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == labels).sum().double(),
-                                    torch.tensor(float(n), device=self.device, dtype=torch.float64)])
+        self.meter.update(self.step, loss, logits, labels)
         done = self.step + 1
         refresh = done % self.REFRESH_EVERY == 0 or done == self.bar.total
         if refresh:
             self._check_finite()
-            loss_sum, correct, seen = self.dist.all_sum(self.meters).tolist()
+            totals = self.meter.totals(done)
+            loss_sum, correct, seen = totals["loss_sum"], totals["correct"], max(1, totals["seen"])
             self.bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct * 100 / seen:.1f}",
                                  lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
         self.bar.update(1)
@@ -1587,7 +1739,7 @@ class Run:
             self._save_and_stop(done, stop)
 
     def _check_finite(self):
-        bad = int(self.dist.all_max(self.first_bad_step).item())
+        bad = self.meter.first_bad()
         if bad >= 0:
             self.bar.close()
             raise NonFiniteLoss(
@@ -1595,11 +1747,12 @@ class Run:
                 f"({self.out_dir / 'last.pt'}, if any epoch finished) is kept. Try a lower --lr, --clip-grad-norm "
                 "1.0, --amp off, or --skip-nonfinite to skip such steps")
 
-    def _partial_state(self):
+    def _partial_state(self, done: int) -> dict:
+        """What a mid-epoch checkpoint carries of the epoch so far (every process's, summed)."""
         synchronize(self.device)
-        loss_sum, correct, seen = self.dist.all_sum(self.meters).tolist()
-        return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "skipped": self.skipped,
-                "time": self.time_before + time.perf_counter() - self.t0}
+        totals = self.meter.totals(done)
+        return {"step_losses": totals["step_losses"], "correct": totals["correct"], "seen": totals["seen"],
+                "skipped": totals["skipped"], "time": self.time_before + time.perf_counter() - self.t0}
 
     def _save_and_stop(self, done, signum):
         self._check_finite()
@@ -1607,7 +1760,7 @@ class Run:
         # No buffer averaging here (unlike end_epoch): DDP broadcasts rank 0's buffers at every forward, so rank 0's
         # BN statistics are the run's mid-epoch state, and averaging them would change what the next step sees.
         path = self.out_dir / "last.pt"
-        state = self._state(self.epoch, done, self._partial_state(), rng=self.dist.gather(rng_state(self.device)))
+        state = self._state(self.epoch, done, self._partial_state(done), rng=self.dist.gather(rng_state(self.device)))
         if self.dist.is_main:
             save_checkpoint(path, state)
         self.dist.barrier()  # no rank exits (and has torchrun tear the others down) before last.pt is in place
@@ -1646,11 +1799,12 @@ class Run:
         self._check_finite()
         self.dist.average_buffers(self.model, self.ema)
         test_loss, test_acc = self._evaluate() if self._evaluates(epoch) else (math.nan, math.nan)
-        loss_sum, correct, seen = self.dist.all_sum(self.meters).tolist()
-        seen = max(1.0, seen)
+        totals = self.meter.totals(self.steps_per_epoch())
+        loss_sum, correct, seen = totals["loss_sum"], totals["correct"], max(1, totals["seen"])
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct * 100 / seen,
                "test_loss": test_loss, "test_acc": test_acc, "lr": self.optimizer.param_groups[0]["lr"],
-               "epoch_time_s": train_time, "img_per_s": seen / max(train_time, 1e-9), "skipped_steps": self.skipped}
+               "epoch_time_s": train_time, "img_per_s": seen / max(train_time, 1e-9),
+               "skipped_steps": totals["skipped"]}
         self.history.append(row)
         is_best = test_acc > self.best_acc  # False for a skipped evaluation (NaN)
         self.best_acc = max(self.best_acc, test_acc)
@@ -1663,8 +1817,16 @@ class Run:
                 save_checkpoint(self.out_dir / "best.pt", state)
             save_checkpoint(self.out_dir / "last.pt", state)
             write_metrics_csv(self.out_dir / "metrics.csv", self.history)
-            plot_curves(self.out_dir / "curves.png", self.history)
+            plot_curves(self.out_dir / "curves.png", self.history, *self._curves_labels())
         self._stop_if_signalled(epoch + 1)
+
+    def _curves_labels(self) -> tuple[str, float | None]:
+        """curves.png's title, and the notebook's figure where the run compares with it (all 50,000 images)."""
+        model = self.config["model"]
+        title = (f"mobilenetv4_{self.script}.py: {model['variant']}, width {model['width_mult']}, "
+                 f"{self.data.train_images.shape[0]:,} training images, seed {self.args.seed}")
+        full_data = self.data.train_images.shape[0] == 50_000
+        return title, NOTEBOOK_REPORTED.get(self.script) if full_data else None
 
     def _evaluates(self, epoch: int) -> bool:
         return (epoch + 1) % self.args.eval_every == 0 or epoch + 1 == self.args.epochs
@@ -1729,9 +1891,12 @@ class Run:
             print_tta_table(tta, self.args.tta, evaluated_model(summary, self.args.test_only))
             print_summary(summary, self.out_dir, self.args.test_only)
             write_json(self.out_dir / "summary.json", summary)
-            plot_confusion(self.out_dir / "confusion.png", labels, headline_preds, self.data.classes)
+            accuracy = tta[self.args.tta]["test_acc"]
+            plot_confusion(self.out_dir / "confusion.png", labels, headline_preds, self.data.classes,
+                           f"{self.config['model']['variant']}, {evaluated_model(summary, self.args.test_only)}, "
+                           f"TTA {self.args.tta}: {accuracy:.2f}% of {labels.numel():,} test images")
             if self.history:
-                plot_curves(self.out_dir / "curves.png", self.history)
+                plot_curves(self.out_dir / "curves.png", self.history, *self._curves_labels())
         return summary
 
     # ---- signals -----------------------------------------------------------------------------------
@@ -1770,13 +1935,27 @@ def threading_main() -> bool:
 
 
 def device_name(device: torch.device) -> str:
+    """What a run's figures were measured on: the GPU's name, the Mac's chip (MPS), the CPU's architecture."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() if device.type == "cpu" else device.type
+    if device.type == "mps":
+        return f"{cpu_model()} (MPS)"
+    return platform.processor() or platform.machine()
+
+
+def _sysctl(key: str) -> str | None:
+    try:
+        out = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def cpu_model() -> str:
-    """The CPU's marketing name where Linux tells it (platform.processor() gives only the architecture there)."""
+    """The CPU's marketing name: Linux's /proc/cpuinfo, macOS's sysctl ("Apple M4"); platform.processor() gives
+    only the architecture on both."""
+    if sys.platform == "darwin":
+        return _sysctl("machdep.cpu.brand_string") or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -1848,13 +2027,15 @@ def print_tta_table(tta: dict, headline: str, model: str):
 
 def print_summary(summary: dict, out_dir: Path, test_only: bool):
     accuracy = f"test acc {summary['test_acc']:.2f}% | with TTA '{summary['tta']}' {summary['test_acc_tta']:.2f}%"
-    memory = f"peak memory {summary['peak_memory_mb']:.0f} MB ({summary['device']})"
+    peak = summary["peak_memory_mb"]
+    memory = f"peak memory {peak:.0f} MB ({summary['device']})" if peak is not None else \
+        f"peak memory not tracked on {summary['device']}"
     if test_only:  # nothing trained: name what was evaluated, and the three files an evaluation writes
         print(f"\n{accuracy} | {evaluated_model(summary, True)} | {memory}")
         files = "test_config.json, summary.json, confusion.png"
     else:
         best = "n/a" if summary["best_acc"] is None else f"{summary['best_acc']:.2f}%"
-        print(f"\nfinal {accuracy} | best epoch {best} | epochs {summary['epochs_completed']} | "
+        print(f"\nfinal {accuracy} | best epoch (chosen on the test set) {best} | epochs {summary['epochs_completed']} | "
               f"train time {summary['train_time_s']:.1f} s | {memory}")
         files = "config.json, metrics.csv, summary.json, curves.png, confusion.png, last.pt, best.pt"
     print("per-class acc: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["per_class_acc"].items()))
@@ -1886,27 +2067,43 @@ def _save_figure(fig, path: Path):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 
-def plot_curves(path: Path, history: list):
+# The public notebook's reported final test accuracy (%) after 20 epochs on all 50,000 training images.
+NOTEBOOK_REPORTED = {"baseline": 70.09, "enhanced": 83.28}
+
+
+def plot_curves(path: Path, history: list, title: str, notebook: float | None = None):
+    """Loss and accuracy per epoch, train and test; `notebook`: the notebook's reported figure, where it compares."""
     from matplotlib.figure import Figure  # the object API: no pyplot global state, no GUI backend
     epochs = [r["epoch"] for r in history]
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(10, 4.3))
     ax_loss, ax_acc = fig.subplots(1, 2)
-    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy (%)")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train")
-        ax.plot(epochs, [r[f"test_{key}"] for r in history], "o-", label="test")
+    panels = ((ax_loss, "loss", "cross-entropy loss (train: with label smoothing)"), (ax_acc, "acc", "accuracy (%)"))
+    for ax, key, label in panels:
+        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", ms=3, label="train (augmented, during the epoch)")
+        tested = [(r["epoch"], r[f"test_{key}"]) for r in history if not math.isnan(r[f"test_{key}"])]
+        ax.plot(*zip(*tested), "o-", ms=3, label="test (end of epoch, no TTA)") if tested else None
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend()
+    if notebook is not None:
+        ax_acc.axhline(notebook, color="grey", ls="--", lw=1, label=f"notebook, reported at epoch 20: {notebook:.2f}%")
+    last = history[-1]
+    if not math.isnan(last["test_acc"]):
+        ax_acc.annotate(f"{last['test_acc']:.2f}%", (last["epoch"], last["test_acc"]), textcoords="offset points",
+                        xytext=(0, 8), ha="center", fontsize=9)
+    ax_loss.legend(fontsize=8)
+    ax_acc.legend(fontsize=8, loc="best")
+    fig.suptitle(title, fontsize=11)
     _save_figure(fig, path)
 
 
-def plot_confusion(path: Path, labels, preds, classes):
+def plot_confusion(path: Path, labels, preds, classes, title: str):
     from matplotlib.figure import Figure
     k = len(classes)
     matrix = torch.bincount(labels.cpu() * k + preds.cpu(), minlength=k * k).view(k, k)  # [true, predicted]
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
+    ax.set_title(title, fontsize=10)
     im = ax.imshow(matrix.numpy(), cmap="Blues")
     ax.set_xticks(range(k), classes, rotation=45, ha="right")
     ax.set_yticks(range(k), classes)

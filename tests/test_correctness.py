@@ -164,6 +164,34 @@ def test_ema_warm_up_follows_the_trained_weights():
     assert ema.module.weight.mean().item() == pytest.approx(0.999, abs=1e-4)
 
 
+def test_ema_equals_averaged_model_with_the_warm_up_and_keeps_its_checkpoint_layout():
+    """The EMA computes exactly what torch's AveragedModel does with the same warm-up (its reference), weights and
+    BatchNorm buffers alike, and its state has AveragedModel's layout, so checkpoints of either load in both."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(2, 3, 6, 6))
+
+    def warmed_up(ema_params, params, num_averaged):
+        t = int(num_averaged)
+        get_ema_multi_avg_fn(min(0.99, (1 + t) / (10 + t)))(ema_params, params, num_averaged)
+    reference = AveragedModel(model, multi_avg_fn=warmed_up, use_buffers=True)
+    ema = common.model_ema(model, 0.99)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(30):
+        model(torch.randn(4, 3, 6, 6)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update_parameters(model)
+        reference.update_parameters(model)
+        if step == 14:  # resume half-way from a checkpoint of each kind
+            ema = common.model_ema(model, 0.99)
+            ema.load_state_dict(reference.state_dict())
+    assert ema.state_dict().keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(ema.state_dict()[key], value), key
+
+
 def test_ema_of_a_short_run_scores_like_the_raw_weights(enh_learned, tiny_cifar):
     """100 steps with --model-ema: the EMA (what is reported) must have learned too; without warm-up it stayed
     near the initial weights (chance) while the raw weights learned."""

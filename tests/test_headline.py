@@ -54,16 +54,17 @@ def test_rows_quote_the_runs_files(learned, enh_learned, tiny_cifar, tmp_path):
         assert row["run"] == folder.name and row["notebook (reported)"] == notebook
         assert row["final"] == f"{summary['test_acc']:.2f}"
         assert row["final + TTA"] == f"{summary['test_acc_tta']:.2f} ({summary['tta']})"
-        assert row["best (epoch)"] == f"{float(best['test_acc']):.2f} ({best['epoch']})"
+        assert row["best on test set (epoch)"] == f"{float(best['test_acc']):.2f} ({best['epoch']})"
         assert row["epochs"] == f"{len(metrics)} / {len(metrics)}"
         config = json.loads((folder / "config.json").read_text())
-        assert row["command"].strip("`").endswith(" ".join(config["args"]["argv"]))
+        # the command that replays the run, whatever the defaults have become since
+        assert row["replay"] == f"`python mobilenetv4_{config['script']}.py --config {folder / 'config.json'}`"
     assert rows[0]["commits"] == "ddddddd-dirty, ccccccc"
     enh_commit = json.loads((enh / "config.json").read_text())["git_commit"] or "unknown"
     assert rows[1]["commits"] == enh_commit[:7] + ("-dirty" if enh_commit.endswith("-dirty") else "")
     best_eval = json.loads((enh / "eval-best" / "summary.json").read_text())
-    assert rows[1]["best + TTA"] == f"{best_eval['test_acc_tta']:.2f} ({best_eval['tta']})"
-    assert rows[0]["best + TTA"] == "-"  # never evaluated: not invented
+    assert rows[1]["best on test set + TTA"] == f"{best_eval['test_acc_tta']:.2f} ({best_eval['tta']})"
+    assert rows[0]["best on test set + TTA"] == "-"  # never evaluated: not invented
 
 
 def test_a_run_still_training_shows_its_last_epoch(learned, tmp_path):

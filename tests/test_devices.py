@@ -1,0 +1,368 @@
+"""Stand-ins for the devices this project's users have and its CI lacks: Apple's MPS backend and CUDA GPUs.
+
+- MPS has no float64 (or complex128): a dispatch mode fails every op that produces one, while both scripts
+  train, evaluate, run the TTA table, stop mid-epoch and resume, evaluate with --test-only, and predict.py
+  classifies. On a Mac any such op on the training device is a TypeError at the first step.
+- GPUs run asynchronously: every read of a device value on the host (`.item()`, `int(t)`, `nonzero()`) waits
+  for the queue to drain. A dispatch mode counts them; an epoch of twice the steps must not make more.
+- FakeTensorMode builds tensors on a "cuda" device without a GPU and refuses ops that mix devices.
+- Monkeypatched capabilities check the choices made for hardware this machine does not have.
+"""
+import contextlib
+import io
+import math
+import signal
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import common
+import mobilenetv4_baseline
+import mobilenetv4_enhanced
+import predict
+
+SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
+TINY = ["--width-mult", "0.25", "-b", "16", "--max-train-samples", "64", "--max-test-samples", "32",
+        "--device", "cpu", "--no-download", "--seed", "0"]
+MPS_MISSING = (torch.float64, torch.complex128)
+pytestmark = pytest.mark.filterwarnings("ignore:CIFAR-10 files")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class DtypeRecorder(TorchDispatchMode):
+    """Records every op whose output has a dtype the MPS backend lacks."""
+
+    def __init__(self):
+        super().__init__()
+        self.offenders = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.dtype in MPS_MISSING:
+                self.offenders.append(f"{func} -> {leaf.dtype}")
+        return out
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ops that make the host wait for a GPU: reading a value (`.item()`, `int()`, `bool()`) or an
+    output whose size depends on the data. Not inside optimizer.step(): Adam(W) reads its step counters there,
+    which torch keeps on the host (CPU tensors) unless `capturable`, so on a GPU they cost no wait."""
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique")
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.in_optimizer_step = 0, False
+        self.hooks = []
+
+    def __enter__(self):
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+        self.hooks = [register_optimizer_step_pre_hook(lambda *_: setattr(self, "in_optimizer_step", True)),
+                      register_optimizer_step_post_hook(lambda *_: setattr(self, "in_optimizer_step", False))]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.in_optimizer_step and str(func).startswith(self.SYNCING):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def run_main(module, argv):
+    """main(argv) in this process; (exit code, summary, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    summary, code = None, 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            summary = module.main([str(a) for a in argv])
+        except SystemExit as exc:
+            code = exc.code
+    return code, summary, out.getvalue(), err.getvalue()
+
+
+def assert_no_mps_missing_dtype(recorder):
+    assert not recorder.offenders, f"{len(recorder.offenders)} ops make float64/complex128, e.g. " \
+                                   f"{sorted(set(recorder.offenders))[:8]}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. No dtype that MPS lacks, anywhere a user's command goes
+# ---------------------------------------------------------------------------------------------------
+RECIPES = {  # each script's default, and the enhanced paths the default leaves out (colour jitter, crop, EMA)
+    "baseline": ("baseline", []),
+    "enhanced": ("enhanced", []),
+    "enhanced-notebook-ema": ("enhanced", ["--recipe", "notebook", "--model-ema"]),
+}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_no_float64_when_training_stopping_resuming_and_evaluating(name, tiny_cifar, tmp_path, monkeypatch):
+    script, flags = RECIPES[name]
+    module = SCRIPTS[script]
+    out = tmp_path / "run"
+    argv = [*TINY, *flags, "--data-dir", tiny_cifar, "--epochs", 2]
+    original, steps = common.Run.step_done, [0]
+
+    def stop_mid_epoch_2(self, loss, logits, labels):  # as Ctrl-C after the 2nd step of epoch 2
+        steps[0] += 1
+        if steps[0] == 6:
+            self.stop_signum = signal.SIGINT
+        return original(self, loss, logits, labels)
+
+    recorder = DtypeRecorder()
+    with recorder:
+        with monkeypatch.context() as patch:
+            patch.setattr(common.Run, "step_done", stop_mid_epoch_2)
+            code, _, _, err = run_main(module, [*argv, "--output-dir", out])
+        assert code == 128 + signal.SIGINT, err
+        code, summary, _, err = run_main(module, [*argv, "--resume", out / "last.pt"])   # + the TTA table
+        assert code == 0, err
+        code, tested, _, err = run_main(module, [*TINY, *flags, "--data-dir", tiny_cifar, "--test-only",
+                                                 "--resume", out / "best.pt", "--output-dir", tmp_path / "test"])
+        assert code == 0, err
+    assert summary["epochs_completed"] == 2 and len(summary["tta_table"]) == len(common.TTA_VIEWS)
+    assert tested["test_acc"] == summary["best_acc"]
+    assert_no_mps_missing_dtype(recorder)
+
+
+def test_no_float64_in_predict(tiny_cifar, tmp_path):
+    from PIL import Image
+    code, _, _, err = run_main(mobilenetv4_enhanced, [*TINY, "--data-dir", tiny_cifar, "--epochs", 1,
+                                                      "--no-tta-table", "--output-dir", tmp_path / "run"])
+    assert code == 0, err
+    (tmp_path / "images").mkdir()
+    for i, mode in enumerate(("RGB", "L", "I;16", "RGBA")):  # 16-bit greyscale takes predict's widest path
+        Image.new(mode, (40, 30), 120 * i).save(tmp_path / "images" / f"image{i}.png")
+    recorder = DtypeRecorder()
+    with recorder:
+        code, results, out, err = run_main(predict, ["--checkpoint", tmp_path / "run" / "last.pt", "--device",
+                                                     "cpu", "--tta", "flip_shift", tmp_path / "images"])
+    assert code == 0, err
+    assert len(results) == 4 and out.count("\n") == 4
+    assert_no_mps_missing_dtype(recorder)
+
+
+def test_the_recorder_sees_float64():
+    """The guard itself: each way the training path once made float64 is caught."""
+    recorder = DtypeRecorder()
+    with recorder:
+        torch.zeros(3, dtype=torch.float64)
+        torch.ones(2).double()
+        torch.tensor([1.0, 2.0], dtype=torch.float64)
+    assert len(recorder.offenders) == 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. No per-step host-device synchronisation
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", RECIPES)
+def test_an_epoch_syncs_a_fixed_number_of_times(name, tiny_cifar, tmp_path):
+    """Twice the steps, same evaluation: a GPU run that reads a device value every step would count more."""
+    script, flags = RECIPES[name]
+    counts = []
+    for images in (64, 128):  # 4 and 8 steps of 16, both below the progress bar's refresh interval
+        counter = SyncCounter()
+        with counter:
+            code, _, _, err = run_main(SCRIPTS[script], [*TINY, *flags, "--data-dir", tiny_cifar, "--epochs", 1,
+                                                         "--max-train-samples", images, "--no-tta-table",
+                                                         "--output-dir", tmp_path / str(images)])
+        assert code == 0, err
+        counts.append(counter.count)
+    assert counts[0] == counts[1], f"host syncs: {counts[0]} for 4 steps, {counts[1]} for 8"
+
+
+def test_the_sync_counter_sees_item_and_nonzero():
+    counter = SyncCounter()
+    with counter:
+        x = torch.arange(4)
+        x.sum().item()
+        int(x[0])
+        x.nonzero()
+    assert counter.count == 3
+
+
+def test_colour_jitter_off_leaves_pixels_alone():
+    """The default recipe has no colour jitter: augmentation must not push its images through an HSV round trip."""
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    cfg = common.AugmentConfig(crop_padding=0, flip_prob=0, rotation=0, brightness=0, contrast=0, saturation=0,
+                               hue=0, translate=0)
+    out = common.augment(images, torch.Generator().manual_seed(0), cfg)
+    assert torch.equal(out, images.float().mul(1 / 255))  # the pipeline's uint8 -> [0, 1] scaling, nothing more
+
+
+def test_hue_without_indexing_matches_the_per_sample_result():
+    """Hue runs on every sample and is kept where it is the sample's turn: the same pixels as adjusting the chosen
+    samples alone, with no data-dependent indexing."""
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    factors = torch.stack([torch.ones(16), torch.ones(16), torch.ones(16), torch.rand(16) * 0.2 - 0.1], 1)
+    order = torch.rand(16, 4).argsort(1)
+    out = common.color_jitter(x.clone(), factors, order)
+    expected = x.clone()
+    for i in range(16):
+        expected[i:i + 1] = common._adjust_hue(x[i:i + 1], factors[i:i + 1, common.HUE]).clamp(0, 1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Tensors on a (fake) CUDA device: nothing mixes devices
+# ---------------------------------------------------------------------------------------------------
+def test_forward_evaluation_and_tta_on_fake_cuda():
+    """FakeTensorMode gives tensors a cuda device with no GPU and raises on any op that mixes devices: the model,
+    normalisation, augmentation ops, every TTA view, prediction and scoring stay on the images' device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        images = torch.zeros(8, 3, 32, 32, dtype=torch.uint8, device="cuda")
+        labels = torch.zeros(8, dtype=torch.int64, device="cuda")
+        with torch.device("cuda"):
+            model = common.mobilenetv4("conv_small", width_mult=0.25, se=True, head="mlp", act="silu",
+                                       drop_path_rate=0.1)
+        model.train()
+        logits = model(common.normalize(images))
+        params = {"crop": torch.zeros(8, 2, dtype=torch.int64, device="cuda"),
+                  "flip": torch.zeros(8, dtype=torch.bool, device="cuda"),
+                  "angle": torch.zeros(8, device="cuda"), "shift": torch.zeros(8, 2, device="cuda"),
+                  "jitter": torch.ones(8, 4, device="cuda"),
+                  "jitter_order": torch.arange(4, device="cuda").repeat(8, 1)}
+        x, in_view = common.geometric_transform(images.float(), params)
+        x = common.color_jitter(x, params["jitter"], params["jitter_order"]) * in_view
+        views = {view for mode in common.TTA_VIEWS.values() for view in mode}
+        probs = [common.predict(model, images, view, batch_size=4) for view in views]
+        loss = torch.nn.functional.nll_loss(sum(probs).log(), labels, reduction="sum")  # as score() reduces
+        assert logits.device.type == x.device.type == loss.device.type == "cuda"
+        assert len(probs) == 12 and all(p.device.type == "cuda" and p.shape == (8, 10) for p in probs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Capabilities this machine lacks, monkeypatched
+# ---------------------------------------------------------------------------------------------------
+def fake_gpu(monkeypatch, capability):
+    """A CUDA device of the given compute capability, as torch.cuda reports it (bf16 only emulated below 8.0)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: capability[0] >= 8 or including_emulation)
+
+
+@pytest.mark.parametrize("capability, amp, expected", [
+    ((7, 5), "auto", torch.float16),   # T4: bf16 only emulated, so fp16
+    ((7, 0), "auto", torch.float16),   # V100
+    ((8, 0), "auto", torch.bfloat16),  # A100
+    ((9, 0), "auto", torch.bfloat16),  # H100
+    ((7, 5), "fp16", torch.float16),
+    ((8, 6), "off", None),
+])
+def test_autocast_dtype_on_gpus(capability, amp, expected, monkeypatch):
+    fake_gpu(monkeypatch, capability)
+    assert common.autocast_dtype(torch.device("cuda", 0), amp) == expected
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
+    fake_gpu(monkeypatch, (7, 5))
+    with pytest.raises(common.UserError, match=r"--amp bf16.*--amp fp16"):
+        common.autocast_dtype(torch.device("cuda", 0), "bf16")
+
+
+@pytest.mark.parametrize("device, amp, expected", [("cpu", "auto", None), ("mps", "auto", None),
+                                                   ("cpu", "bf16", torch.bfloat16), ("mps", "fp16", torch.float16)])
+def test_autocast_dtype_off_cuda(device, amp, expected):
+    assert common.autocast_dtype(torch.device(device), amp) == expected
+
+
+def fake_mps(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+
+
+def test_torchrun_with_mps_is_refused(monkeypatch):
+    fake_mps(monkeypatch)
+    for name in ("mps",):
+        with pytest.raises(common.UserError, match=r"--device mps.*torchrun"):
+            common.select_device(name, local_rank=0)
+    # auto under torchrun never picks MPS: with no GPU it falls back to the CPU (gloo)
+    assert common.select_device("auto", local_rank=0) == torch.device("cpu")
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch):
+    fake_gpu(monkeypatch, (8, 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    assert common.select_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    with pytest.raises(common.UserError, match=r"local rank 2.*2 GPU.*--nproc-per-node"):
+        common.select_device("auto", local_rank=2)
+
+
+@pytest.mark.parametrize("device", ["cpu", "mps"])
+def test_sync_bn_off_cuda_is_refused(device, tiny_cifar, tmp_path, monkeypatch):
+    if device == "mps":
+        fake_mps(monkeypatch)
+        monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: None, raising=False)
+        monkeypatch.setattr(common.Cifar10, "to", lambda self, d: self)  # the data stays put: no MPS here
+    code, _, _, err = run_main(mobilenetv4_baseline, [*TINY[:-5], "--device", device, "--no-download", "--sync-bn",
+                                                      "--data-dir", tiny_cifar, "--output-dir", tmp_path / "r"])
+    assert code == 2, err
+    assert err.count("\n") == 1 and "--sync-bn" in err and "CUDA" in err
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
+def test_rng_state_round_trips_for_every_device_type(device, monkeypatch):
+    """A mid-epoch checkpoint restores the training device's own generator (dropout and drop-path masks)."""
+    store = {"cuda": torch.arange(8, dtype=torch.uint8), "mps": torch.arange(8, dtype=torch.uint8) + 1}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: store["cuda"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: store.__setitem__("cuda", state))
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": store["mps"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": store.__setitem__("mps", state))
+    dev = torch.device(device, 0) if device == "cuda" else torch.device(device)
+    state = common.rng_state(dev)
+    assert set(state) == {"cpu"} | ({device} - {"cpu"})
+    saved = {k: v.clone() for k, v in state.items()}
+    torch.rand(3)
+    store.update(cuda=torch.zeros(8, dtype=torch.uint8), mps=torch.zeros(8, dtype=torch.uint8))
+    common.set_rng_state(state, dev)
+    assert torch.equal(torch.get_rng_state(), saved["cpu"])
+    if device != "cpu":
+        assert torch.equal(store[device], saved[device])
+    # a checkpoint from another device type restores what applies and skips the rest
+    common.set_rng_state(saved, torch.device("cpu"))
+
+
+def test_mac_chip_is_recorded(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(common, "_sysctl", lambda key: "Apple M4" if key == "machdep.cpu.brand_string" else None)
+    assert common.device_name(torch.device("mps")) == "Apple M4 (MPS)"
+
+
+def test_peak_memory_on_mps_is_not_invented():
+    """PyTorch keeps no peak for MPS: report none rather than the current allocation under a peak's name."""
+    assert common.peak_memory_mb(torch.device("mps")) is None
+
+
+@pytest.mark.parametrize("flag, words", [("--compile", "prototype"), ("--channels-last", "slower")])
+def test_risky_mps_options_warn(flag, words, monkeypatch, capsys):
+    args = mobilenetv4_enhanced.parse_args([flag])
+    warnings = common.device_warnings(torch.device("mps"), args)
+    assert len(warnings) == 1 and flag in warnings[0] and words in warnings[0]
+    assert common.device_warnings(torch.device("cuda", 0), args) == []
+
+
+def test_nccl_is_given_its_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    environ = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    common.Distributed(environ).init(torch.device("cuda", 1))
+    common.Distributed(environ).init(torch.device("cpu"))
+    assert calls == [("nccl", {"device_id": torch.device("cuda", 1)}), ("gloo", {})]
