@@ -1323,10 +1323,6 @@ class ModelEma(nn.Module):
         return result
 
 
-def model_ema(model: nn.Module, decay: float) -> ModelEma:
-    return ModelEma(model, decay)
-
-
 def seed_everything(seed: int, deterministic: bool):
     torch.manual_seed(seed)  # seeds CPU, CUDA and MPS generators (model init, dropout, stochastic depth)
     # cuDNN's autotuner picks the fastest convolution for each shape; CIFAR's shapes never change, so it pays for
@@ -1454,11 +1450,10 @@ class EpochMeter:
         self.correct += (logits.detach().argmax(1) == labels).sum()
         self.recorded += 1
 
-    def note_if_bad(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        """Remember the first step whose loss is NaN/inf, on the device (no read); returns the flag."""
+    def note_if_bad(self, step: int, loss: torch.Tensor):
+        """Remember the first step whose loss is NaN/inf, on the device (no read)."""
         bad = ~torch.isfinite(loss.detach())
         self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
-        return bad
 
     def first_bad(self) -> int:
         """The first non-finite step on any process, or -1 (a read: call at refresh points)."""

@@ -119,7 +119,7 @@ def main(argv=None):
         params = common.weight_decay_groups(run.model, args.wd, args.norm_weight_decay)
         optimizer = make_optimizer(args, params)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: lr_factor(args, run.progress()))
-        ema = common.model_ema(run.model, args.model_ema_decay) if args.model_ema else None
+        ema = common.ModelEma(run.model, args.model_ema_decay) if args.model_ema else None
         criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         scaler = run.grad_scaler()
         start_epoch = run.start(optimizer, scheduler, ema)

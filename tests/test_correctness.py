@@ -152,7 +152,7 @@ def test_ema_warm_up_follows_the_trained_weights():
     min(decay, (1 + t) / (10 + t))) has the average follow what training moved to."""
     model = nn.Linear(4, 4)
     nn.init.zeros_(model.weight)
-    ema = common.model_ema(model, 0.999)
+    ema = common.ModelEma(model, 0.999)
     nn.init.ones_(model.weight)
     for _ in range(20):
         ema.update_parameters(model)
@@ -176,7 +176,7 @@ def test_ema_equals_averaged_model_with_the_warm_up_and_keeps_its_checkpoint_lay
         t = int(num_averaged)
         get_ema_multi_avg_fn(min(0.99, (1 + t) / (10 + t)))(ema_params, params, num_averaged)
     reference = AveragedModel(model, multi_avg_fn=warmed_up, use_buffers=True)
-    ema = common.model_ema(model, 0.99)
+    ema = common.ModelEma(model, 0.99)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(30):
         model(torch.randn(4, 3, 6, 6)).square().mean().backward()
@@ -185,7 +185,7 @@ def test_ema_equals_averaged_model_with_the_warm_up_and_keeps_its_checkpoint_lay
         ema.update_parameters(model)
         reference.update_parameters(model)
         if step == 14:  # resume half-way from a checkpoint of each kind
-            ema = common.model_ema(model, 0.99)
+            ema = common.ModelEma(model, 0.99)
             ema.load_state_dict(reference.state_dict())
     assert ema.state_dict().keys() == reference.state_dict().keys()
     for key, value in reference.state_dict().items():
