@@ -237,7 +237,7 @@ def _architecture():
 STUDIES = {"cumulative": _cumulative(), "leave-one-out": _leave_one_out(), "candidates": _candidates(),
            "tuning": _tuning(), "tuning-2": _tuning_2(), "architecture": _architecture()}
 # Named budgets (--preset). proxy-5k / proxy-10k: 20 epochs on the first 5,000 / 10,000 training images (a tenth /
-# a fifth of a full run's training), the full test set; the README checks their ranking against full runs.
+# a fifth of a full run's training), the full test set; docs/ABLATION.md checks their ranking against full runs.
 # Proxy budgets evaluate once, after the last epoch (the table reads the final accuracy): at 5,000 training
 # images, evaluating all 10,000 test images every epoch would add ~40% to each run on a CPU.
 PRESETS = {"full": dict(epochs=20, max_train_samples=None, max_test_samples=None, eval_every=None),

@@ -898,7 +898,8 @@ def device_warnings(device: torch.device, args) -> list[str]:
 
 def default_channels_last(device: torch.device) -> bool:
     """channels_last: measured 1.38x faster for a Conv-S training step on a 2-core CPU (oneDNN), and the layout
-    cuDNN prefers for depthwise and 1x1 convs. MPS unmeasured, so left off there (README, Performance)."""
+    cuDNN prefers for depthwise and 1x1 convs; off on MPS, where PyTorch's convolution backward is much slower with
+    it (docs/PERFORMANCE.md)."""
     return device.type in ("cuda", "cpu")
 
 
@@ -1025,7 +1026,7 @@ def build_parser(recipes: dict, name: str, description: str) -> argparse.Argumen
     p.add_argument("--recipe", choices=tuple(recipes), default=name,
                    help="named settings for every flag below (flags given beside it win): project is this "
                         "project's recipe, project-v1 and project-v2 its earlier ones (where the script has them, "
-                        "README), notebook the public notebook's exact recipe")
+                        "docs/RESULTS.md), notebook the public notebook's exact recipe")
     bool_flag = argparse.BooleanOptionalAction
     m = p.add_argument_group("model")
     m.add_argument("--variant", default=recipe["variant"], choices=VARIANTS,

@@ -30,7 +30,7 @@ NOTEBOOK_RECIPE = dict(
 # (timm, torchvision). It trained results/enhanced-20ep-seed0 and is the reference of the proxy study.
 RECIPE_V1 = {**NOTEBOOK_RECIPE, "norm_weight_decay": 0.0}
 # The second (--recipe project-v2, the default from 487a70e): v1 with the changes the candidates study measured
-# beyond its seed noise (README, "The recipe study"), at proxy-5k over seeds 0 and 1, against v1. Together,
+# beyond its seed noise (docs/ABLATION.md), at proxy-5k over seeds 0 and 1, against v1. Together,
 # Nesterov SGD + one-cycle and the lighter augmentation (flip, crop, translate: no rotation, no colour jitter)
 # gained +3.32 +- 0.13 points; alone, SGD + one-cycle +2.05 +- 1.10 (beyond noise) and the augmentation
 # +1.56 +- 0.64 (just short of it). TTA flip + 2-pixel shifts gained +1.04 +- 0.16 over flip on the same weights.
