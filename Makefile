@@ -28,6 +28,8 @@ train-baseline: data
 	$(BIN)/python mobilenetv4_baseline.py $(ARGS)
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests
 
 benchmark: data

@@ -1,69 +1,80 @@
 """Ablation studies of the MobileNetV4 CIFAR-10 recipes: how much accuracy each ingredient buys.
 
-Runs a named set of configurations through the training scripts' own main() (their training loop, not a
-second one), for a chosen budget and seeds, and writes into --output-dir (default runs/ablation):
-  <study>.md          the table: the notebook README's claimed gain beside the measured one (mean ± std)
+Runs a named set of configurations, each run in its own process (`python mobilenetv4_<script>.py FLAGS`, started
+from the repository root), for a chosen budget and seeds, and writes into --output-dir (default runs/ablation):
+  <study>.md          the table: the notebook README's claimed gain beside the measured one (mean ± std over
+                      seeds), and whether it is beyond seed noise (the test is named in the notes)
   <study>.png         one bar per configuration: mean test accuracy, error bar = std over seeds
-  <study>.json        every per-seed number and the exact command of every run
-  <config>/seed<k>/   each run's own output; a rerun skips finished runs and resumes interrupted ones
+  <study>.json        every per-seed number, the test's details and the exact command of every run
+  <config>/seed<k>/   each run's own output, its console output in train.log; a rerun skips finished runs and
+                      resumes interrupted ones
 Studies given the same --output-dir (and budget) share their common rows' runs: a configuration key names the
-same flags in every study (the full recipe, EMA and warm-up rows are trained once for all).
+same settings in every study (the default's reference runs are trained once for all).
 
 Studies (--study):
   cumulative     the notebook README's order: baseline, + SE, + stochastic depth, + SiLU, + width 1.2,
                  + MLP head (mobilenetv4_baseline.py, model flags added one by one), + training
                  optimizations (mobilenetv4_enhanced.py --recipe notebook), + TTA (flip, read from the previous
                  row's run: no extra training). Gain = row minus the previous row.
-  leave-one-out  the full enhanced recipe (--recipe project-v1, the project's first: it trained the first full
-                 run), then each ingredient switched off alone (each augmentation op too); then options
-                 beyond the notebook added to the full recipe (+ EMA, + warm-up, other TTA views).
-                 Gain = row minus the full recipe (negative: the ingredient helped).
-  candidates     the full enhanced recipe (project-v1), then one change each that short-schedule CIFAR
-                 practice supports: EMA, flip + crop + translate only, cutout, label smoothing 0.2, weight
-                 decay on norm / bias, batch 128 / 256 with scaled lr, warm-up, peak lr 2e-3, Nesterov SGD +
-                 one-cycle, TTA flip_shift; then the seed-0 gains stacked (SGD + one-cycle with flip + crop +
-                 translate only).
-  tuning         project-v2, the enhanced default it tuned (the candidates study's stacked row, spelled as
-                 project-v1 + flags), then one change each: EMA, label smoothing 0.2, no stochastic depth,
-                 no random crop.
-  tuning-2       project, the default the tuning study chose (its no-crop row, whose runs it shares), then one
-                 change each: peak lr 0.2 / 0.05, batch 128 with lr 0.2.
-  architecture   project (the same runs), then one change of architecture each: Conv-S with an 8x8 final map,
+  leave-one-out  the enhanced default (mobilenetv4_enhanced.py without flags), its settings spelled as flags so
+                 the row keeps its meaning when the default moves; then each ingredient switched off alone: SE,
+                 stochastic depth, SiLU (ReLU6), width 1.2 (1.0), MLP head (linear), augmentation, flip,
+                 translation, label smoothing, gradient clipping, weight decay, one-cycle (constant lr); then
+                 TTA none and flip against the default's flip_shift, read from the reference runs' TTA table.
+                 Gain = row minus the default (negative: the ingredient helps).
+  architecture   the same reference runs, then one change of architecture each: Conv-S with an 8x8 final map,
                  Conv-M at width 1.0, MobileNetV2 (4x4 and 8x8 final maps).
+The finished candidates, tuning and tuning-2 studies ran with an earlier ablation.py (docs/ABLATION.md).
+
+Beyond noise: a row's gain is tested on a rows x seeds additive model (row effect + seed effect + noise), with
+one family-wise 5% level over the study's rows (Dunnett's many-to-one test, generalised to any reference),
+so that a study with no real effect calls some row in 5% of cases. --simulate-null N measures that on N
+simulated studies of the chosen study's shape (no training), beside the per-row rule it replaced.
 
 Examples:
   python ablation.py --study cumulative --epochs 1 --max-train-samples 2000 --seeds 0 --data-dir data
-  python ablation.py --study leave-one-out --configs full no_se ema --seeds 0 1 2 -- --amp off
-  python ablation.py --study candidates --preset proxy-5k --seeds 0 1 --data-dir data
+  python ablation.py --study leave-one-out --configs nocrop_no_se nocrop_relu6 --seeds 0 1 2 -- --amp off
+  python ablation.py --study architecture --preset proxy-5k --configs mobilenetv2 --seeds 0 --data-dir data \\
+      --output-dir results/ablation-proxy-5k --dry-run
+  python ablation.py --study leave-one-out --seeds 0 1 --simulate-null 20000
 Flags after `--` go to every run, after the configuration's own flags, and argparse lets the later flag win:
-`-- --width-mult 0.5` also overrides the width rows (fine for a smoke test, meaningless for the table).
+`-- --width-mult 0.5` also overrides the width rows (fine for a smoke test, meaningless for the table). Paths
+among them are read from the repository root, where the runs start.
 Runs whose TTA table no row reads get --no-tta-table (the final evaluation then costs 1-2 test passes, not ~14).
 A folder holding a run with other settings (budget, recipe) is refused rather than mixed into the table.
+Ctrl-C or SIGTERM goes to the run in progress, which saves last.pt and exits; the ablation then stops (exit 130
+or 143), and the same command resumes it.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
+import os
+import re
 import shlex
+import signal
+import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from scipy import stats
+import numpy as np
+from scipy import optimize, stats
 
 import common
 import mobilenetv4_baseline
 import mobilenetv4_enhanced
 
 # ---- Settings -----------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent  # where every run starts (cwd of its process)
 DEFAULT_SEEDS = (0, 1, 2)
-# Looked up at call time (SCRIPTS[name].main), so tests can replace a script's main().
+# The plan parses each run's flags in this process (bad flags stop before any training, and finished runs are
+# recognised by their settings); the runs themselves are processes of their own (SCRIPT_PATHS, relative to ROOT).
 SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
+SCRIPT_PATHS = {name: Path(f"mobilenetv4_{name}.py") for name in SCRIPTS}
+LOG_NAME = "train.log"  # a run's stdout and stderr, in its folder; appended to by every attempt
 # Set by this script for every run; a pass-through copy would break the one-folder-per-run layout.
 RESERVED_FLAGS = ("--output-dir", "--resume", "--overwrite", "--test-only", "--seed")
 # Saved run settings that may change between invocations without making a finished run stale.
@@ -71,8 +82,11 @@ RESERVED_FLAGS = ("--output-dir", "--resume", "--overwrite", "--test-only", "--s
 # recipe: a name for a set of defaults; the settings themselves are compared one by one.
 RUNTIME_KEYS = {"recipe", "argv", "output_dir", "resume", "overwrite", "test_only", "data_dir", "download", "device",
                 "amp", "channels_last", "compile", "eval_batch_size", "eval_every", "skip_nonfinite", "deterministic",
-                "tta", "tta_table"}
+                "tta", "tta_table", "config"}
 STOP_CODES = (130, 143)  # a run's exit on SIGINT / SIGTERM: it saved last.pt, and the whole ablation stops
+ALPHA = 0.05  # family-wise: the chance that a study with no real effect calls any of its rows beyond noise
+TEST_NAME = ("Dunnett-type many-to-one test (single-step max-|t|, family-wise 5%) on a rows x seeds additive "
+             "model")
 
 
 @dataclass(frozen=True)
@@ -110,118 +124,56 @@ def _cumulative():
     return tuple(rows)
 
 
-# The leave-one-out and candidates studies measure changes to the project's first enhanced recipe, the one its
-# first full run trained: pinned by name, so their rows keep their meaning (and their runs) when a default moves.
-STUDY_RECIPE = ("--recipe", "project-v1")
-# What the candidates study kept (the stacked row that cleared its noise): project-v1 plus these is project-v2,
-# the enhanced default from commit 487a70e until the tuning study dropped its crop, spelled as flags so the tuning
-# study's rows keep their meaning (and their runs) as the default moves. A test checks that it equals project-v2.
-# SGD couples --wd as L2: 5e-4 is the usual CIFAR value (AdamW's decoupled 0.05 would be far too strong).
+# The enhanced default spelled as flags on the notebook's recipe, which never moves: the rows built on it keep
+# their meaning (and their runs) when the project's default changes. The notebook decays norm / bias weights;
+# the default does not. SGD couples --wd as L2: 5e-4 is the usual CIFAR value (AdamW's 0.05 would be far too strong).
+NOTEBOOK_BASE = ("--recipe", "notebook", "--norm-weight-decay", "0")
 SGD_ONECYCLE = ("--opt", "sgd", "--sched", "onecycle", "--lr", "0.1", "--wd", "5e-4")
-FLIP_TRANSLATE = ("--rotation", "0", "--color-jitter", "0", "0", "0", "0")
+FLIP_TRANSLATE = ("--rotation", "0", "--color-jitter", "0", "0", "0", "0", "--crop-padding", "0")
+
+
+def _default():
+    """The reference of the leave-one-out and architecture studies. Its key names the run folders that already
+    hold its runs (keys are folder names), so it stays whatever the label says; a test checks that its flags
+    still equal the default and the settings those runs recorded."""
+    return Config("v2_no_crop", "project (default)", script="enhanced",
+                  flags=NOTEBOOK_BASE + SGD_ONECYCLE + FLIP_TRANSLATE)
 
 
 def _leave_one_out():
-    def off(key, label, *flags):
-        return Config(key, label, script="enhanced", flags=STUDY_RECIPE + flags, reference="full")
+    """Each ingredient of the default switched off alone. Keys carry the prefix of the reference's other rows, so
+    they never name a folder of an earlier study's rows (other settings, which the plan would refuse)."""
+    ref = _default()
 
-    def tta(key, label, views):  # the full run's own TTA accuracies, against its default view set (flip)
-        return Config(key, label, source="full", tta=views, reference="full", reference_tta="flip")
+    def off(key, label, *flags, base=ref.flags):
+        return Config(key, label, script="enhanced", flags=base + flags, reference=ref.key)
+
+    def tta(key, label, views):  # the reference runs' own TTA table, against the default's view set
+        return Config(key, label, source=ref.key, tta=views, reference=ref.key, reference_tta="flip_shift")
     return (
-        Config("full", "full recipe", script="enhanced", flags=STUDY_RECIPE),
-        off("no_se", "no SE", "--no-se"),
-        off("no_drop_path", "no stochastic depth", "--drop-path", "0"),
-        off("relu6", "ReLU6 instead of SiLU", "--act", "relu6"),
-        off("width_1.0", "width 1.0", "--width-mult", "1.0"),
-        off("linear_head", "linear head", "--head", "linear", "--dropout", "0.2"),  # the baseline's head
-        off("no_augment", "no augmentation", "--no-augment"),
-        off("no_crop", "no random crop", "--crop-padding", "0"),
-        off("no_flip", "no horizontal flip", "--hflip", "0"),
-        off("no_rotation", "no rotation", "--rotation", "0"),
-        off("no_jitter", "no colour jitter", "--color-jitter", "0", "0", "0", "0"),
-        off("no_translate", "no translation", "--translate", "0"),
-        off("no_label_smoothing", "no label smoothing", "--label-smoothing", "0"),
-        off("adam", "Adam instead of AdamW", "--opt", "adam", "--wd", "1e-4"),
-        off("constant_lr", "constant LR instead of cosine", "--sched", "constant"),
-        off("no_clip", "no gradient clipping", "--clip-grad-norm", "0"),
-        tta("no_tta", "no TTA", "none"),
-        # Beyond the notebook: additions to the full recipe.
-        off("ema", "+ EMA of weights", "--model-ema"),
-        off("warmup", "+ warm-up (1 epoch)", "--warmup-epochs", "1"),
-        tta("tta_flip_rot90", "TTA flip_rot90", "flip_rot90"),
-        tta("tta_flip_shift", "TTA flip_shift", "flip_shift"),
-    )
-
-
-def _candidates():
-    """Changes that short-schedule CIFAR practice supports, each added alone to the full enhanced recipe."""
-    def add(key, label, *flags):
-        return Config(key, label, script="enhanced", flags=STUDY_RECIPE + flags, reference="full")
-    return (
-        Config("full", "full recipe", script="enhanced", flags=STUDY_RECIPE),
-        add("ema", "+ EMA of weights (warm-up)", "--model-ema"),
-        add("flip_translate", "flip + crop + translate only", *FLIP_TRANSLATE),
-        add("cutout16", "+ cutout 16 px", "--cutout", "16"),  # DeVries & Taylor's CIFAR-10 size
-        add("label_smoothing_0.2", "label smoothing 0.2", "--label-smoothing", "0.2"),
-        add("decay_norm_bias", "weight decay on norm / bias too", "--norm-weight-decay", "0.05"),
-        add("batch128", "batch 128, lr 2e-3 (linear scaling)", "-b", "128", "--lr", "2e-3"),
-        add("batch256", "batch 256, lr 4e-3 (linear scaling)", "-b", "256", "--lr", "4e-3"),
-        add("warmup", "+ warm-up (1 epoch)", "--warmup-epochs", "1"),
-        # The 20-epoch default run underfits (final train accuracy below test accuracy): a higher peak lr.
-        add("lr_2e-3", "peak lr 2e-3", "--lr", "2e-3"),
-        add("sgd_onecycle", "Nesterov SGD + one-cycle, lr 0.1", *SGD_ONECYCLE),
-        # The two rows that gained at proxy-5k seed 0, together (added after that round: gains need not add up).
-        add("sgd_onecycle_flip_translate", "SGD + one-cycle and flip + crop + translate only", *SGD_ONECYCLE,
-            *FLIP_TRANSLATE),
-        Config("tta_flip_shift", "TTA flip_shift", source="full", tta="flip_shift", reference="full",
-               reference_tta="flip"),
-    )
-
-
-def _tuning():
-    """One change each to project-v2, the enhanced default when this study was planned (SGD + one-cycle, flip +
-    crop + translate: the candidates study's stacked row, whose key and runs it shares), toward the 20-epoch
-    target. v2 overfits a little at full budget (train 89.7% against test 87.6%), where project-v1 underfit: so
-    less regularisation as well as more. Its step-size rows moved to tuning-2 once no crop became the default."""
-    default = Config("sgd_onecycle_flip_translate", "project-v2 (default until no crop)", script="enhanced",
-                     flags=STUDY_RECIPE + SGD_ONECYCLE + FLIP_TRANSLATE)
-
-    def change(key, label, *flags):
-        return Config(key, label, script="enhanced", flags=default.flags + flags, reference=default.key)
-    return (
-        default,
-        change("v2_ema", "+ EMA of weights (warm-up)", "--model-ema"),
-        change("v2_label_smoothing_0.2", "label smoothing 0.2", "--label-smoothing", "0.2"),
-        change("v2_no_drop_path", "no stochastic depth", "--drop-path", "0"),
-        # Crop (pad 4) and translate (10%) both shift the image; leave-one-out at seed 0 found project-v1 better
-        # without the crop (+2.67): one shift op may be enough.
-        change("v2_no_crop", "no random crop (translate only)", "--crop-padding", "0"),
-    )
-
-
-def _tuning_2():
-    """The second round: one change each to project (project-v2 without the random crop), the default the first
-    round chose. Its reference is that round's no-crop row (same key and flags, so its two runs are reused). The
-    step size around the one peak lr measured so far, and the GPU-friendly batch of 128 at a linearly scaled lr."""
-    first = {c.key: c for c in _tuning()}
-    default = Config("v2_no_crop", "project (default)", script="enhanced", flags=first["v2_no_crop"].flags)
-
-    def change(key, label, *flags):
-        return Config(key, label, script="enhanced", flags=default.flags + flags, reference=default.key)
-    return (
-        default,
-        change("nocrop_lr_0.2", "peak lr 0.2", "--lr", "0.2"),
-        change("nocrop_lr_0.05", "peak lr 0.05", "--lr", "0.05"),
-        # Twice the images per step, half the steps: the usual trade on a GPU (the proxy's 1,560 steps become 780).
-        change("nocrop_batch128", "batch 128, lr 0.2 (linear scaling)", "-b", "128", "--lr", "0.2"),
+        ref,
+        off("nocrop_no_se", "no SE", "--no-se"),
+        off("nocrop_no_drop_path", "no stochastic depth", "--drop-path", "0"),
+        off("nocrop_relu6", "ReLU6 instead of SiLU", "--act", "relu6"),
+        off("nocrop_width_1.0", "width 1.0", "--width-mult", "1.0"),
+        off("nocrop_linear_head", "linear head", "--head", "linear", "--dropout", "0.2"),  # the baseline's head
+        # The scripts reject augmentation ops beside --no-augment (they would do nothing): the row leaves them out.
+        off("nocrop_no_augment", "no augmentation", "--no-augment", base=NOTEBOOK_BASE + SGD_ONECYCLE),
+        off("nocrop_no_flip", "no horizontal flip (translate only)", "--hflip", "0"),
+        off("nocrop_no_translate", "no translation (flip only)", "--translate", "0"),
+        off("nocrop_no_label_smoothing", "no label smoothing", "--label-smoothing", "0"),
+        off("nocrop_no_clip", "no gradient clipping", "--clip-grad-norm", "0"),
+        off("nocrop_no_weight_decay", "no weight decay", "--wd", "0"),
+        off("nocrop_constant_lr", "constant lr 0.1 instead of one-cycle", "--sched", "constant"),
+        tta("nocrop_no_tta", "no TTA (against flip_shift)", "none"),
+        tta("nocrop_tta_flip", "TTA flip (against flip_shift)", "flip"),
     )
 
 
 def _architecture():
     """Where the compute goes and how much of it, under the enhanced default recipe: the final map (resolution),
-    a larger MobileNetV4 at similar MACs (capacity), and the MobileNetV2 peer the notebook trained. The reference is
-    the default, as the tuning-2 study ran it (same key and flags, so its runs are reused)."""
-    default = {c.key: c for c in _tuning_2()}["v2_no_crop"]
+    a larger MobileNetV4 at similar MACs (capacity), and the MobileNetV2 peer the notebook trained."""
+    default = _default()
 
     def change(key, label, *flags):
         return Config(key, label, script="enhanced", flags=default.flags + flags, reference=default.key)
@@ -234,8 +186,7 @@ def _architecture():
     )
 
 
-STUDIES = {"cumulative": _cumulative(), "leave-one-out": _leave_one_out(), "candidates": _candidates(),
-           "tuning": _tuning(), "tuning-2": _tuning_2(), "architecture": _architecture()}
+STUDIES = {"cumulative": _cumulative(), "leave-one-out": _leave_one_out(), "architecture": _architecture()}
 # Named budgets (--preset). proxy-5k / proxy-10k: 20 epochs on the first 5,000 / 10,000 training images (a tenth /
 # a fifth of a full run's training), the full test set; docs/ABLATION.md checks their ranking against full runs.
 # Proxy budgets evaluate once, after the last epoch (the table reads the final accuracy): at 5,000 training
@@ -252,28 +203,16 @@ STUDY_NOTES = {
                   "Each script keeps its own default batch size (column 'run'), as it is part of its recipe: the "
                   "'+ training optimizations' gain includes the change from batch 128 to 64. "
                   "'+ TTA' is the flip TTA accuracy of the previous row's run, against that run's plain accuracy.",
-    "leave-one-out": "Gain = this row minus the full recipe (negative: the ingredient helped; rows marked '+' are "
-                     "options beyond the notebook, added to the full recipe). Every row runs "
-                     "mobilenetv4_enhanced.py --recipe project-v1 (the full recipe: the project's first enhanced "
-                     "recipe, which its first full run trained). TTA rows read the full run's TTA table and "
-                     "compare with its flip TTA (that recipe's default), so 'no TTA' shows what flip TTA buys.",
-    "candidates": "Gain = this row minus the full recipe (positive: the change helps). Every row runs "
-                  "mobilenetv4_enhanced.py --recipe project-v1 (the full recipe: the project's first enhanced "
-                  "recipe, which its first full run trained) with one change; 'TTA flip_shift' reads the full run's "
-                  "TTA table against its flip TTA.",
-    "tuning": "Gain = this row minus project-v2, the enhanced default this study tuned (positive: the change "
-              "helps). Every row runs mobilenetv4_enhanced.py with v2's settings spelled as flags (--recipe "
-              "project-v1 plus Nesterov SGD + one-cycle and flip + crop + translate only: the candidates study's "
-              "stacked row, whose runs it shares) and one change.",
+    "leave-one-out": "Gain = this row minus project, the enhanced default (negative: the ingredient helps). Every "
+                     "row runs mobilenetv4_enhanced.py with the default's settings spelled as flags (the notebook's "
+                     "recipe plus the default's changes, so the rows keep their meaning when the default moves) "
+                     "and one ingredient switched off. TTA rows read the reference runs' TTA table and compare "
+                     "with its flip_shift TTA (the default's).",
     "architecture": "Gain = this row minus project, the enhanced default (Conv-S, width 1.2, 4x4 final map; positive: "
                     "the architecture does better). Every row runs mobilenetv4_enhanced.py with the default's "
-                    "settings spelled as flags (as in tuning-2, whose reference runs it shares) and one change of "
-                    "architecture; the recipe (SE, SiLU, MLP head, width 1.2 where not stated, SGD + one-cycle, "
-                    "flip + translate) stays.",
-    "tuning-2": "Gain = this row minus project, the enhanced default the tuning study chose (positive: the change "
-                "helps). Every row runs mobilenetv4_enhanced.py with project's settings spelled as flags "
-                "(project-v2's, as in the tuning study, plus --crop-padding 0: that study's no-crop row, whose "
-                "runs it shares) and one change.",
+                    "settings spelled as flags (the leave-one-out study's reference, whose runs it shares) and one "
+                    "change of architecture; the recipe (SE, SiLU, MLP head, width 1.2 where not stated, SGD + "
+                    "one-cycle, flip + translate) stays.",
 }
 
 
@@ -291,11 +230,19 @@ class Job:
     status: str = "pending"       # pending | ok | failed
     summary: dict | None = None
     error: str | None = None
+    note: str | None = None       # what the plan wants a person to know about this run
     wall_s: float | None = None
     extra_argv: list = field(default_factory=list)  # --resume or --overwrite, decided by the plan
 
     def command(self):
         return f"python mobilenetv4_{self.config.script}.py {shlex.join(self.argv + self.extra_argv)}"
+
+    def process_argv(self):
+        return [sys.executable, str(SCRIPT_PATHS[self.config.script]), *self.argv, *self.extra_argv]
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / LOG_NAME
 
 
 # ---- Command line -------------------------------------------------------------------------------------
@@ -308,7 +255,8 @@ def build_parser():
                    help="only these rows (keys: --list), plus the row each one's gain is measured against "
                         "and the run a TTA row reads")
     p.add_argument("--list", action="store_true", help="print the study's rows and their flags, then exit")
-    p.add_argument("--dry-run", action="store_true", help="print each run's command and state, train nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (each run's state: fresh, resume or done, and its command), train nothing")
     p.add_argument("--report-only", action="store_true",
                    help="write <study>.md/.png/.json from the runs finished so far, train nothing (the others "
                         "show as pending)")
@@ -325,6 +273,11 @@ def build_parser():
     p.add_argument("--data-dir", default=None, help="default: the scripts' own (./data)")
     p.add_argument("--device", default=None, choices=common.DEVICES, help="default: the scripts' own (auto)")
     p.add_argument("--output-dir", default=None, help="default: runs/ablation (shared by the studies)")
+    p.add_argument("--simulate-null", type=int, default=None, metavar="N",
+                   help="train nothing: simulate N studies of this study's shape (its training rows, len(--seeds) "
+                        "seeds) with no real effect, and print how often the beyond-noise test, and the per-row "
+                        "rule it replaced, call a row")
+    p.add_argument("--simulation-seed", type=int, default=0, help="random seed of --simulate-null")
     return p
 
 
@@ -367,6 +320,13 @@ def select_configs(study, keys):
     wanted = set(keys) | {k for c in rows if c.key in keys for k in (c.source, c.reference) if k}
     wanted |= {by_key[k].source for k in list(wanted) if by_key[k].source}
     return tuple(c for c in rows if c.key in wanted)
+
+
+def shared_path(path) -> str:
+    """`path` as this process and the runs (started in ROOT) both read it: as given when this process runs in
+    ROOT too (the usual case, and how the committed commands spell it), else absolute."""
+    path = os.path.expanduser(str(path))
+    return path if Path.cwd().resolve() == ROOT else os.path.abspath(path)
 
 
 # ---- The plan: which runs to start, resume or just read -----------------------------------------------
@@ -427,8 +387,10 @@ def settings_diff(saved: dict, expected: argparse.Namespace):
 
 
 def classify(job: Job, expected):
-    """done (a complete summary.json with these settings), resume (last.pt, no summary) or fresh. A folder
-    holding a run with other settings is refused: mixing budgets in one table would be silent and wrong."""
+    """done (a complete summary.json with these settings), resume (last.pt, no complete summary) or fresh. A
+    folder holding a run with other settings is refused: mixing budgets in one table would be silent and wrong.
+    A finished run lacking a TTA mode a row reads is evaluated again from its last.pt; without one it is kept as
+    it is (training it again would replace a finished run) and those rows show the mode as missing."""
     summary = read_json(job.run_dir / "summary.json")
     saved = (summary or {}).get("config", {}).get("args") or (read_json(job.run_dir / "config.json") or {}).get("args")
     has_last = (job.run_dir / "last.pt").is_file()
@@ -437,9 +399,13 @@ def classify(job: Job, expected):
         if diff:
             raise common.UserError(f"{job.run_dir} holds a run with other settings: {', '.join(diff)}; choose "
                                    "another --output-dir or delete that folder")
-    if (summary and summary.get("epochs_completed") == expected.epochs
-            and job.tta_modes <= set(summary.get("tta_table") or ())):
+    finished = bool(summary) and summary.get("epochs_completed") == expected.epochs and "test_acc" in summary
+    missing = sorted(job.tta_modes - set((summary or {}).get("tta_table") or ())) if finished else []
+    if finished and (not missing or not has_last):
         job.action, job.status, job.summary = "done", "ok", summary
+        if missing:
+            job.note = (f"its summary lacks TTA {', '.join(missing)} and the folder keeps no last.pt to evaluate "
+                        f"it: the rows reading it show it missing (delete {job.run_dir} to train it again)")
     elif has_last:
         job.action, job.extra_argv = "resume", ["--resume", str(job.run_dir / "last.pt")]
     else:  # nothing to continue; --overwrite replaces a stray best.pt or partial files
@@ -463,41 +429,123 @@ def plan(configs, args, extra, study_dir: Path):
     return jobs
 
 
-# ---- Running -------------------------------------------------------------------------------------------
+def check_report_target(study_dir: Path, study: str):
+    """A <study>.json here with rows this study does not have was written by an earlier definition of the study
+    (a committed table, say): refuse rather than replace it."""
+    path = study_dir / f"{study}.json"
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        return
+    foreign = sorted({r.get("key") for r in saved.get("rows") or [] if isinstance(r, dict)}
+                     - {c.key for c in STUDIES[study]} - {None})
+    if foreign:
+        raise common.UserError(f"{path} is the table of another definition of the {study} study (rows "
+                               f"{', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}): move its .md, .png "
+                               "and .json elsewhere first, or choose another --output-dir")
 
-def exit_code(exc: SystemExit) -> int:
-    return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+
+# ---- Running: one process per run ----------------------------------------------------------------------
+
+class Stopped(Exception):
+    """The ablation stops (a signal, or a run that stopped on one); `code` is its exit status."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
 
 
-def execute(job: Job):
-    """Run one job through its script's main(); a failure is recorded and the ablation goes on, except an
-    interruption (Ctrl-C, SIGTERM), which stops everything (the run has saved last.pt)."""
-    t0 = time.perf_counter()
+class Supervisor:
+    """Runs one child process at a time. SIGINT / SIGTERM received meanwhile go to the child, which saves
+    last.pt and exits 130 / 143 (a second one makes it quit at once, as in a terminal); the ablation stops after
+    it. The child has its own process group, so a terminal's Ctrl-C reaches it once, through here, not twice.
+    A signal between runs stops the ablation at once. Use as a context manager (installs the handlers)."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.child, self.starting, self.forwarded, self.signum = None, False, False, None
+        self._old = {}
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            self._old[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+        return False
+
+    def _on_signal(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+            if not self.forwarded:
+                print(f"\n{signal.Signals(signum).name}: passed to the run, which saves last.pt and stops; the "
+                      "ablation stops after it", file=sys.stderr, flush=True)
+            self.forwarded = True
+        elif not self.starting:  # no run in progress (or it is just ending): stop now
+            raise Stopped(128 + signum)
+
+    def run(self, argv, log, cwd) -> int:
+        """Run argv to its end, its output into the open file `log`; returns its exit status (128 + N for a
+        process ended by signal N)."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log follows the run, line by line
+        self.starting, self.forwarded = True, False
+        try:
+            self.child = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=os.name == "posix")
+        finally:
+            self.starting = False
+        try:
+            if self.signum is not None and not self.forwarded:  # it arrived while the process was starting
+                self.child.send_signal(self.signum)
+                self.forwarded = True
+            code = self.child.wait()
+        finally:
+            self.child = None
+        return 128 - code if code < 0 else code
+
+
+def last_error_line(path: Path, offset: int) -> str:
+    """The last line of a run's log (from `offset`: this attempt's part) that names an error, else its last line:
+    the one-line reason a failed run gets in the table."""
     try:
-        summary = SCRIPTS[job.config.script].main(job.argv + job.extra_argv)
-    except SystemExit as exc:
-        code = exit_code(exc)
-        if code in STOP_CODES:
-            raise
-        job.status, job.error = "failed", f"exit {code}"
-    except Exception as exc:  # a bug or a device error in this run only: show it, go on with the others
-        traceback.print_exc()
-        job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
-    else:
-        if isinstance(summary, dict) and "test_acc" in summary:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return "no log"
+    lines = [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
+    for line in reversed(lines):
+        if re.search(r"error|exception|killed", line, re.IGNORECASE):
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def execute(job: Job, supervisor: Supervisor) -> int:
+    """Run one job as a process of its own; read its result from its summary.json. A failure is recorded and
+    the ablation goes on; a run stopped by SIGINT / SIGTERM (it saved last.pt) stays pending and stops it."""
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    argv = job.process_argv()
+    t0 = time.perf_counter()
+    with open(job.log_path, "ab") as log:
+        offset = log.tell()
+        log.write(f"\n==> {time.strftime('%Y-%m-%dT%H:%M:%S%z')} (cwd {ROOT}): {shlex.join(argv)}\n".encode())
+        log.flush()
+        code = supervisor.run(argv, log, ROOT)
+    job.wall_s = time.perf_counter() - t0
+    if code == 0:
+        summary = read_json(job.run_dir / "summary.json")
+        if isinstance(summary, dict) and "test_acc" in summary and summary.get("epochs_completed") == job.epochs:
             job.status, job.summary = "ok", summary
         else:
-            job.status, job.error = "failed", "no summary returned"
-    finally:
-        job.wall_s = time.perf_counter() - t0
-        release_memory()
-
-
-def release_memory():
-    """Runs share this process: drop the last run's model and data before the next one loads its own."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+            job.status, job.error = "failed", "exit 0 without a complete summary.json"
+    elif code in STOP_CODES:
+        job.error = f"stopped ({signal.Signals(code - 128).name}); resumes from its last.pt"
+    else:
+        job.status, job.error = "failed", f"exit {code}: {last_error_line(job.log_path, offset)}"
+    return code
 
 
 def fmt_duration(seconds: float) -> str:
@@ -520,18 +568,24 @@ def progress(job: Job, index: int, total: int, text: str):
     print(f"[ablation {index + 1}/{total}] {job.config.label} | seed {job.seed} | {text}", flush=True)
 
 
-def run_all(jobs, write):
+def run_all(jobs, write, supervisor: Supervisor):
     """Run the plan in order, reporting after every run so the table is never older than the last run."""
     total = len(jobs)
     for i, job in enumerate(jobs):
         if job.action == "done":
-            progress(job, i, total, f"finished before: {job.summary['test_acc']:.2f}% (read summary.json)")
+            note = f"; {job.note}" if job.note else ""
+            progress(job, i, total, f"finished before: {job.summary['test_acc']:.2f}% (read summary.json){note}")
             continue
-        progress(job, i, total, f"{job.action} | {eta_text(jobs, i)}\n  {job.command()}")
-        execute(job)
-        result = f"{job.summary['test_acc']:.2f}%" if job.status == "ok" else f"FAILED ({job.error})"
+        progress(job, i, total, f"{job.action} | {eta_text(jobs, i)}\n  {job.command()}\n  log: {job.log_path}")
+        code = execute(job, supervisor)
+        result = (f"{job.summary['test_acc']:.2f}%" if job.status == "ok"
+                  else f"FAILED ({job.error})" if job.status == "failed" else job.error)
         progress(job, i, total, f"{result} in {fmt_duration(job.wall_s)}")
         write()
+        if code in STOP_CODES:
+            raise Stopped(code)
+        if supervisor.signum is not None:  # the run ended anyway (finished, or failed) after a signal
+            raise Stopped(128 + supervisor.signum)
 
 
 # ---- Results: per-row statistics -------------------------------------------------------------------------
@@ -560,7 +614,16 @@ def seed_values(jobs_by_key, key, tta):
     return {seed: v for seed, v in values.items() if v is not None}
 
 
-def row_result(cfg: Config, rows: dict, jobs_by_key: dict) -> dict:
+def series_of(cfg: Config, by_key: dict) -> tuple:
+    """(run key, TTA mode) of the numbers a row reads; and of those its gain is measured against."""
+    mine = (cfg.source or cfg.key, cfg.tta)
+    if cfg.reference is None:
+        return mine, None
+    ref = by_key[cfg.reference]
+    return mine, (ref.source or ref.key, cfg.reference_tta or ref.tta)
+
+
+def row_result(cfg: Config, by_key: dict, jobs_by_key: dict) -> dict:
     run_key = cfg.source or cfg.key
     jobs = jobs_by_key.get(run_key, [])
     values = seed_values(jobs_by_key, run_key, cfg.tta)
@@ -571,10 +634,11 @@ def row_result(cfg: Config, rows: dict, jobs_by_key: dict) -> dict:
            "pending": [j.seed for j in jobs if j.status == "pending"], "gain": None, "gain_std": None,
            "gain_seeds": 0, "script": cfg.script, "flags": list(cfg.flags), "source": cfg.source, "tta": cfg.tta,
            "reference": cfg.reference, "reference_tta": cfg.reference_tta,
-           "batch_sizes": sorted({j.batch_size for j in jobs})}
-    ref = rows.get(cfg.reference)
-    if ref is not None:
-        ref_values = seed_values(jobs_by_key, ref["source"] or ref["key"], cfg.reference_tta or ref["tta"])
+           "batch_sizes": sorted({j.batch_size for j in jobs}),
+           "beyond_noise": None, "t": None, "gain_se": None, "threshold": None, "p_adjusted": None}
+    _, ref_series = series_of(cfg, by_key)
+    if ref_series is not None:
+        ref_values = seed_values(jobs_by_key, *ref_series)
         # Paired by seed: the same seeds on both sides, so a failed seed does not shift the comparison.
         diffs = [values[s] - ref_values[s] for s in values if s in ref_values]
         row["gain"], row["gain_std"] = mean_std(diffs)
@@ -582,55 +646,200 @@ def row_result(cfg: Config, rows: dict, jobs_by_key: dict) -> dict:
     return row
 
 
-def seed_noise(rows: dict):
-    """The study's noise, from its paired gains: each row's gains over seeds vary, and those variances pool
-    (weighted by degrees of freedom, n - 1 per row) into sigma, the std of one paired gain. A mean gain over n
-    seeds is beyond noise past t(0.975, df) * sigma / sqrt(n): a two-sided paired t-test at 5% per row, with
-    the pooled df (with two seeds a row alone has 1 df, and t(0.975, 1) = 12.7). Pairing by seed cancels what
-    runs of one seed share (initial weights, batch order), so a paired gain varies less than two runs do.
-    Training rows and TTA rows (two views of the same weights, no training noise) pool apart; None where no row
-    of the kind has two seeds yet."""
-    def pool(is_tta: bool):
-        kind = [r for r in rows.values() if (r["script"] is None) == is_tta and r["gain_seeds"]]
-        spreads = [(r["gain_seeds"] - 1, r["gain_std"]) for r in kind if r["gain_seeds"] >= 2]
-        df = sum(d for d, _ in spreads)
-        if not df:
-            return None
-        sigma = math.sqrt(sum(d * std ** 2 for d, std in spreads) / df)
-        t = float(stats.t.ppf(0.975, df))
-        return {"sigma": sigma, "df": df, "rows": len(spreads), "t": t,
-                "threshold": {str(n): t * sigma / math.sqrt(n)  # str: as JSON keys
-                              for n in sorted({r["gain_seeds"] for r in kind})}}
-    return {"training": pool(False), "tta": pool(True)}
+# ---- The beyond-noise test -------------------------------------------------------------------------------
+# Runs of one seed share their initial weights and batch order, and every row of a study is compared with the
+# same reference runs: the gains of a study's rows are correlated, not independent tests. The model is
+#   accuracy(row r, seed s) = row effect r + seed effect s + noise (independent, one variance),
+# fitted by least squares over the runs a study has (any seeds missing). A row's gain is the difference of two
+# row effects; its standard error comes from the fit's residual variance (df = runs - row effects - seed effects
+# + 1), and the gains of one family are tested together: |t| beyond the 95% quantile of max |T| over the family,
+# T multivariate t with the gains' own correlations (Dunnett's many-to-one test when every row has the same
+# reference and all seeds). With no real effect, the chance that any row of the family is called is 5%.
+
+def additive_fit(cells, n_series: int, n_seeds: int, contrasts, values) -> dict:
+    """Least squares of values = series effect + seed effect + noise, and the contrasts' t statistics.
+
+    cells: (N, 2) ints, each observation's (series, seed); contrasts: (R, 2) ints, (series, reference series);
+    values: (B, N), B data sets of the same layout (one study; or many, for the simulation).
+    Returns est, se, t: (B, R) (NaN where a contrast cannot be estimated or there is no residual df); df;
+    sigma: (B,); estimable: (R,) bools; corr: the estimable contrasts' correlation matrix."""
+    cells, contrasts = np.asarray(cells, dtype=int), np.asarray(contrasts, dtype=int).reshape(-1, 2)
+    values = np.atleast_2d(np.asarray(values, dtype=float))
+    n = len(cells)
+    x = np.zeros((n, n_series + n_seeds - 1))
+    x[np.arange(n), cells[:, 0]] = 1.0
+    later = cells[:, 1] > 0  # seed 0's effect is folded into the series effects
+    x[np.flatnonzero(later), n_series + cells[later, 1] - 1] = 1.0
+    gram_inv = np.linalg.pinv(x.T @ x)
+    rank = int(np.linalg.matrix_rank(x))
+    df = n - rank
+    lmat = np.zeros((len(contrasts), x.shape[1]))
+    lmat[np.arange(len(contrasts)), contrasts[:, 0]] += 1.0
+    lmat[np.arange(len(contrasts)), contrasts[:, 1]] -= 1.0
+    # A contrast is estimable when it lies in the row space of x (e.g. not a row whose only seed the reference lacks
+    # while no other row links the two seeds).
+    cov = lmat @ gram_inv @ lmat.T  # the contrasts' covariance, in units of sigma^2
+    estimable = np.all(np.abs(lmat @ gram_inv @ (x.T @ x) - lmat) < 1e-8, axis=1) & (np.diag(cov) > 1e-12)
+    beta = values @ x @ gram_inv  # (B, p): pinv(x) applied to each data set
+    resid = values - beta @ x.T
+    sigma2 = (resid ** 2).sum(axis=1) / df if df > 0 else np.full(len(values), np.nan)
+    var = np.where(estimable, np.diag(cov), np.nan)
+    est = np.where(estimable, beta @ lmat.T, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se = np.sqrt(sigma2[:, None] * var[None, :])
+        t = est / se
+        sub = cov[np.ix_(estimable, estimable)]
+        corr = sub / np.sqrt(np.outer(np.diag(sub), np.diag(sub)))
+    return {"est": est, "se": se, "t": t, "df": df, "sigma": np.sqrt(sigma2), "estimable": estimable,
+            "corr": corr, "runs": n}
 
 
-def judge_gains(rows: dict, noise: dict):
-    """Each row's beyond_noise: True or False against its kind's pool, None where it cannot be judged yet."""
-    for r in rows.values():
-        pool = noise["tta" if r["script"] is None else "training"]
-        judged = r["gain"] is not None and pool is not None and str(r["gain_seeds"]) in pool["threshold"]
-        r["beyond_noise"] = abs(r["gain"]) > pool["threshold"][str(r["gain_seeds"])] if judged else None
+def max_abs_t_cdf(c: float, corr, df: int) -> float:
+    """P(max_i |T_i| <= c) for T multivariate t with correlation `corr` and df degrees of freedom (scipy's
+    randomised quasi-Monte Carlo integration, as scipy.stats.dunnett uses, with a fixed seed: the same answer
+    every time)."""
+    corr = np.atleast_2d(corr)
+    k = len(corr)
+    if k == 1:
+        return float(2 * stats.t.cdf(c, df) - 1)
+    upper = np.full(k, float(c))
+    dist = stats.multivariate_t(shape=corr, df=df, allow_singular=True, seed=np.random.default_rng(0))
+    return float(dist.cdf(upper, lower_limit=-upper))  # scipy's default: 1,000 points a dimension, error ~1e-4
+
+
+def max_abs_t_quantile(corr, df: int, alpha: float = ALPHA) -> float:
+    """c with P(max |T| > c) = alpha: the family-wise critical value of |t|."""
+    k = len(np.atleast_2d(corr))
+    low, high = stats.t.ppf(1 - alpha / 2, df), stats.t.ppf(1 - alpha / (2 * k), df)  # one test; Bonferroni
+    if k == 1 or high - low < 1e-9:
+        return float(low)
+    f = lambda c: max_abs_t_cdf(c, corr, df) - (1 - alpha)
+    if f(low) >= 0:
+        return float(low)
+    if f(high) <= 0:
+        return float(high)
+    return float(optimize.brentq(f, low, high, xtol=1e-4))
+
+
+def family_test(contrasts: dict, series_values: dict, alpha: float = ALPHA):
+    """Test one family of rows. contrasts: {row key: (series, reference series)}; series_values: {series:
+    {seed: accuracy}}. Returns (family summary or None, {row key: verdict dict}) where a verdict holds t, se,
+    the |gain| threshold, the adjusted p-value and beyond_noise (None where it cannot be judged)."""
+    usable = {k: c for k, c in contrasts.items() if series_values.get(c[0]) and series_values.get(c[1])}
+    if not usable:
+        return None, {}
+    series = list(dict.fromkeys(s for c in usable.values() for s in c))
+    seeds = sorted({seed for s in series for seed in series_values[s]})
+    cells = [(i, seeds.index(seed)) for i, s in enumerate(series) for seed in sorted(series_values[s])]
+    values = [series_values[s][seed] for s in series for seed in sorted(series_values[s])]
+    pairs = [(series.index(a), series.index(b)) for a, b in usable.values()]
+    fit = additive_fit(cells, len(series), len(seeds), pairs, [values])
+    family = {"rows": int(fit["estimable"].sum()), "runs": fit["runs"], "series": len(series), "seeds": seeds,
+              "df": fit["df"], "sigma": None, "critical_t": None, "alpha": alpha}
+    verdicts = {k: {"beyond_noise": None, "t": None, "gain_se": None, "threshold": None, "p_adjusted": None}
+                for k in usable}
+    if fit["df"] <= 0 or not fit["estimable"].any():  # one seed each: nothing measures the noise yet
+        return family, verdicts
+    corr, df = fit["corr"], fit["df"]
+    crit = max_abs_t_quantile(corr, df, alpha)
+    family.update(sigma=float(fit["sigma"][0]), critical_t=crit)
+    for j, key in enumerate(usable):
+        if not fit["estimable"][j]:
+            continue
+        t, se = float(fit["t"][0, j]), float(fit["se"][0, j])
+        p = None if math.isnan(t) else min(1.0, max(0.0, 1 - max_abs_t_cdf(abs(t), corr, df)))
+        verdicts[key] = {"beyond_noise": bool(abs(t) > crit), "t": t if math.isfinite(t) else None,  # JSON
+                         "gain_se": se, "threshold": crit * se, "p_adjusted": p}
+    return family, verdicts
+
+
+def judge(configs, rows: dict, jobs_by_key: dict) -> dict:
+    """Each row's verdict, in two families tested apart: training rows, and TTA rows (views of the same weights:
+    their differences vary far less than two trainings do)."""
+    by_key = {c.key: c for c in configs}
+    test = {"name": TEST_NAME, "alpha": ALPHA}
+    for kind in ("training", "tta"):
+        members = [c for c in configs if c.reference and (c.script is None) == (kind == "tta")]
+        contrasts = {c.key: series_of(c, by_key) for c in members}
+        series_values = {s: seed_values(jobs_by_key, *s) for pair in contrasts.values() for s in pair}
+        family, verdicts = family_test(contrasts, series_values)
+        test[kind] = family
+        for key, verdict in verdicts.items():
+            rows[key].update(verdict)
+    return test
 
 
 def results(study, configs, jobs, args, extra, study_dir, argv):
     jobs_by_key = {}
     for j in jobs:
         jobs_by_key.setdefault(j.config.key, []).append(j)
-    rows = {}
-    for cfg in configs:
-        rows[cfg.key] = row_result(cfg, rows, jobs_by_key)
-    noise = seed_noise(rows)
-    judge_gains(rows, noise)
+    by_key = {c.key: c for c in configs}
+    rows = {cfg.key: row_result(cfg, by_key, jobs_by_key) for cfg in configs}
+    test = judge(configs, rows, jobs_by_key)
     runs = [{"config": j.config.key, "seed": j.seed, "run_dir": str(j.run_dir), "script": j.config.script,
-             "argv": j.argv + j.extra_argv, "command": j.command(), "action": j.action, "status": j.status,
-             "error": j.error, "wall_s": j.wall_s, "batch_size": j.batch_size,
+             "argv": j.argv + j.extra_argv, "command": j.command(), "log": str(j.log_path), "action": j.action,
+             "status": j.status, "error": j.error, "note": j.note, "wall_s": j.wall_s, "batch_size": j.batch_size,
              **{k: (j.summary or {}).get(k) for k in ("test_acc", "tta_table", "best_acc", "epochs_completed",
                                                       "train_time_s", "params", "macs", "device")}}
             for j in jobs]
     return {"study": study, "output_dir": str(study_dir), "argv": argv, "passthrough": extra, "seeds": args.seeds,
             "budget": {"epochs": jobs[0].epochs if jobs else args.epochs, "max_train_samples": args.max_train_samples,
                        "max_test_samples": args.max_test_samples, "eval_every": args.eval_every},
-            "notes": STUDY_NOTES[study], "noise": noise, "rows": list(rows.values()), "runs": runs}
+            "notes": STUDY_NOTES[study], "test": test, "rows": list(rows.values()), "runs": runs}
+
+
+# ---- The test's calibration: studies simulated with no real effect -----------------------------------------
+
+def study_layout(configs):
+    """(number of series, contrasts as (series, reference) index pairs) of a study's training rows."""
+    by_key = {c.key: c for c in configs}
+    pairs = [series_of(c, by_key) for c in configs if c.script and c.reference]
+    series = list(dict.fromkeys(s for pair in pairs for s in pair))
+    return len(series), [(series.index(a), series.index(b)) for a, b in pairs]
+
+
+def simulate(n_series: int, contrasts, n_seeds: int, studies: int, seed: int = 0, effects=None,
+             alpha: float = ALPHA) -> dict:
+    """Draw `studies` complete studies (every series, every seed) of accuracy = effect + seed effect + noise,
+    noise and seed effect both standard normal (the tests do not depend on either scale: the seed effect cancels
+    in every gain), and count how often each rule calls each contrast beyond noise:
+      per-row t (paired)   the rule this test replaced: each row's paired gains' variance, pooled over the rows
+                           into one sigma (df = rows x (seeds - 1)), |mean gain| > t(1 - alpha/2, df) sigma /
+                           sqrt(seeds), each row on its own
+      per-row t (additive) the additive model's residual sigma, each row on its own at alpha
+      max-|t| (additive)   the additive model, family-wise: the test the reports use
+    `effects`: the series' true effects (default 0: no real effect). Returns rates per rule: per contrast, their
+    mean (per-row) and the fraction of studies calling any contrast (any-row)."""
+    rng = np.random.default_rng(seed)
+    contrasts = np.asarray(contrasts, dtype=int).reshape(-1, 2)
+    effects = np.zeros(n_series) if effects is None else np.asarray(effects, dtype=float)
+    y = (effects[None, :, None] + rng.standard_normal((studies, 1, n_seeds))
+         + rng.standard_normal((studies, n_series, n_seeds)))
+    cells = [(i, s) for i in range(n_series) for s in range(n_seeds)]
+    fit = additive_fit(cells, n_series, n_seeds, contrasts, y.reshape(studies, -1))
+    df, crit = fit["df"], max_abs_t_quantile(fit["corr"], fit["df"], alpha)
+    gains = y[:, contrasts[:, 0], :] - y[:, contrasts[:, 1], :]  # (studies, rows, seeds), paired by seed
+    old_df = len(contrasts) * (n_seeds - 1)
+    old_sigma = np.sqrt(gains.var(axis=2, ddof=1).mean(axis=1))
+    old_threshold = stats.t.ppf(1 - alpha / 2, old_df) * old_sigma / math.sqrt(n_seeds)
+    calls = {"per-row t (paired)": np.abs(gains.mean(axis=2)) > old_threshold[:, None],
+             "per-row t (additive)": np.abs(fit["t"]) > stats.t.ppf(1 - alpha / 2, df),
+             "max-|t| (additive)": np.abs(fit["t"]) > crit}
+    return {"studies": studies, "seed": seed, "rows": len(contrasts), "seeds": n_seeds, "df": df,
+            "critical_t": crit, "alpha": alpha,
+            "rules": {name: {"per_contrast": c.mean(axis=0).tolist(), "per_row": float(c.mean()),
+                             "any_row": float(c.any(axis=1).mean())} for name, c in calls.items()}}
+
+
+def print_simulation(study: str, sim: dict):
+    n = sim["studies"]
+    print(f"{n} simulated {study} studies with no real effect (simulation seed {sim['seed']}): {sim['rows']} "
+          f"training rows against their references, {sim['seeds']} seeds, seed effect shared by every row; "
+          f"additive model df {sim['df']}, family-wise critical |t| {sim['critical_t']:.3f}")
+    print(f"{'rule':<24} {'per-row rate':>14} {'any-row rate':>14}   (nominal {sim['alpha']:.0%})")
+    for name, r in sim["rules"].items():
+        err = math.sqrt(r["any_row"] * (1 - r["any_row"]) / n)  # binomial standard error of a fraction
+        print(f"{name:<24} {r['per_row']:>14.4f} {r['any_row']:>8.4f} ± {err:.4f}")
 
 
 # ---- Reporting: <study>.md, <study>.png, <study>.json ----------------------------------------------------
@@ -669,19 +878,22 @@ def row_cells(row: dict, res: dict, labels: dict) -> list:
     return [row["label"], row["claimed"], gain, beyond, acc, seeds, run]
 
 
-def noise_note(noise: dict) -> str:
-    def pool_text(pool, what):
-        if pool is None:
-            return f"{what}: not judged until some have two seeds"
-        limits = ", ".join(f"{t:.2f} over {n} seed(s)" for n, t in pool["threshold"].items())
-        return (f"{what}: sigma = {pool['sigma']:.2f} points pooled over {pool['rows']} row(s) ({pool['df']} "
-                f"degree(s) of freedom, t = {pool['t']:.2f}), so |gain| > {limits}")
-    return ("- Beyond noise: a paired t-test per row, two-sided at 5%: |mean gain| > t(0.975, df) sigma / sqrt(n) "
-            "over n paired seeds, where sigma is the std of one paired gain, pooled over the rows with two or more "
-            "seeds. " + pool_text(noise["training"], "Training rows") + "; "
-            + pool_text(noise["tta"], "TTA rows (views of the same weights, pooled apart)")
-            + ". Each row is one test: among many rows, about one in twenty with no real effect is still called "
-            "beyond noise.")
+def test_note(test: dict) -> str:
+    def family_text(family, what):
+        if family is None:
+            return f"{what}: none measured yet"
+        if family["critical_t"] is None:
+            return f"{what}: not judged until some have two seeds ({family['runs']} run(s), no residual df)"
+        return (f"{what}: sigma = {family['sigma']:.2f} points ({family['runs']} runs, {family['df']} residual "
+                f"df), {family['rows']} row(s) tested, |t| > {family['critical_t']:.2f}")
+    return (f"- Beyond noise: {test['name']}. Each run's accuracy = row effect + seed effect + noise (runs of one "
+            "seed share initial weights and batch order, and every gain shares its reference's runs), fitted by "
+            "least squares; a row's gain (difference of two row effects) divided by its standard error from the "
+            "fit's residual sigma is beyond noise past the critical |t| of the maximum over the family's rows, "
+            f"so a study with no real effect calls any row in {test['alpha']:.0%} of cases. Training rows and TTA "
+            "rows (views of the same weights) are two families. "
+            + family_text(test.get("training"), "Training rows") + "; "
+            + family_text(test.get("tta"), "TTA rows") + ". Per-row thresholds and adjusted p-values: the .json.")
 
 
 def markdown(res: dict) -> str:
@@ -699,14 +911,18 @@ def markdown(res: dict) -> str:
               "- Test accuracy: the final epoch's, without TTA (summary `test_acc`), except TTA rows (summary "
               "`tta_table`). Mean ± sample std over seeds (std only with more than one seed); gains are paired "
               "by seed. Claimed gains: the notebook README's; '-' where it claims none.",
-              noise_note(res["noise"]),
+              test_note(res["test"]),
               "- Flags passed to every run (after each row's own flags, so they win): "
               + (f"`{shlex.join(res['passthrough'])}`." if res["passthrough"] else "none."),
               f"- Command: `python ablation.py {shlex.join(res['argv'])}`; every run's command and per-seed "
-              f"numbers are in {res['study']}.json, its outputs in <config>/seed<k>/."]
+              f"numbers are in {res['study']}.json, its outputs in <config>/seed<k>/ (console output: {LOG_NAME})."]
     failed = [r for r in res["runs"] if r["status"] == "failed"]
     if failed:
         lines += ["- Failed runs: " + "; ".join(f"{r['config']} seed {r['seed']} ({r['error']})" for r in failed)]
+    noted = [r for r in res["runs"] if r.get("note")]
+    if noted:
+        lines += ["- Runs kept as they are: " + "; ".join(f"{r['config']} seed {r['seed']}: {r['note']}"
+                                                          for r in noted)]
     return "\n".join(lines) + "\n"
 
 
@@ -752,7 +968,7 @@ def print_rows(configs):
     for c in configs:
         what = (f"mobilenetv4_{c.script}.py {' '.join(c.flags)}" if c.script
                 else f"TTA '{c.tta}' of the {c.source} run")
-        print(f"  {c.key:<20} {c.label:<32} claimed {c.claimed:<6} {what}".rstrip())
+        print(f"  {c.key:<26} {c.label:<38} claimed {c.claimed:<6} {what}".rstrip())
 
 
 @common.command_line
@@ -766,11 +982,22 @@ def main(argv=None):
     if args.list:
         print_rows(configs)
         return None
-    study_dir = Path(args.output_dir or "runs/ablation").expanduser()
+    if args.simulate_null is not None:
+        n_series, contrasts = study_layout(configs)
+        if args.simulate_null < 1 or not contrasts or len(args.seeds) < 2:
+            raise common.UserError("--simulate-null needs N >= 1, two or more --seeds and a training row with a "
+                                   "reference")
+        sim = simulate(n_series, contrasts, len(args.seeds), args.simulate_null, args.simulation_seed)
+        print_simulation(args.study, sim)
+        return sim
+    study_dir = Path(shared_path(args.output_dir or "runs/ablation"))
+    if args.data_dir is not None:
+        args.data_dir = shared_path(args.data_dir)
     jobs = plan(configs, args, extra, study_dir)
+    check_report_target(study_dir, args.study)
     if args.dry_run:
         for i, job in enumerate(jobs):
-            progress(job, i, len(jobs), f"{job.action}\n  {job.command()}")
+            progress(job, i, len(jobs), f"{job.action}{f' ({job.note})' if job.note else ''}\n  {job.command()}")
         return None
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
@@ -786,13 +1013,13 @@ def main(argv=None):
         return write(chart=True)
     t0 = time.perf_counter()
     try:
-        run_all(jobs, write)
-    except (KeyboardInterrupt, SystemExit) as exc:
-        code = 130 if isinstance(exc, KeyboardInterrupt) else exit_code(exc)
+        with Supervisor() as supervisor:
+            run_all(jobs, write, supervisor)
+    except Stopped as stop:
         write(chart=True)
-        print(f"\nablation stopped (exit {code}); rerun the same command to resume: finished runs are kept, "
+        print(f"\nablation stopped (exit {stop.code}); rerun the same command to resume: finished runs are kept, "
               "an interrupted one continues from its last.pt", file=sys.stderr)
-        raise SystemExit(code) from None
+        raise SystemExit(stop.code) from None
     res = write(chart=True)
     print("\n" + markdown(res))
     failed = sum(j.status == "failed" for j in jobs)

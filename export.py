@@ -8,6 +8,7 @@ onnx checker, then compares onnxruntime's logits with PyTorch's at two batch siz
 command exits 1 and leaves no file. Run the result with `python predict.py --onnx model.onnx IMAGE ...`.
 Needs the export extras: pip install -r requirements-export.txt
 """
+
 import os
 import sys
 import tempfile
@@ -18,9 +19,9 @@ import torch
 import common
 import predict
 
-TOLERANCE = 1e-4      # max |logit difference| accepted between onnxruntime and PyTorch
-EXAMPLE_BATCH = 2     # torch.export specialises sizes 0 and 1, so the traced example batch must be larger
-SINGLE_CHECKS = 8     # images also compared one at a time (batch 1): proves the batch axis is really dynamic
+TOLERANCE = 1e-4  # max |logit difference| accepted between onnxruntime and PyTorch
+EXAMPLE_BATCH = 2  # torch.export specialises sizes 0 and 1, so the traced example batch must be larger
+SINGLE_CHECKS = 8  # images also compared one at a time (batch 1): proves the batch axis is really dynamic
 
 
 class CheckFailed(Exception):
@@ -35,14 +36,26 @@ def export_onnx(model, path, opset=None):
     (it warns) and gets no new operator support. It traces F.scaled_dot_product_attention (hybrid_medium's
     attention) into plain ONNX ops."""
     example = torch.zeros(EXAMPLE_BATCH, 3, predict.IMAGE_SIZE, predict.IMAGE_SIZE)
-    program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
-                                dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset,
-                                external_data=False, verbose=False)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        opset_version=opset,
+        external_data=False,
+        verbose=False,
+    )
     # What a deployment needs to feed the model, stored in the file itself (ONNX metadata_props).
-    program.model.metadata_props.update({"classes": ",".join(common.CIFAR10_CLASSES),
-                                         "mean": ",".join(map(str, common.CIFAR10_MEAN)),
-                                         "std": ",".join(map(str, common.CIFAR10_STD)),
-                                         "input": "RGB in [0, 1], minus mean, divided by std, NCHW"})
+    program.model.metadata_props.update(
+        {
+            "classes": ",".join(common.CIFAR10_CLASSES),
+            "mean": ",".join(map(str, common.CIFAR10_MEAN)),
+            "std": ",".join(map(str, common.CIFAR10_STD)),
+            "input": "RGB in [0, 1], minus mean, divided by std, NCHW",
+        }
+    )
     program.save(str(path), external_data=False)  # one self-contained file (these models are a few MB)
 
 
@@ -77,13 +90,17 @@ def check_onnx(path, model, images) -> dict:
         session = predict.onnx_session(path)
     except common.UserError as exc:  # here not the user's file but ours: a failed export
         raise CheckFailed(str(exc)) from None
-    diffs = {images.shape[0]: max_diff(model, session, images),
-             1: max(max_diff(model, session, images[i:i + 1]) for i in range(min(SINGLE_CHECKS, images.shape[0])))}
+    diffs = {
+        images.shape[0]: max_diff(model, session, images),
+        1: max(max_diff(model, session, images[i : i + 1]) for i in range(min(SINGLE_CHECKS, images.shape[0]))),
+    }
     worst, tolerance = max(diffs.values()), TOLERANCE
     if not worst <= tolerance:  # `not <=` so that a NaN difference fails too
         shown = ", ".join(f"{d:.2e} at batch {b}" for b, d in diffs.items())
-        raise CheckFailed(f"onnxruntime's logits differ from PyTorch's by up to {worst:.2e} ({shown}), more than "
-                          f"the tolerance {tolerance:g}")
+        raise CheckFailed(
+            f"onnxruntime's logits differ from PyTorch's by up to {worst:.2e} ({shown}), more than "
+            f"the tolerance {tolerance:g}"
+        )
     return diffs
 
 
@@ -106,14 +123,20 @@ def export_checked(model, output: Path, images, opset=None) -> dict:
 
 
 def build_parser():
-    p = common.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=common.HelpFormatter)
+    p = common.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=common.HelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PT", help="a last.pt / best.pt of the training scripts")
     p.add_argument("--output", required=True, metavar="MODEL.onnx", help="the ONNX file to write")
-    p.add_argument("--opset", type=int, default=None,
-                   help="ONNX opset, 18 or newer (default: the exporter's own choice, 20 with torch 2.14)")
-    p.add_argument("--data-dir", default=None,
-                   help="folder holding cifar-10-batches-py/: compare on its test images (default: random images)")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=None,
+        help="ONNX opset, 18 or newer (default: the exporter's own choice, 20 with torch 2.14)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding cifar-10-batches-py/: compare on its test images (default: random images)",
+    )
     p.add_argument("--num-images", type=int, default=256, help="images compared between onnxruntime and PyTorch")
     return p
 
@@ -151,10 +174,11 @@ def main(argv=None):
         print(f"error: {exc}; {output} not written", file=sys.stderr)
         raise SystemExit(1) from None
     shown = ", ".join(f"{d:.2e} at batch {b}" for b, d in diffs.items())
-    print(f"onnx checker: ok; max |logit diff| onnxruntime vs PyTorch on {compared}: {shown} "
-          f"(tolerance {TOLERANCE:g})")
-    print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB; input 'images' [batch, 3, 32, 32] normalised "
-          f"as in training, output 'logits' [batch, 10])")
+    print(f"onnx checker: ok; max |logit diff| onnxruntime vs PyTorch on {compared}: {shown} (tolerance {TOLERANCE:g})")
+    print(
+        f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB; input 'images' [batch, 3, 32, 32] normalised "
+        f"as in training, output 'logits' [batch, 10])"
+    )
     return {"output": str(output), "which": which, "diffs": diffs, "compared": compared}
 
 

@@ -14,6 +14,7 @@ The notebook published final accuracies only, so its curve cannot be drawn: its 
 Example:
   python headline.py results/baseline-20ep-seed0 results/enhanced-20ep-seed0 --output-dir results
 """
+
 import argparse
 import csv
 import json
@@ -28,15 +29,29 @@ import common
 NOTEBOOK = common.NOTEBOOK_REPORTED
 # "best" is the epoch with the highest test accuracy: chosen on the test set (there is no validation split), so
 # an optimistic figure; the headline is the final epoch.
-COLUMNS = ["run", "notebook (reported)", "epochs", "final", "final + TTA", "best on test set (epoch)",
-           "best on test set + TTA", "training time", "img/s (median epoch)", "machine", "commits", "replay"]
+COLUMNS = [
+    "run",
+    "notebook (reported)",
+    "epochs",
+    "final",
+    "final + TTA",
+    "best on test set (epoch)",
+    "best on test set + TTA",
+    "training time",
+    "img/s (median epoch)",
+    "machine",
+    "commits",
+    "replay",
+]
 
 
 def read_run(folder: Path) -> dict:
     """What the headline needs from one run folder; UserError when it holds no run."""
     if not (folder / "config.json").is_file() or not (folder / "metrics.csv").is_file():
-        raise common.UserError(f"{folder} holds no training run (config.json and metrics.csv are missing): pass "
-                               "the --output-dir of a mobilenetv4_baseline.py or mobilenetv4_enhanced.py run")
+        raise common.UserError(
+            f"{folder} holds no training run (config.json and metrics.csv are missing): pass "
+            "the --output-dir of a mobilenetv4_baseline.py or mobilenetv4_enhanced.py run"
+        )
     config = json.loads((folder / "config.json").read_text())
     with open(folder / "metrics.csv", newline="") as f:
         rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -46,8 +61,13 @@ def read_run(folder: Path) -> dict:
     def summary(path):
         return json.loads(path.read_text()) if path.is_file() else None
 
-    return {"folder": folder, "config": config, "rows": rows, "summary": summary(folder / "summary.json"),
-            "best_eval": summary(folder / "eval-best" / "summary.json")}
+    return {
+        "folder": folder,
+        "config": config,
+        "rows": rows,
+        "summary": summary(folder / "summary.json"),
+        "best_eval": summary(folder / "eval-best" / "summary.json"),
+    }
 
 
 def acc(value) -> str:
@@ -79,11 +99,22 @@ def row_cells(run: dict) -> list[str]:
     commits = ", ".join(dict.fromkeys(short_commit(s["git_commit"]) for s in segments))
     command = shlex.join(["python", f"mobilenetv4_{script}.py", "--config", str(run["folder"] / "config.json")])
     machine = f"{config['device']} ({config['device_name']})" + (
-        f" x{config['world_size']}" if config.get("world_size", 1) > 1 else "")
-    return [run["folder"].name, acc(NOTEBOOK.get(script)), f"{len(rows)} / {planned}", acc(evaluated[-1]["test_acc"]),
-            final_tta, f"{acc(best['test_acc'])} ({int(best['epoch'])})", best_tta,
-            hours(sum(r["epoch_time_s"] for r in rows)), f"{statistics.median(r['img_per_s'] for r in rows):.0f}",
-            machine, commits, f"`{command}`"]
+        f" x{config['world_size']}" if config.get("world_size", 1) > 1 else ""
+    )
+    return [
+        run["folder"].name,
+        acc(NOTEBOOK.get(script)),
+        f"{len(rows)} / {planned}",
+        acc(evaluated[-1]["test_acc"]),
+        final_tta,
+        f"{acc(best['test_acc'])} ({int(best['epoch'])})",
+        best_tta,
+        hours(sum(r["epoch_time_s"] for r in rows)),
+        f"{statistics.median(r['img_per_s'] for r in rows):.0f}",
+        machine,
+        commits,
+        f"`{command}`",
+    ]
 
 
 def markdown(runs: list[dict]) -> str:
@@ -95,15 +126,30 @@ def markdown(runs: list[dict]) -> str:
 def plot(path: Path, runs: list[dict]):
     from matplotlib.figure import Figure  # the object API: no pyplot global state, no GUI backend
     from matplotlib.ticker import MaxNLocator
+
     fig = Figure(figsize=(8, 4.8))
     ax = fig.subplots()
     for i, run in enumerate(runs):
         rows = [r for r in run["rows"] if not math.isnan(r["test_acc"])]
-        ax.plot([r["epoch"] for r in rows], [r["test_acc"] for r in rows], "o-", ms=3, color=f"C{i}",
-                label=f"{run['folder'].name} (this project)")
+        ax.plot(
+            [r["epoch"] for r in rows],
+            [r["test_acc"] for r in rows],
+            "o-",
+            ms=3,
+            color=f"C{i}",
+            label=f"{run['folder'].name} (this project)",
+        )
     for j, (script, value) in enumerate(NOTEBOOK.items()):
-        ax.plot([20], [value], marker="x", ms=10, mew=2, ls="none", color=f"C{len(runs) + j}",
-                label=f"notebook {script}: {value:.2f}% reported at epoch 20 (no curve published)")
+        ax.plot(
+            [20],
+            [value],
+            marker="x",
+            ms=10,
+            mew=2,
+            ls="none",
+            color=f"C{len(runs) + j}",
+            label=f"notebook {script}: {value:.2f}% reported at epoch 20 (no curve published)",
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%), no TTA")
@@ -128,8 +174,9 @@ def main(argv=None):
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise common.UserError(f"cannot create {args.output_dir} ({exc.strerror}): choose a writable "
-                               "--output-dir") from None
+        raise common.UserError(
+            f"cannot create {args.output_dir} ({exc.strerror}): choose a writable --output-dir"
+        ) from None
     common.atomic_write(args.output_dir / "headline.md", lambda f: f.write(text.encode()))
     plot(args.output_dir / "headline.png", runs)
     print(text + f"\nwrote {args.output_dir / 'headline.md'} and {args.output_dir / 'headline.png'}")

@@ -6,6 +6,7 @@ SGD with a one-cycle schedule (AdamW + cosine: --opt adamw --sched cosine, or th
 Options beyond the notebook: weight EMA (--model-ema) and linear warm-up (--warmup-epochs).
 Run `python mobilenetv4_enhanced.py --help` for every flag.
 """
+
 import math
 
 import torch
@@ -16,59 +17,98 @@ import common
 # ---- The recipes (every entry is a flag) ------------------------------------------------------------
 # The public notebook's enhanced recipe on the real architecture (--recipe notebook).
 NOTEBOOK_RECIPE = dict(
-    variant="conv_small", width_mult=1.2, act="silu", se=True, drop_path=0.1, head="mlp", dropout=0.3,
-    augment=True,                          # crop 32 pad 4, flip, rotate 15, jitter .2/.2/.2/.1, translate 10%
-    epochs=20, batch_size=64,
-    opt="adamw", lr=1e-3, wd=0.05, betas=(0.9, 0.999), momentum=0.9,   # momentum: --opt sgd (Nesterov)
-    norm_weight_decay=0.05,                # the notebook decayed every parameter alike
-    sched="cosine", min_lr=1e-6, warmup_epochs=0,   # per-step cosine to min_lr after optional linear warm-up
-    label_smoothing=0.1, clip_grad_norm=1.0,
-    model_ema=False, model_ema_decay=0.999,         # decay warmed up: min(decay, (1 + t) / (10 + t)) at step t
+    variant="conv_small",
+    width_mult=1.2,
+    act="silu",
+    se=True,
+    drop_path=0.1,
+    head="mlp",
+    dropout=0.3,
+    augment=True,  # crop 32 pad 4, flip, rotate 15, jitter .2/.2/.2/.1, translate 10%
+    epochs=20,
+    batch_size=64,
+    opt="adamw",
+    lr=1e-3,
+    wd=0.05,
+    betas=(0.9, 0.999),
+    momentum=0.9,  # momentum: --opt sgd (Nesterov)
+    norm_weight_decay=0.05,  # the notebook decayed every parameter alike
+    sched="cosine",
+    min_lr=1e-6,
+    warmup_epochs=0,  # per-step cosine to min_lr after optional linear warm-up
+    label_smoothing=0.1,
+    clip_grad_norm=1.0,
+    model_ema=False,
+    model_ema_decay=0.999,  # decay warmed up: min(decay, (1 + t) / (10 + t)) at step t
     tta="flip",
 )
-# This project's first recipe (--recipe project-v1): no weight decay on norm / bias / layer-scale parameters
-# (timm, torchvision). It trained results/enhanced-20ep-seed0 and is the reference of the proxy study.
-RECIPE_V1 = {**NOTEBOOK_RECIPE, "norm_weight_decay": 0.0}
-# The second (--recipe project-v2, the default from 487a70e): v1 with the changes the candidates study measured
-# beyond its seed noise (docs/ABLATION.md), at proxy-5k over seeds 0 and 1, against v1. Together,
-# Nesterov SGD + one-cycle and the lighter augmentation (flip, crop, translate: no rotation, no colour jitter)
-# gained +3.32 +- 0.13 points; alone, SGD + one-cycle +2.05 +- 1.10 (beyond noise) and the augmentation
-# +1.56 +- 0.64 (just short of it). TTA flip + 2-pixel shifts gained +1.04 +- 0.16 over flip on the same weights.
-# It trained results/enhanced-sgd-lightaug-20ep-seed0 and is the tuning study's reference.
-RECIPE_V2 = {**RECIPE_V1,
-             "opt": "sgd", "sched": "onecycle", "lr": 0.1, "wd": 5e-4,   # SGD couples wd as L2: 5e-4, not 0.05
-             "rotation": 0.0, "color_jitter": (0.0, 0.0, 0.0, 0.0),
-             "tta": "flip_shift"}
-# The default: v2 without the random crop, which the tuning study measured beyond its noise at proxy-5k
-# (+1.69 +- 0.59 over seeds 0 and 1; translate alone shifts the image enough) and a full 20-epoch run confirmed
-# (results/enhanced-nocrop-20ep-seed0 against v2's run, same seed).
-RECIPE = {**RECIPE_V2, "crop_padding": 0}
-RECIPES = {"project": RECIPE, "project-v2": RECIPE_V2, "project-v1": RECIPE_V1, "notebook": NOTEBOOK_RECIPE}
+# The default: the same model, trained as short-schedule CIFAR practice does, each change measured
+# (docs/RESULTS.md, docs/ABLATION.md): no weight decay on norm / bias / layer-scale parameters (timm, torchvision);
+# Nesterov SGD with a one-cycle schedule; flip and translate only (translation already shifts the image, so no
+# random crop); TTA over flips and 2-pixel shifts.
+RECIPE = {
+    **NOTEBOOK_RECIPE,
+    "norm_weight_decay": 0.0,
+    "opt": "sgd",
+    "sched": "onecycle",
+    "lr": 0.1,
+    "wd": 5e-4,  # SGD couples wd as L2: 5e-4, not 0.05
+    "crop_padding": 0,
+    "rotation": 0.0,
+    "color_jitter": (0.0, 0.0, 0.0, 0.0),
+    "tta": "flip_shift",
+}
+RECIPES = {"project": RECIPE, "notebook": NOTEBOOK_RECIPE}
 
 
 # (flag, lowest allowed, highest allowed, inclusive low?) beyond the flags both scripts share
-LIMITS = [("min_lr", 0, 10, True), ("warmup_epochs", 0, 10**4, True), ("model_ema_decay", 0, 1, False),
-          ("betas", 0, 0.9999999, True), ("momentum", 0, 0.9999999, False)]
+LIMITS = [
+    ("min_lr", 0, 10, True),
+    ("warmup_epochs", 0, 10**4, True),
+    ("model_ema_decay", 0, 1, False),
+    ("betas", 0, 0.9999999, True),
+    ("momentum", 0, 0.9999999, False),
+]
 
 
 def build_parser(recipe_name="project"):
     parser = common.build_parser(RECIPES, recipe_name, __doc__)
     recipe = RECIPES[recipe_name]
     group = parser.add_argument_group("optimizer and schedule")
-    group.add_argument("--opt", default=recipe["opt"], choices=("adamw", "adam", "sgd"),
-                       help="adam and sgd (Nesterov) couple --wd as L2 (adam: the baseline's optimizer)")
+    group.add_argument(
+        "--opt",
+        default=recipe["opt"],
+        choices=("adamw", "adam", "sgd"),
+        help="adam and sgd (Nesterov) couple --wd as L2 (adam: the baseline's optimizer)",
+    )
     group.add_argument("--betas", type=float, nargs=2, default=recipe["betas"], help="Adam(W) beta1 beta2")
     group.add_argument("--momentum", type=float, default=recipe["momentum"], help="SGD Nesterov momentum")
-    group.add_argument("--sched", default=recipe["sched"], choices=("cosine", "constant", "onecycle"),
-                       help="learning rate after warm-up, updated every step; onecycle: OneCycleLR's shape "
-                            "(cosine up from lr/25 over the first 30%% of --epochs, cosine down to --min-lr)")
+    group.add_argument(
+        "--sched",
+        default=recipe["sched"],
+        choices=("cosine", "constant", "onecycle"),
+        help="learning rate after warm-up, updated every step; onecycle: OneCycleLR's shape "
+        "(cosine up from lr/25 over the first 30%% of --epochs, cosine down to --min-lr)",
+    )
     group.add_argument("--min-lr", type=float, default=recipe["min_lr"], help="cosine floor and warm-up start")
-    group.add_argument("--warmup-epochs", type=float, default=recipe["warmup_epochs"],
-                       help="linear warm-up from --min-lr to --lr over this many epochs")
-    group.add_argument("--model-ema", action="store_true", default=recipe["model_ema"],
-                       help="keep an EMA of the weights (evaluated and checkpointed instead of the raw model)")
-    group.add_argument("--model-ema-decay", type=float, default=recipe["model_ema_decay"],
-                       help="EMA decay, reached after a warm-up: step t uses min(decay, (1 + t) / (10 + t))")
+    group.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=recipe["warmup_epochs"],
+        help="linear warm-up from --min-lr to --lr over this many epochs",
+    )
+    group.add_argument(
+        "--model-ema",
+        action="store_true",
+        default=recipe["model_ema"],
+        help="keep an EMA of the weights (evaluated and checkpointed instead of the raw model)",
+    )
+    group.add_argument(
+        "--model-ema-decay",
+        type=float,
+        default=recipe["model_ema_decay"],
+        help="EMA decay, reached after a warm-up: step t uses min(decay, (1 + t) / (10 + t))",
+    )
     return parser
 
 
@@ -114,15 +154,17 @@ def parse_args(argv=None):
 @common.command_line
 def main(argv=None):
     args = parse_args(argv)
-    with common.Run(args, "enhanced") as run:
+    # What a resume must keep: the optimizer's saved state holds these and would silently win over a new value.
+    must_match = ("opt", "lr", "wd", "norm_weight_decay", "momentum" if args.opt == "sgd" else "betas")
+    with common.Run(args, "enhanced", must_match) as run:
         model = run.prepare(common.model_from_args(args))
         params = common.weight_decay_groups(run.model, args.wd, args.norm_weight_decay)
         optimizer = make_optimizer(args, params)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: lr_factor(args, run.progress()))
         ema = common.ModelEma(run.model, args.model_ema_decay) if args.model_ema else None
         criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-        scaler = run.grad_scaler()
-        start_epoch = run.start(optimizer, scheduler, ema)
+        scaler = run.grad_scaler
+        start_epoch = run.resume(optimizer, scheduler, ema)
         if args.test_only:
             return run.finish()
 

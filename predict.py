@@ -8,6 +8,7 @@ to RGB, resized to 32x32 and normalised exactly as in training; one line per ima
 The model is rebuilt from the checkpoint's own saved configuration: no model flags to repeat.
 Also the shared helpers of export.py: image reading and the onnxruntime session.
 """
+
 import importlib
 import sys
 from pathlib import Path
@@ -64,7 +65,7 @@ def read_image(path) -> torch.Tensor:
     try:
         with Image.open(path, formats=IMAGE_FORMATS) as image:
             image = ImageOps.exif_transpose(image)  # phone JPEGs store their rotation in EXIF
-            rgb = to_rgb(image)                     # decodes the pixels: a truncated file fails here
+            rgb = to_rgb(image)  # decodes the pixels: a truncated file fails here
     except Image.UnidentifiedImageError:
         raise ValueError("not a PNG, JPEG, BMP or WebP image") from None
     except Image.DecompressionBombError as exc:
@@ -126,11 +127,14 @@ def onnx_session(path, threads: int | None = None):
     expected = f"[N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}]"
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or list(inputs[0].shape[1:]) != [3, IMAGE_SIZE, IMAGE_SIZE]:
         shapes = ", ".join(str(i.shape) for i in inputs)
-        raise common.UserError(f"{path} takes input {shapes}, not {expected} images: it is not a model for this "
-                               f"project's CIFAR-10 input size")
+        raise common.UserError(
+            f"{path} takes input {shapes}, not {expected} images: it is not a model for this "
+            f"project's CIFAR-10 input size"
+        )
     if len(outputs) != 1 or outputs[0].shape[-1] != len(common.CIFAR10_CLASSES):
-        raise common.UserError(f"{path} returns {[o.shape for o in outputs]}, not [N, {len(common.CIFAR10_CLASSES)}] "
-                               f"CIFAR-10 logits")
+        raise common.UserError(
+            f"{path} returns {[o.shape for o in outputs]}, not [N, {len(common.CIFAR10_CLASSES)}] CIFAR-10 logits"
+        )
     return session
 
 
@@ -150,8 +154,10 @@ def checkpoint_classifier(path, device_name: str, batch_size: int):
     cfg = model.config
 
     def classify(images, view):  # fp32 (no autocast): the probabilities do not depend on the device's AMP
-        return common.predict(model, images.to(device), view, batch_size=batch_size,
-                              channels_last=channels_last).cpu()
+        return common.predict_probs(
+            model, images.to(device), view, batch_size=batch_size, channels_last=channels_last
+        ).cpu()
+
     return classify, f"{cfg['variant']} width {cfg['width_mult']} ({which} weights) from {path} on {device}"
 
 
@@ -159,16 +165,21 @@ def onnx_classifier(path, batch_size: int):
     session = onnx_session(path)
 
     def classify(images, view):
-        logits = [onnx_logits(session, common.normalize(view(images[i:i + batch_size])))
-                  for i in range(0, images.shape[0], batch_size)]
+        logits = [
+            onnx_logits(session, common.normalize(view(images[i : i + batch_size])))
+            for i in range(0, images.shape[0], batch_size)
+        ]
         return torch.cat(logits).softmax(1)
+
     return classify, f"{path} on onnxruntime (CPU)"
 
 
 def top_k(probs: torch.Tensor, k: int) -> list[list[dict]]:
     values, indices = probs.topk(k, dim=1)
-    return [[{"class": common.CIFAR10_CLASSES[i], "index": i, "prob": p} for p, i in zip(ps, idx)]
-            for ps, idx in zip(values.tolist(), indices.tolist())]
+    return [
+        [{"class": common.CIFAR10_CLASSES[i], "index": i, "prob": p} for p, i in zip(ps, idx)]
+        for ps, idx in zip(values.tolist(), indices.tolist())
+    ]
 
 
 def format_line(path, top: list[dict]) -> str:
@@ -177,20 +188,33 @@ def format_line(path, top: list[dict]) -> str:
 
 # ---- Command line ----------------------------------------------------------------------------------------------
 def build_parser():
-    p = common.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=common.HelpFormatter)
+    p = common.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=common.HelpFormatter)
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", metavar="PT",
-                       help="a last.pt / best.pt of the training scripts (this or --onnx is required)")
-    model.add_argument("--onnx", metavar="MODEL.onnx",
-                       help="a model written by export.py, run with onnxruntime (this or --checkpoint is required)")
+    model.add_argument(
+        "--checkpoint", metavar="PT", help="a last.pt / best.pt of the training scripts (this or --onnx is required)"
+    )
+    model.add_argument(
+        "--onnx",
+        metavar="MODEL.onnx",
+        help="a model written by export.py, run with onnxruntime (this or --checkpoint is required)",
+    )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders of images")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per image")
-    p.add_argument("--tta", default="none", choices=tuple(common.TTA_VIEWS),
-                   help="test-time augmentation: average the softmax over these views (as training's TTA table)")
-    p.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON to this file (default: print only)")
-    p.add_argument("--device", default="auto", choices=common.DEVICES,
-                   help="for --checkpoint (auto: mps, then cuda, then cpu); --onnx runs on onnxruntime's CPU")
+    p.add_argument(
+        "--tta",
+        default="none",
+        choices=tuple(common.TTA_VIEWS),
+        help="test-time augmentation: average the softmax over these views (as training's TTA table)",
+    )
+    p.add_argument(
+        "--json", metavar="OUT", default=None, help="also write the results as JSON to this file (default: print only)"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=common.DEVICES,
+        help="for --checkpoint (auto: mps, then cuda, then cpu); --onnx runs on onnxruntime's CPU",
+    )
     p.add_argument("-b", "--batch-size", type=int, default=500, help="images per forward pass")
     return p
 

@@ -20,6 +20,7 @@ Writes <output-dir>/report.md and report.json (each command, status, wall time, 
 --tiny shrinks every run (64 training images, width 0.25, 2 epochs for phase 3) so the same code runs in the
 tests on a CPU.
 """
+
 import argparse
 import csv
 import json
@@ -38,18 +39,22 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
 SCRIPTS = ("baseline", "enhanced")
-ARCHITECTURES = {"conv_s_8x8": ["--output-stride", "4"], "conv_m_w1.0": ["--variant", "conv_medium", "--width-mult",
-                                                                          "1.0"], "mobilenetv2": ["--variant", "mobilenetv2"]}
+ARCHITECTURES = {
+    "conv_s_8x8": ["--output-stride", "4"],
+    "conv_m_w1.0": ["--variant", "conv_medium", "--width-mult", "1.0"],
+    "mobilenetv2": ["--variant", "mobilenetv2"],
+}
 
 
 @dataclass
 class Check:
     """One command line and what became of it."""
+
     name: str
     argv: list
     phase: str
-    run_dir: str | None = None      # a training run's folder: its summary.json and metrics.csv give the figures
-    status: str = "pending"         # pending | ok | failed | timeout | stopped (phase 3's deadline) | skipped
+    run_dir: str | None = None  # a training run's folder: its summary.json and metrics.csv give the figures
+    status: str = "pending"  # pending | ok | failed | timeout | stopped (phase 3's deadline) | skipped
     returncode: int | None = None
     wall_s: float | None = None
     figures: dict = field(default_factory=dict)
@@ -66,39 +71,131 @@ def python(script: str, *argv) -> list:
 
 def plan(args) -> list[Check]:
     out, data = Path(args.output_dir), ["--data-dir", args.data_dir, "--no-download"]
-    size = (["--max-train-samples", "64", "--max-test-samples", "32", "--width-mult", "0.25", "-b", "16"] if args.tiny
-            else ["--max-train-samples", "10000", "--max-test-samples", "2000"])
+    size = (
+        ["--max-train-samples", "64", "--max-test-samples", "32", "--width-mult", "0.25", "-b", "16"]
+        if args.tiny
+        else ["--max-train-samples", "10000", "--max-test-samples", "2000"]
+    )
 
     def short(device=args.device, epochs=1):
         return [*data, *size, "--device", device, "--epochs", epochs, "--no-tta-table"]
-    variants = {"amp-bf16": ["--amp", "bf16"], "amp-fp16": ["--amp", "fp16"], "amp-off": ["--amp", "off"],
-                "channels-last-on": ["--channels-last"], "channels-last-off": ["--no-channels-last"],
-                "compile": ["--compile"], "deterministic": ["--deterministic"]}
+
+    variants = {
+        "amp-bf16": ["--amp", "bf16"],
+        "amp-fp16": ["--amp", "fp16"],
+        "amp-off": ["--amp", "off"],
+        "channels-last-on": ["--channels-last"],
+        "channels-last-off": ["--no-channels-last"],
+        "compile": ["--compile"],
+        "deterministic": ["--deterministic"],
+    }
     checks = []
     for script in SCRIPTS:
         for name, flags in variants.items():
             run_dir = out / f"{script}-{name}"
-            checks.append(Check(f"{script}-{name}", python(f"mobilenetv4_{script}.py", *short(), *flags,
-                                                           "--output-dir", run_dir), "correctness", str(run_dir)))
+            checks.append(
+                Check(
+                    f"{script}-{name}",
+                    python(f"mobilenetv4_{script}.py", *short(), *flags, "--output-dir", run_dir),
+                    "correctness",
+                    str(run_dir),
+                )
+            )
     torchrun_dir = out / "torchrun"
-    checks.append(Check("torchrun", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                     "1", str(ROOT / "mobilenetv4_enhanced.py"), *map(str, short()), "--output-dir",
-                                     str(torchrun_dir)], "correctness", str(torchrun_dir)))
+    checks.append(
+        Check(
+            "torchrun",
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "1",
+                str(ROOT / "mobilenetv4_enhanced.py"),
+                *map(str, short()),
+                "--output-dir",
+                str(torchrun_dir),
+            ],
+            "correctness",
+            str(torchrun_dir),
+        )
+    )
     trained = out / "enhanced-amp-off" / "last.pt"
     for name, device in (("resume", args.device), ("resume-on-cpu", "cpu")):
         run_dir = out / name
-        checks.append(Check(name, python("mobilenetv4_enhanced.py", *short(device, epochs=2), "--amp", "off",
-                                         "--resume", trained, "--output-dir", run_dir), "after-training", str(run_dir)))
-    checks.append(Check("predict", python("predict.py", "--checkpoint", trained, "--device", args.device,
-                                          "--tta", "flip", out / "images"), "after-training"))
-    checks.append(Check("export", python("export.py", "--checkpoint", trained, "--output", out / "model.onnx",
-                                         "--data-dir", args.data_dir, "--num-images", "64"), "after-training"))
+        checks.append(
+            Check(
+                name,
+                python(
+                    "mobilenetv4_enhanced.py",
+                    *short(device, epochs=2),
+                    "--amp",
+                    "off",
+                    "--resume",
+                    trained,
+                    "--output-dir",
+                    run_dir,
+                ),
+                "after-training",
+                str(run_dir),
+            )
+        )
+    checks.append(
+        Check(
+            "predict",
+            python("predict.py", "--checkpoint", trained, "--device", args.device, "--tta", "flip", out / "images"),
+            "after-training",
+        )
+    )
+    checks.append(
+        Check(
+            "export",
+            python(
+                "export.py",
+                "--checkpoint",
+                trained,
+                "--output",
+                out / "model.onnx",
+                "--data-dir",
+                args.data_dir,
+                "--num-images",
+                "64",
+            ),
+            "after-training",
+        )
+    )
     quick = ["--quick"] if args.tiny else []
-    checks.append(Check("model-step", python("benchmarks/model_step.py", "--device", args.device,
-                                             *(["--steps", "2", "-b", "16"] if args.tiny else []),
-                                             "--json", out / "model-step.json"), "speed"))
-    checks.append(Check("throughput", python("benchmarks/throughput.py", *quick, "--device", args.device,
-                                             "--data-dir", args.data_dir, "--json", out / "throughput.json"), "speed"))
+    checks.append(
+        Check(
+            "model-step",
+            python(
+                "benchmarks/model_step.py",
+                "--device",
+                args.device,
+                *(["--steps", "2", "-b", "16"] if args.tiny else []),
+                "--json",
+                out / "model-step.json",
+            ),
+            "speed",
+        )
+    )
+    checks.append(
+        Check(
+            "throughput",
+            python(
+                "benchmarks/throughput.py",
+                *quick,
+                "--device",
+                args.device,
+                "--data-dir",
+                args.data_dir,
+                "--json",
+                out / "throughput.json",
+            ),
+            "speed",
+        )
+    )
     full = [*data, "--device", args.device, *(size + ["--epochs", "2"] if args.tiny else [])]
     configs = [(script, []) for script in SCRIPTS]
     configs += [(f"enhanced-{name}", flags) for name, flags in ARCHITECTURES.items()] if args.architectures else []
@@ -106,15 +203,21 @@ def plan(args) -> list[Check]:
         script = config.split("-")[0]
         for seed in args.seeds:
             run_dir = out / f"full-{config}-seed{seed}"
-            checks.append(Check(f"full-{config}-seed{seed}", python(f"mobilenetv4_{script}.py", *full, *flags,
-                                                                   "--seed", seed, "--output-dir", run_dir),
-                                "accuracy", str(run_dir)))
+            checks.append(
+                Check(
+                    f"full-{config}-seed{seed}",
+                    python(f"mobilenetv4_{script}.py", *full, *flags, "--seed", seed, "--output-dir", run_dir),
+                    "accuracy",
+                    str(run_dir),
+                )
+            )
     return [c for c in checks if not any(c.name == s or c.name.endswith(f"-{s}") for s in args.skip)]
 
 
 def write_test_images(data_dir: str, folder: Path, n: int = 8):
     """The first n CIFAR-10 test images as PNG files, for predict.py."""
     from PIL import Image
+
     folder.mkdir(parents=True, exist_ok=True)
     data = common.load_cifar10(data_dir, download=False)
     for i, (image, label) in enumerate(zip(data.test_images[:n], data.test_labels[:n].tolist())):
@@ -129,14 +232,21 @@ def read_figures(check: Check) -> dict:
     figures = {}
     summary = read_json(run_dir / "summary.json")
     if summary:
-        figures.update(test_acc=summary["test_acc"], test_acc_tta=summary["test_acc_tta"], tta=summary["tta"],
-                       epochs=summary["epochs_completed"], train_time_s=round(summary["train_time_s"], 1),
-                       amp=summary["config"]["amp"], channels_last=summary["config"]["channels_last"])
+        figures.update(
+            test_acc=summary["test_acc"],
+            test_acc_tta=summary["test_acc_tta"],
+            tta=summary["tta"],
+            epochs=summary["epochs_completed"],
+            train_time_s=round(summary["train_time_s"], 1),
+            amp=summary["config"]["amp"],
+            channels_last=summary["config"]["channels_last"],
+        )
     rows = metrics_rows(run_dir / "metrics.csv")
     if rows:
         speeds = sorted(float(r["img_per_s"]) for r in rows[1:] or rows)  # epoch 1 holds warm-up and compilation
-        figures.update(epochs_done=len(rows), img_per_s=round(speeds[len(speeds) // 2], 1),
-                       last_test_acc=rows[-1]["test_acc"])
+        figures.update(
+            epochs_done=len(rows), img_per_s=round(speeds[len(speeds) // 2], 1), last_test_acc=rows[-1]["test_acc"]
+        )
     return figures
 
 
@@ -160,8 +270,7 @@ def start(check: Check, logs: Path) -> subprocess.Popen:
     log = open(check.log, "w")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     check.wall_s = time.perf_counter()
-    return subprocess.Popen(check.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    return subprocess.Popen(check.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def finish(check: Check, proc: subprocess.Popen, stopped: bool = False):
@@ -201,16 +310,22 @@ def run_until(checks: list, logs: Path, deadline_s: float):
         finish(check, proc, stopped=proc in stopped)
 
 
-def report(checks: list, args, out: Path):
-    lines = [f"# GPU check on {args.device}{' (tiny)' if args.tiny else ''}", "",
-             "| check | phase | status | wall s | figures | command |", "|---|---|---|---|---|---|"]
+def report(checks: list, args, out: Path, provenance: dict):
+    lines = [
+        f"# GPU check on {args.device}{' (tiny)' if args.tiny else ''}",
+        "",
+        "| check | phase | status | wall s | figures | command |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in checks:
         figures = ", ".join(f"{k} {v}" for k, v in c.figures.items())
         lines.append(f"| {c.name} | {c.phase} | {c.status} | {c.wall_s} | {figures} | `{c.command}` |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    provenance = common.provenance(common.select_device(args.device))
-    (out / "report.json").write_text(json.dumps({"provenance": provenance, "args": vars(args),
-                                                 "checks": [asdict(c) for c in checks]}, indent=2, default=str))
+    (out / "report.json").write_text(
+        json.dumps(
+            {"provenance": provenance, "args": vars(args), "checks": [asdict(c) for c in checks]}, indent=2, default=str
+        )
+    )
     print("\n".join(lines))
 
 
@@ -221,13 +336,21 @@ def build_parser():
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--tiny", action="store_true", help="tiny runs: the same code paths in seconds, on any device")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="phase 3's seeds")
-    parser.add_argument("--architectures", action="store_true",
-                        help="phase 3 also trains the enhanced recipe on Conv-S 8x8, Conv-M and MobileNetV2")
+    parser.add_argument(
+        "--architectures",
+        action="store_true",
+        help="phase 3 also trains the enhanced recipe on Conv-S 8x8, Conv-M and MobileNetV2",
+    )
     parser.add_argument("--jobs", type=int, default=4, help="phase 1 checks run at a time")
     parser.add_argument("--check-timeout-s", type=float, default=300, help="limit for each phase 1 and 2 command")
     parser.add_argument("--full-budget-s", type=float, default=270, help="phase 3's deadline")
-    parser.add_argument("--skip", nargs="*", default=[], metavar="NAME",
-                        help="checks to leave out, by name or suffix (e.g. compile, throughput)")
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="checks to leave out, by name or suffix (e.g. compile, throughput)",
+    )
     return parser
 
 
@@ -237,16 +360,20 @@ def main(argv=None):
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     checks = plan(args)
+    # Read when the checks start: the code checked is what was loaded then, whatever changes meanwhile.
+    provenance = common.provenance(common.select_device(args.device))
     write_test_images(args.data_dir, out / "images")
-    by_phase = {phase: [c for c in checks if c.phase == phase]
-                for phase in ("correctness", "after-training", "speed", "accuracy")}
+    by_phase = {
+        phase: [c for c in checks if c.phase == phase]
+        for phase in ("correctness", "after-training", "speed", "accuracy")
+    }
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda c: run_one(c, logs, args.check_timeout_s), by_phase["correctness"]))
         list(pool.map(lambda c: run_one(c, logs, args.check_timeout_s), by_phase["after-training"]))
     for check in by_phase["speed"]:
         run_one(check, logs, args.check_timeout_s)
     run_until(by_phase["accuracy"], logs, args.full_budget_s)
-    report(checks, args, out)
+    report(checks, args, out, provenance)
     failed = [c.name for c in checks if c.status in ("failed", "timeout")]
     if failed:
         print(f"failed: {' '.join(failed)} (logs in {logs})", file=sys.stderr)

@@ -9,6 +9,7 @@ count and git commit.
 
     python benchmarks/inference.py [--quick] [--threads N] [--json results/inference-cpu.json]
 """
+
 import argparse
 import copy
 import json
@@ -61,6 +62,7 @@ def torch_runner(model, channels_last: bool):
     def run(x):
         with torch.inference_mode():
             return model(x.contiguous(memory_format=fmt))
+
     return run
 
 
@@ -84,8 +86,11 @@ def bench_model(model, threads: int, runs: int, big_runs: int, folder: Path) -> 
     x = torch.randn(8, 3, 32, 32)
     with torch.inference_mode():
         diff = (predict.onnx_logits(session, x) - model(x)).abs().max().item()
-    runners = {"pytorch (channels_last)": torch_runner(model, True), "pytorch (contiguous)": torch_runner(model, False),
-               "onnxruntime": onnx_runner(session)}
+    runners = {
+        "pytorch (channels_last)": torch_runner(model, True),
+        "pytorch (contiguous)": torch_runner(model, False),
+        "onnxruntime": onnx_runner(session),
+    }
     return {"runtimes": {name: measure(run, runs, big_runs) for name, run in runners.items()}, "max_abs_diff": diff}
 
 
@@ -100,21 +105,26 @@ def markdown(results: dict) -> str:
     lines = ["| model | runtime | latency, batch 1 (ms) | throughput, batch 256 (img/s) |", "|---|---|---|---|"]
     for model, report in results.items():
         for runtime, row in report["runtimes"].items():
-            lines.append(f"| {model} | {runtime} | {row['latency_ms_batch1']:.2f} | "
-                         f"{row[f'img_per_s_batch{BIG_BATCH}']:,.0f} |")
+            lines.append(
+                f"| {model} | {runtime} | {row['latency_ms_batch1']:.2f} | {row[f'img_per_s_batch{BIG_BATCH}']:,.0f} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="few runs (a smoke test, not a measurement)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="intra-op threads for both PyTorch and onnxruntime")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="intra-op threads for both PyTorch and onnxruntime"
+    )
     parser.add_argument("--runs", type=int, default=200, help="batch-1 calls timed (median); --quick: 5")
     parser.add_argument("--big-runs", type=int, default=10, help="batch-256 calls timed (median); --quick: 1")
     parser.add_argument("--json", default=str(ROOT / "results" / "inference-cpu.json"), help="where the JSON goes")
     args = parser.parse_args(argv)
+    # Read when the measurement starts: the code measured is what the process loaded then, whatever changes meanwhile.
+    provenance = common.provenance(torch.device("cpu"))
     try:
         for package in ("onnx", "onnxscript", "onnxruntime"):
             predict.import_export_package(package)
@@ -123,23 +133,35 @@ def main(argv=None):
     runs, big_runs = (5, 1) if args.quick else (args.runs, args.big_runs)
     torch.set_num_threads(args.threads)
     import onnxruntime
+
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
-        results = {name: bench_model(model, args.threads, runs, big_runs, Path(folder))
-                   for name, model in default_models().items()}
+        results = {
+            name: bench_model(model, args.threads, runs, big_runs, Path(folder))
+            for name, model in default_models().items()
+        }
     report = {
-        "provenance": common.provenance(torch.device("cpu")), "onnxruntime": onnxruntime.__version__,
-        "load_average_1min_before": load_before, "load_average_1min_after": os.getloadavg()[0],
-        "threads": args.threads, "quick": args.quick, "runs_batch1": runs, f"runs_batch{BIG_BATCH}": big_runs,
+        "provenance": provenance,
+        "onnxruntime": onnxruntime.__version__,
+        "load_average_1min_before": load_before,
+        "load_average_1min_after": os.getloadavg()[0],
+        "threads": args.threads,
+        "quick": args.quick,
+        "runs_batch1": runs,
+        f"runs_batch{BIG_BATCH}": big_runs,
         "results": results,
         "onnxruntime_speedup": {name: speedup(figures["runtimes"]) for name, figures in results.items()},
     }
-    print(f"\n## Inference on {common.cpu_model()} ({args.threads} threads, torch {torch.__version__}, "
-          f"onnxruntime {onnxruntime.__version__}, fp32)\n")
+    print(
+        f"\n## Inference on {common.cpu_model()} ({args.threads} threads, torch {torch.__version__}, "
+        f"onnxruntime {onnxruntime.__version__}, fp32)\n"
+    )
     print(markdown(results))
     for name, ratio in report["onnxruntime_speedup"].items():
-        print(f"{name}: onnxruntime vs PyTorch channels_last: latency {ratio['latency']:.2f}x, throughput "
-              f"{ratio['throughput']:.2f}x; max |logit diff| {results[name]['max_abs_diff']:.1e}")
+        print(
+            f"{name}: onnxruntime vs PyTorch channels_last: latency {ratio['latency']:.2f}x, throughput "
+            f"{ratio['throughput']:.2f}x; max |logit diff| {results[name]['max_abs_diff']:.1e}"
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -5,6 +5,7 @@ in fp32 and with each layout / precision option, so the defaults can be chosen b
 
     python benchmarks/model_step.py [--batch-size 128] [--steps 8] [--device auto] [--variant conv_small] [--json PATH]
 """
+
 import argparse
 import json
 import statistics
@@ -56,11 +57,19 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the table, machine and commit to this JSON file")
     args = parser.parse_args(argv)
     device = common.select_device(args.device)
-    options = {"fp32": (False, None), "fp32 channels_last": (True, None), "bf16 autocast": (False, torch.bfloat16),
-               "bf16 channels_last": (True, torch.bfloat16)}
-    print(f"{args.variant}, CIFAR stem, batch {args.batch_size}, {device} ({common.device_name(device)}), "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.steps} steps")
-    print(f"| config | option | ms/step | img/s |\n|---|---|---|---|")
+    # Read when the measurement starts: the code measured is what the process loaded then, whatever changes meanwhile.
+    provenance = common.provenance(device)
+    options = {
+        "fp32": (False, None),
+        "fp32 channels_last": (True, None),
+        "bf16 autocast": (False, torch.bfloat16),
+        "bf16 channels_last": (True, torch.bfloat16),
+    }
+    print(
+        f"{args.variant}, CIFAR stem, batch {args.batch_size}, {device} ({common.device_name(device)}), "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.steps} steps"
+    )
+    print("| config | option | ms/step | img/s |\n|---|---|---|---|")
     rows = []
     for name, config in CONFIGS.items():
         for option, (channels_last, amp_dtype) in options.items():
@@ -68,8 +77,14 @@ def main(argv=None):
             rows.append({"model": name, "option": option, "ms_per_step": t * 1e3, "img_per_s": args.batch_size / t})
             print(f"| {name} | {option} | {t * 1e3:.0f} | {args.batch_size / t:.0f} |", flush=True)
     if args.json:
-        report = {"provenance": common.provenance(device), "variant": args.variant, "batch_size": args.batch_size,
-                  "steps": args.steps, "threads": torch.get_num_threads(), "results": rows}
+        report = {
+            "provenance": provenance,
+            "variant": args.variant,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "threads": torch.get_num_threads(),
+            "results": rows,
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")

@@ -8,6 +8,7 @@ and prints test accuracy (no TTA) for each.
 
     python benchmarks/pipeline_accuracy.py --epochs 2 --max-train-samples 5000 --max-test-samples 2000 --seeds 0 1
 """
+
 import argparse
 import json
 import math
@@ -20,8 +21,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
 import throughput  # noqa: E402
+
+import common  # noqa: E402
 
 
 def train(pipeline, data, epochs, seed, device):
@@ -32,17 +34,24 @@ def train(pipeline, data, epochs, seed, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     steps = epochs * (data.train_images.shape[0] // batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+        optimizer, lambda s: 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     if pipeline == "torchvision":
         generator = torch.Generator().manual_seed(seed)
-        loader = torch.utils.data.DataLoader(throughput.PilCifar(data.train_images, data.train_labels, cfg),
-                                             batch_size=batch, shuffle=True, drop_last=True, generator=generator)
+        loader = torch.utils.data.DataLoader(
+            throughput.PilCifar(data.train_images, data.train_labels, cfg),
+            batch_size=batch,
+            shuffle=True,
+            drop_last=True,
+            generator=generator,
+        )
     start = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        batches = loader if pipeline == "torchvision" else common.train_batches_for_epoch(
-            data, batch, seed, epoch, 0, cfg)
+        batches = (
+            loader if pipeline == "torchvision" else common.train_batches_for_epoch(data, batch, seed, epoch, 0, cfg)
+        )
         for images, labels in batches:
             loss = criterion(model(images.to(device)), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -65,6 +74,8 @@ def main(argv=None):
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device("cpu")  # the PIL pipeline is CPU-bound; compare both on the same device
+    # Read when the measurement starts: the code measured is what the process loaded then, whatever changes meanwhile.
+    provenance = common.provenance(device)
     try:
         data = common.load_cifar10(args.data_dir, download=False)
     except common.UserError as exc:
@@ -80,7 +91,7 @@ def main(argv=None):
         spread = f" +- {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         print(f"{pipeline:>11}: {statistics.mean(accs):.2f}%{spread} over seeds {args.seeds}")
     if args.json:
-        report = {"provenance": common.provenance(device), "args": vars(args), "results": results}
+        report = {"provenance": provenance, "args": vars(args), "results": results}
         Path(args.json).write_text(json.dumps(report, indent=2))
     return results
 

@@ -15,6 +15,7 @@ markdown table and writes JSON (`--json PATH`) with each recipe's `aug_speedup` 
 
     python benchmarks/throughput.py [--quick] [--device auto] [--data-dir data] [--json PATH]
 """
+
 import argparse
 import dataclasses
 import json
@@ -34,8 +35,25 @@ import mobilenetv4_enhanced  # noqa: E402
 DEFAULT_RECIPE = common.chosen_recipe(mobilenetv4_enhanced.RECIPES, [])  # what the script runs given no flags
 RECIPE_NAMES = ("notebook", DEFAULT_RECIPE)
 BUSY_LOAD = 0.5  # a 1-minute load average above this: other work shared the CPUs during the measurement
-SETTINGS = ("variant", "width_mult", "output_stride", "act", "se", "drop_path", "head", "dropout", "batch_size",
-            "opt", "lr", "wd", "norm_weight_decay", "betas", "momentum", "label_smoothing", "clip_grad_norm")
+SETTINGS = (
+    "variant",
+    "width_mult",
+    "output_stride",
+    "act",
+    "se",
+    "drop_path",
+    "head",
+    "dropout",
+    "batch_size",
+    "opt",
+    "lr",
+    "wd",
+    "norm_weight_decay",
+    "betas",
+    "momentum",
+    "label_smoothing",
+    "clip_grad_norm",
+)
 
 
 def recipe_args(name):
@@ -51,6 +69,7 @@ def recipe_augment(recipe):
 def pil_transforms(cfg):
     """`cfg`'s ops as the notebook wrote its augmentation: per-sample torchvision PIL transforms, in our order."""
     from torchvision import transforms as T
+
     ops = []
     if cfg is not None:
         if cfg.cutout:  # ours fills with the mean after normalising: no torchvision transform does the same work
@@ -73,7 +92,7 @@ class PilCifar(torch.utils.data.Dataset):
     """torchvision.datasets.CIFAR10's access pattern: uint8 HWC array -> PIL image -> transforms of `cfg`."""
 
     def __init__(self, images, labels, cfg):
-        self.images = images.permute(0, 2, 3, 1).contiguous().numpy()   # [N, 32, 32, 3]
+        self.images = images.permute(0, 2, 3, 1).contiguous().numpy()  # [N, 32, 32, 3]
         self.labels = labels.tolist()
         self.transform = pil_transforms(cfg)
 
@@ -82,6 +101,7 @@ class PilCifar(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
+
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
@@ -100,11 +120,14 @@ def timed(fn, repeats, device):
 
 def loader_images(dataset, batch_size, workers):
     """One pass over the dataset's full batches (the last partial batch is dropped, as ours drops it)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=True, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=False
+    )
+
     def run():
         for _ in loader:
             pass
+
     return run
 
 
@@ -133,6 +156,7 @@ def train_step_fn(model, optimizer, criterion, clip_grad_norm, autocast_dtype, d
         if clip_grad_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
+
     return step
 
 
@@ -146,10 +170,16 @@ def make_trainer(device, recipe, channels_last=False, autocast_dtype=None, compi
         model = model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = mobilenetv4_enhanced.make_optimizer(
-        recipe, common.weight_decay_groups(model, recipe.wd, recipe.norm_weight_decay))
-    step = train_step_fn(torch.compile(model) if compile_model else model, optimizer,
-                         nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), recipe.clip_grad_norm,
-                         autocast_dtype, device)
+        recipe, common.weight_decay_groups(model, recipe.wd, recipe.norm_weight_decay)
+    )
+    step = train_step_fn(
+        torch.compile(model) if compile_model else model,
+        optimizer,
+        nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
+        recipe.clip_grad_norm,
+        autocast_dtype,
+        device,
+    )
     return step
 
 
@@ -162,11 +192,14 @@ def bench_training(data, device, steps, repeats, options, recipe):
     results = {}
     step = make_trainer(device, recipe)
     for workers in sorted({0, os.cpu_count() or 1}):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
-                                             drop_last=True)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True
+        )
+
         def notebook_epoch():
             for images, labels in loader:
                 step(images.to(device), labels.to(device))
+
         seconds = timed(notebook_epoch, repeats, device)
         results[f"notebook loop (DataLoader {workers} workers, PIL, fp32)"] = n_images / seconds
     on_device = subset.to(device)
@@ -176,11 +209,13 @@ def bench_training(data, device, steps, repeats, options, recipe):
         except Exception as exc:  # e.g. compile without a working compiler: report, keep going
             results[name] = f"failed: {type(exc).__name__}"
             continue
+
         def ours_epoch():
             for images, labels in common.train_batches_for_epoch(on_device, batch, 0, 0, 0, cfg):
                 if kwargs.get("channels_last"):
                     images = images.contiguous(memory_format=torch.channels_last)
                 step(images, labels)
+
         try:
             results[name] = n_images / timed(ours_epoch, repeats, device)
         except Exception as exc:
@@ -207,10 +242,15 @@ DEFAULTS_NAME = "ours (script defaults)"
 
 def training_options(device, quick):
     """The scripts' defaults on this device first, then each option alone on top of plain fp32."""
-    defaults = {"channels_last": common.default_channels_last(device),
-                "autocast_dtype": common.autocast_dtype(device, "auto")}
-    options = [(DEFAULTS_NAME, defaults), ("ours fp32, contiguous", {}),
-               ("ours + channels_last", {"channels_last": True})]
+    defaults = {
+        "channels_last": common.default_channels_last(device),
+        "autocast_dtype": common.autocast_dtype(device, "auto"),
+    }
+    options = [
+        (DEFAULTS_NAME, defaults),
+        ("ours fp32, contiguous", {}),
+        ("ours + channels_last", {"channels_last": True}),
+    ]
     if device.type in ("cpu", "mps") or torch.cuda.is_bf16_supported():
         options.append(("ours + bf16 autocast", {"autocast_dtype": torch.bfloat16}))
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -239,8 +279,10 @@ def markdown(sections: dict) -> str:
 def busy_warning(load_1min: float):
     """The line to print when the machine was not idle before the run, else None."""
     if load_1min > BUSY_LOAD:
-        return (f"warning: 1-minute load average {load_1min:.2f} before the run (above {BUSY_LOAD}): other work "
-                f"shared the CPUs, so these are not an idle machine's figures")
+        return (
+            f"warning: 1-minute load average {load_1min:.2f} before the run (above {BUSY_LOAD}): other work "
+            f"shared the CPUs, so these are not an idle machine's figures"
+        )
     return None
 
 
@@ -249,17 +291,21 @@ def speedups(results: dict) -> dict:
     aug, train = results["augmentation img/s"], results["training img/s"]
     notebook = max(v for k, v in train.items() if k.startswith("notebook"))
     ours_best = max(v for k, v in train.items() if k.startswith("ours") and isinstance(v, float))
-    return {"aug_speedup": aug["ours (batched, on device)"] / aug["torchvision PIL, 0 workers"],
-            "aug_speedup_vs_best_loader": aug["ours (batched, on device)"]
-            / max(v for k, v in aug.items() if k.startswith("torchvision")),
-            "train_speedup": train[DEFAULTS_NAME] / notebook,
-            "train_speedup_best_option": ours_best / notebook}
+    return {
+        "aug_speedup": aug["ours (batched, on device)"] / aug["torchvision PIL, 0 workers"],
+        "aug_speedup_vs_best_loader": aug["ours (batched, on device)"]
+        / max(v for k, v in aug.items() if k.startswith("torchvision")),
+        "train_speedup": train[DEFAULTS_NAME] / notebook,
+        "train_speedup_best_option": ours_best / notebook,
+    }
 
 
 def recipe_settings(recipe) -> dict:
     cfg = recipe_augment(recipe)
-    return {**{key: getattr(recipe, key) for key in SETTINGS},
-            "augmentation": None if cfg is None else dataclasses.asdict(cfg)}
+    return {
+        **{key: getattr(recipe, key) for key in SETTINGS},
+        "augmentation": None if cfg is None else dataclasses.asdict(cfg),
+    }
 
 
 def main(argv=None):
@@ -274,6 +320,8 @@ def main(argv=None):
         data = common.load_cifar10(args.data_dir, download=False)
     except common.UserError as exc:
         parser.exit(2, f"error: {exc}\n")
+    # Read when the measurement starts: the code measured is what the process loaded then, whatever changes meanwhile.
+    provenance = common.provenance(device)
     aug_images, steps, repeats = sizes(args.quick, device)
     recipes = {name: recipe_args(name) for name in RECIPE_NAMES}
     options = training_options(device, args.quick)
@@ -281,33 +329,53 @@ def main(argv=None):
     results = {}
     for name, recipe in recipes.items():
         # The options change how the model runs, not the recipe: measured once, on the default recipe.
-        results[name] = {"augmentation img/s": bench_augmentation(data, device, aug_images, repeats, recipe),
-                         "training img/s": bench_training(data, device, steps, repeats,
-                                                          options if name == DEFAULT_RECIPE else options[:1], recipe)}
+        results[name] = {
+            "augmentation img/s": bench_augmentation(data, device, aug_images, repeats, recipe),
+            "training img/s": bench_training(
+                data, device, steps, repeats, options if name == DEFAULT_RECIPE else options[:1], recipe
+            ),
+        }
     inference = bench_inference(device, repeats, common.default_channels_last(device))
     load_after = os.getloadavg()
     report = {
-        "provenance": common.provenance(device), "quick": args.quick, "cpu_count": os.cpu_count(),
-        "load_average_before": list(load_before), "load_average_after": list(load_after),
-        "recipes": {name: {"settings": recipe_settings(recipe), "results": results[name], **speedups(results[name])}
-                    for name, recipe in recipes.items()},
-        "inference": inference, "inference_recipe": DEFAULT_RECIPE,
+        "provenance": provenance,
+        "quick": args.quick,
+        "cpu_count": os.cpu_count(),
+        "load_average_before": list(load_before),
+        "load_average_after": list(load_after),
+        "recipes": {
+            name: {"settings": recipe_settings(recipe), "results": results[name], **speedups(results[name])}
+            for name, recipe in recipes.items()
+        },
+        "inference": inference,
+        "inference_recipe": DEFAULT_RECIPE,
         "train_defaults": {k: str(v) for k, v in dict(training_options(device, True))[DEFAULTS_NAME].items()},
     }
-    print(f"\n## Throughput on {common.device_name(device)} ({device}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__})\n")
-    print("load average (1, 5, 15 min): before " + " ".join(f"{x:.2f}" for x in load_before)
-          + ", after " + " ".join(f"{x:.2f}" for x in load_after) + f"; {os.cpu_count()} CPUs")
+    print(
+        f"\n## Throughput on {common.device_name(device)} ({device}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__})\n"
+    )
+    print(
+        "load average (1, 5, 15 min): before "
+        + " ".join(f"{x:.2f}" for x in load_before)
+        + ", after "
+        + " ".join(f"{x:.2f}" for x in load_after)
+        + f"; {os.cpu_count()} CPUs"
+    )
     warning = busy_warning(load_before[0])
     if warning:
         print(warning)
     sections = {f"{name} recipe, {section}": rows for name in recipes for section, rows in results[name].items()}
     print("\n" + markdown({**sections, f"inference ({DEFAULT_RECIPE} recipe's model)": inference}))
     for name, recipe in report["recipes"].items():
-        print(f"\n{name} recipe: aug_speedup (ours / torchvision 1 process) = {recipe['aug_speedup']:.1f}x; "
-              f"vs best DataLoader = {recipe['aug_speedup_vs_best_loader']:.1f}x")
-        print(f"{name} recipe: train_speedup (ours with the script defaults / best notebook loop) = "
-              f"{recipe['train_speedup']:.2f}x; best option = {recipe['train_speedup_best_option']:.2f}x")
+        print(
+            f"\n{name} recipe: aug_speedup (ours / torchvision 1 process) = {recipe['aug_speedup']:.1f}x; "
+            f"vs best DataLoader = {recipe['aug_speedup_vs_best_loader']:.1f}x"
+        )
+        print(
+            f"{name} recipe: train_speedup (ours with the script defaults / best notebook loop) = "
+            f"{recipe['train_speedup']:.2f}x; best option = {recipe['train_speedup_best_option']:.2f}x"
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")

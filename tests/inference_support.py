@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import common
+import mnv4.evaluation
 import mobilenetv4_baseline
 import mobilenetv4_enhanced
 
@@ -77,15 +78,15 @@ def run_script(name, argv) -> subprocess.CompletedProcess:
 
 def train(data, out, script="baseline", *extra) -> tuple[Path, torch.Tensor]:
     """Train a tiny run; returns last.pt and the run's own evaluation of it: the top-1 class of every test
-    image, recorded from the `common.predict` call the training loop makes after its last epoch."""
+    image, recorded from the `predict_probs` call the training loop makes after its last epoch."""
     probs = []
 
     def recording_predict(*args, **kwargs):
         probs.append(original(*args, **kwargs))
         return probs[-1]
-    original = common.predict
+    original = mnv4.evaluation.predict_probs
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "predict", recording_predict)
+        patch.setattr(mnv4.evaluation, "predict_probs", recording_predict)
         outcome = call(TRAINERS[script], [*TINY, "--data-dir", data, "--output-dir", out, *extra])
     assert outcome.code == 0, outcome.err
     assert probs, "expected one evaluation per epoch (no TTA table)"

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common  # noqa: E402
+import mnv4.batches  # noqa: E402
 import inference  # noqa: E402
 import mobilenetv4_enhanced  # noqa: E402
 import model_step  # noqa: E402
@@ -82,7 +83,7 @@ def test_throughput_main_measures_both_recipes_and_the_machine_load(tiny_cifar, 
         def __init__(self, images, labels, cfg):
             used.setdefault((running[-1], "torchvision"), set()).add(cfg)
             super().__init__(images, labels, cfg)
-    monkeypatch.setattr(common, "augment", recording_augment)
+    monkeypatch.setattr(mnv4.batches, "augment", recording_augment)  # where the training batches call it
     monkeypatch.setattr(throughput, "PilCifar", RecordingPilCifar)
     for name in ("bench_augmentation", "bench_training"):
         monkeypatch.setattr(throughput, name, during_recipe(getattr(throughput, name)))
@@ -262,3 +263,21 @@ def test_pipeline_accuracy_names_a_missing_data_folder_in_one_line(tmp_path, cap
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error.startswith("error: ") and "nowhere" in error
     assert error.count("\n") == 1 and "Traceback" not in error
+
+
+def test_throughput_records_the_commit_it_started_from(tiny_cifar, tmp_path, tiny_throughput, monkeypatch):
+    """The code a benchmark measures is the code it loaded at its start: a commit (or an edit) made while it runs,
+    which can take most of an hour, must not be what its JSON names."""
+    import mnv4.provenance
+
+    head = ["a" * 40]
+    real_bench_training = throughput.bench_training
+
+    def bench_training_then_edit(*args, **kwargs):
+        head[0] = "b" * 40 + "-dirty"  # someone edits the tracked code while the benchmark measures
+        return real_bench_training(*args, **kwargs)
+
+    monkeypatch.setattr(mnv4.provenance, "git_commit", lambda *repo: head[0])
+    monkeypatch.setattr(throughput, "bench_training", bench_training_then_edit)
+    throughput.main(["--quick", "--device", "cpu", "--data-dir", str(tiny_cifar), "--json", str(tmp_path / "t.json")])
+    assert json.loads((tmp_path / "t.json").read_text())["provenance"]["git_commit"] == "a" * 40

@@ -13,6 +13,8 @@ from torch import nn
 
 import ablation
 import common
+import mnv4.checkpoint
+import mnv4.provenance
 import mobilenetv4_baseline
 import mobilenetv4_enhanced
 from test_scripts import (ENH_LEARN, LEARN, MD5_WARNING, STEPS_PER_EPOCH, TINY, _Crash,  # noqa: F401
@@ -256,24 +258,19 @@ def test_recipe_notebook_is_the_notebooks_recipe_one_flag_away(script, wd, tiny_
 
 
 @pytest.mark.parametrize("recipe,run", [
-    ("project-v1", "enhanced-20ep-seed0"), ("project-v1", "ablation-proxy-5k/full/seed0"),
-    ("project-v2", "enhanced-sgd-lightaug-20ep-seed0"),
-    ("project-v2", "ablation-proxy-5k/sgd_onecycle_flip_translate/seed0"),
     ("project", "enhanced-nocrop-20ep-seed0"), ("project", "enhanced-nocrop-20ep-seed1"),
     ("project", "ablation-proxy-5k/v2_no_crop/seed0")])
 def test_recipes_are_what_their_committed_runs_trained(recipe, run):
-    """Each recipe equals the recorded settings (config.json under results/) of the runs that measured it:
-    project-v1, the first full enhanced run and the proxy study's reference, and project-v2, the second default
-    and the tuning study's reference, so moving the default cannot orphan them; project (the default), the study's
-    row that cleared the noise and the README headline's full run, so a default moved without the runs that
-    measured it fails here."""
+    """The default recipe equals the recorded settings (config.json under results/) of the runs that measured it:
+    the study's row that cleared the noise and the README headline's full runs, so a default moved without the
+    runs that measured it fails here. (Earlier recipes' runs replay through --config: test_config_replay.py.)"""
     saved = json.loads((ROOT / "results" / run / "config.json").read_text())["args"]
     budget = ["--max-train-samples", str(saved["max_train_samples"])] if saved["max_train_samples"] else []
     seed = ["--seed", str(saved["seed"])]  # a run's seed is its own, not its recipe's
     args = mobilenetv4_enhanced.parse_args(["--recipe", recipe, *budget, *seed])
     assert ablation.settings_diff(saved, args) == []
-    # The study reads every TTA from one table and keeps project-v1's flip; a full run's headline TTA is its recipe's
-    if recipe == "project-v1" or not budget:
+    # A study reads every TTA from one table; a full run's headline TTA is its recipe's
+    if not budget:
         assert saved["tta"] == args.tta
 
 
@@ -312,7 +309,7 @@ def test_kill_between_checkpoint_and_log_never_leaves_a_logged_epoch_without_che
             raise _Crash  # the process dies while saving epoch 2
         save(path, state)
 
-    monkeypatch.setattr(common, "save_checkpoint", die_at_epoch_2)
+    monkeypatch.setattr(mnv4.checkpoint, "save_checkpoint", die_at_epoch_2)
     with pytest.raises(_Crash):
         run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 3])
     assert load(out / "last.pt")["epoch"] == 1
@@ -366,7 +363,7 @@ def test_augmentation_flags_build_the_config(script):
 def test_a_recipe_sets_the_augmentation_defaults():
     """A recipe may choose its augmentation ops (the study can drop some): its entries become the flags'
     defaults, --help shows them, and --no-augment still works since the ops then equal the defaults."""
-    recipes = {"lighter": {**mobilenetv4_enhanced.RECIPE_V1, "rotation": 0.0, "color_jitter": (0.0, 0.0, 0.0, 0.0)}}
+    recipes = {"lighter": {**mobilenetv4_enhanced.NOTEBOOK_RECIPE, "rotation": 0.0, "color_jitter": (0.0, 0.0, 0.0, 0.0)}}
     parser = common.build_parser(recipes, "lighter", "test")
     cfg = common.augment_config(common.parse_args(parser, []))
     assert cfg == common.AugmentConfig(rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
@@ -427,23 +424,6 @@ def test_sgd_onecycle_run(tiny_cifar, tmp_path):
     assert_one_error_line(res.err, "--warmup-epochs")
 
 
-def test_every_run_of_one_process_records_the_commit_the_process_started_from(tiny_cifar, tmp_path, monkeypatch):
-    """ablation.py trains many runs in one process, all with the code it loaded at its start: a commit made while
-    it works (hours, here) must not be stamped on its later runs, whose config.json would then name code that did
-    not train them."""
-    heads = iter(["a" * 40, "b" * 40, "c" * 40])
-    monkeypatch.setattr(common, "git_commit", lambda *repo: next(heads))  # HEAD moves between the two runs
-    common.code_commit.cache_clear()
-    try:
-        for name in ("first", "second"):
-            res = run_main("enhanced", [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path / name])
-            assert res.code == 0, res.err
-    finally:
-        common.code_commit.cache_clear()  # the other tests see the real repository's commit again
-    commits = [json.loads((tmp_path / n / "config.json").read_text())["git_commit"] for n in ("first", "second")]
-    assert commits == ["a" * 40, "a" * 40]
-
-
 def test_git_commit_says_when_the_tracked_files_differ_from_it(tmp_path):
     """config.json names the code that trained a run: a run started from edited files records '<sha>-dirty', not
     the commit it was not; files that are not code do not count, tracked or not (results, logs, data, README)."""
@@ -481,7 +461,8 @@ def test_a_skipped_step_leaves_the_learning_rate_on_its_curve(tiny_cifar, tmp_pa
     should_skip = common.Run.should_skip
 
     def recording(self, loss):
-        used.append((self.epoch + self.step / self.steps_per_epoch(), self.optimizer.param_groups[0]["lr"]))
+        used.append((self.loop.epoch + self.loop.step / self.loop.steps_per_epoch(),
+                     self.keeper.optimizer.param_groups[0]["lr"]))
         return should_skip(self, loss)
     monkeypatch.setattr(common.Run, "should_skip", recording)
     monkeypatch.setattr(torch.nn, "CrossEntropyLoss", nan_criterion_at(STEPS_PER_EPOCH + 2))  # epoch 2, step 2
@@ -546,21 +527,6 @@ def test_fp16_loss_scale_survives_a_resume(tiny_cifar, tmp_path):
                                 "--resume", out / "last.pt"])
     assert res.code == 0, res.err
     assert load(out / "last.pt")["scaler"]["scale"] in (1024.0, 512.0, 256.0)  # restored (maybe lowered), not 2**16
-
-
-def test_peak_memory_is_this_runs_not_the_processes(tiny_cifar, tmp_path):
-    """ablation.py trains many runs in one process: each summary's peak_memory_mb must be its own run's, not the
-    largest any earlier work in the process reached (CPU: ru_maxrss is a lifetime maximum)."""
-    def rss_mb():
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS"))
-        return int(line.split()[1]) / 1024
-    if not Path("/proc/self/clear_refs").exists():
-        pytest.skip("needs Linux /proc to reset the peak")
-    big = torch.ones(600 * 2**20 // 4)  # 600 MB, touched
-    del big
-    before = rss_mb()
-    res = train("baseline", tiny_cifar, tmp_path / "run", 1)
-    assert res.summary["peak_memory_mb"] < before + 300
 
 
 @pytest.mark.parametrize("flag,value,named", [("-b", "8", "batch-size 16"), ("--seed", "1", "seed 0"),

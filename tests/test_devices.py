@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import common
+import mnv4.device
 import mobilenetv4_baseline
 import mobilenetv4_enhanced
 import predict
@@ -120,7 +121,7 @@ def test_no_float64_when_training_stopping_resuming_and_evaluating(name, tiny_ci
     def stop_mid_epoch_2(self, loss, logits, labels):  # as Ctrl-C after the 2nd step of epoch 2
         steps[0] += 1
         if steps[0] == 6:
-            self.stop_signum = signal.SIGINT
+            self.stop.signum = signal.SIGINT
         return original(self, loss, logits, labels)
 
     recorder = DtypeRecorder()
@@ -241,7 +242,7 @@ def test_forward_evaluation_and_tta_on_fake_cuda():
         x, in_view = common.geometric_transform(images.float(), params)
         x = common.color_jitter(x, params["jitter"], params["jitter_order"]) * in_view
         views = {view for mode in common.TTA_VIEWS.values() for view in mode}
-        probs = [common.predict(model, images, view, batch_size=4) for view in views]
+        probs = [common.predict_probs(model, images, view, batch_size=4) for view in views]
         loss = torch.nn.functional.nll_loss(sum(probs).log(), labels, reduction="sum")  # as score() reduces
         assert logits.device.type == x.device.type == loss.device.type == "cuda"
         assert len(probs) == 12 and all(p.device.type == "cuda" and p.shape == (8, 10) for p in probs)
@@ -341,7 +342,7 @@ def test_rng_state_round_trips_for_every_device_type(device, monkeypatch):
 
 def test_mac_chip_is_recorded(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
-    monkeypatch.setattr(common, "_sysctl", lambda key: "Apple M4" if key == "machdep.cpu.brand_string" else None)
+    monkeypatch.setattr(mnv4.device, "_sysctl", lambda key: "Apple M4" if key == "machdep.cpu.brand_string" else None)
     assert common.device_name(torch.device("mps")) == "Apple M4 (MPS)"
 
 

@@ -25,7 +25,8 @@ WRAPPER = textwrap.dedent("""
     dump, env = {dump!r}, os.environ
     rank = int(env.get("RANK", "0"))
     finish, step_done, end_epoch, steps = common.Run.finish, common.Run.step_done, common.Run.end_epoch, [0]
-    common.Run.REFRESH_EVERY = int(env.get("MNV4_REFRESH_EVERY", common.Run.REFRESH_EVERY))
+    import mnv4.epochs
+    mnv4.epochs.EpochLoop.REFRESH_EVERY = int(env.get("MNV4_REFRESH_EVERY", mnv4.epochs.EpochLoop.REFRESH_EVERY))
     def finish_and_dump(self):
         state = {{"model": self.model.state_dict(), "rng": torch.get_rng_state()}}
         torch.save(state, os.path.join(dump, f"rank{{rank}}.pt"))

@@ -82,7 +82,7 @@ def test_tta_averages_the_softmax_over_the_views(trained, tiny_cifar, model_flag
     assert outcome.code == 0, outcome.err
     model, _ = common.model_from_checkpoint(common.load_checkpoint(checkpoint))
     images = common.load_cifar10(tiny_cifar, download=False).test_images[:8]
-    expected = (common.predict(model, images) + common.predict(model, images.flip(3))) / 2
+    expected = (common.predict_probs(model, images) + common.predict_probs(model, images.flip(3))) / 2
     for result, row in zip(outcome.value, expected):
         assert {t["index"]: t["prob"] for t in result["top"]} == pytest.approx(dict(enumerate(row.tolist())),
                                                                                abs=1e-5)

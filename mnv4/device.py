@@ -1,0 +1,199 @@
+"""Device and precision, chosen in one place: which device, which autocast dtype, which memory layout; random
+state and peak memory per device type; what the machine is called.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def select_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """auto: MPS, then CUDA, then CPU (CUDA, then CPU under torchrun: MPS has no distributed backend).
+    An explicit device that is not available is a user error. Under torchrun each process takes cuda:LOCAL_RANK."""
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if local_rank is not None and name == "mps":
+        raise UserError(
+            "--device mps cannot run under torchrun: PyTorch's distributed backends (gloo, nccl) do not "
+            "take MPS tensors; run the script without torchrun"
+        )
+    if local_rank is not None and name in ("auto", "cuda") and torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise UserError(
+                f"torchrun started a process of local rank {local_rank} but this node has {gpus} GPU(s): "
+                f"use --nproc-per-node {gpus} or fewer (one process per GPU)"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if name == "auto":
+        return torch.device("mps" if mps_ok and local_rank is None else "cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available to PyTorch; use --device cpu (or auto)")
+    if name == "mps" and not mps_ok:
+        raise UserError("--device mps: the Apple MPS backend is not available here; use --device cpu (or auto)")
+    if name not in DEVICES:
+        raise UserError(f"unknown --device {name!r}; choose from {', '.join(DEVICES)}")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, amp: str):
+    """Mixed-precision dtype for autocast, or None for fp32. auto: bf16 on GPUs that have it natively (compute
+    capability 8.0 and up), fp16 on older ones, fp32 off CUDA: on the CPU autocast measured slower than fp32
+    (docs/PERFORMANCE.md), and MPS autocast is unmeasured here. torch.cuda.is_bf16_supported() alone counts
+    emulation, which a T4 or V100 offers but runs far slower than fp16 (cuDNN has no bf16 convolutions there)."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        if amp == "bf16":
+            raise UserError(
+                "--amp bf16: this GPU has no native bfloat16 (compute capability below 8.0); use "
+                "--amp fp16 or --amp auto"
+            )
+        return torch.float16
+    return torch.bfloat16
+
+
+def device_warnings(device: torch.device, args) -> list[str]:
+    """One line for each option the user forced that PyTorch documents as risky on this device."""
+    warnings_ = []
+    if device.type == "mps" and args.compile:
+        warnings_.append(
+            "--compile on MPS is a prototype in PyTorch, with known failures in backward: drop "
+            "--compile if training fails or its losses look wrong"
+        )
+    if device.type == "mps" and args.channels_last:
+        warnings_.append(
+            "--channels-last on MPS makes convolution backward much slower in PyTorch's MPS backend "
+            "(hence off by default there): drop it unless you measured otherwise"
+        )
+    return warnings_
+
+
+def default_channels_last(device: torch.device) -> bool:
+    """channels_last: measured 1.38x faster for a Conv-S training step on a 2-core CPU (oneDNN), and the layout
+    cuDNN prefers for depthwise and 1x1 convs; off on MPS, where PyTorch's convolution backward is much slower with
+    it (docs/PERFORMANCE.md)."""
+    return device.type in ("cuda", "cpu")
+
+
+def synchronize(device: torch.device):
+    """Wait for queued kernels, so wall-clock timings measure work done rather than work launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def reset_peak_memory(device: torch.device):
+    """Start the run's CUDA peak here: main() may run more than once in a process (tests, a notebook)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak memory of the run in MiB: CUDA's allocator peak since the run started, the CPU process's peak resident
+    set (a script's run is its process); None on MPS, where PyTorch keeps no peak (its current allocation would
+    understate it)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "mps":
+        return None
+    try:  # CPU: the process's peak resident set (Linux)
+        status = Path("/proc/self/status").read_text()
+        return next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):
+        import resource  # the process's lifetime peak: KiB on Linux, bytes on macOS
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random state: the CPU generator and the training device's own (dropout and drop-path masks
+    are drawn there; not every visible GPU's, so a checkpoint resumes on a machine with fewer GPUs, or on another
+    device type)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device):
+    """Restore `rng_state`'s result; a device state from another device type is not applicable and is skipped."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+def seed_everything(seed: int, deterministic: bool):
+    torch.manual_seed(seed)  # seeds CPU, CUDA and MPS generators (model init, dropout, stochastic depth)
+    # cuDNN's autotuner picks the fastest convolution for each shape; CIFAR's shapes never change, so it pays for
+    # its first-step search at once (torchvision's references do the same). It is not deterministic.
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        # cuBLAS needs this for deterministic matmuls; the user's own setting wins.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+def device_name(device: torch.device) -> str:
+    """What a run's figures were measured on: the GPU's name, the Mac's chip (MPS), the CPU's architecture."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"{cpu_model()} (MPS)"
+    return platform.processor() or platform.machine()
+
+
+def _sysctl(key: str) -> str | None:
+    try:
+        out = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name: Linux's /proc/cpuinfo, macOS's sysctl ("Apple M4"); platform.processor() gives
+    only the architecture on both."""
+    if sys.platform == "darwin":
+        return _sysctl("machdep.cpu.brand_string") or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_device(args, dist) -> tuple[torch.device, torch.dtype | None, bool]:
+    """A training run's device, autocast dtype (None: fp32) and memory layout, from --device, --amp and
+    --channels-last; joins the process group under torchrun and starts the peak-memory count."""
+    device = select_device(args.device, dist.local_rank if dist else None)
+    if args.sync_bn and device.type != "cuda":
+        raise UserError(
+            f"--sync-bn needs CUDA (SyncBatchNorm runs on CUDA devices only), not {device.type}: drop --sync-bn"
+        )
+    dist.init(device)
+    reset_peak_memory(device)
+    channels_last = default_channels_last(device) if args.channels_last is None else args.channels_last
+    return device, autocast_dtype(device, args.amp), channels_last

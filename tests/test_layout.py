@@ -1,0 +1,111 @@
+"""The library's layout: one concern per module, imports pointing one way, small classes whose attributes are all
+set in __init__, and imports without side effects. Checked on the source (ast), so a change that breaks a rule
+fails here rather than in review."""
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "mnv4"
+# Bottom to top: a module may import only modules listed before it.
+LAYERS = ["errors", "blocks", "model", "data", "augment", "batches", "device", "distributed", "files", "checkpoint", "cli",
+          "optim", "provenance", "evaluation", "meter", "report", "stop", "epochs", "run"]
+MAX_MODULE_LINES = 400
+MAX_CLASS_LINES = 150
+
+
+def modules() -> dict:
+    return {path.stem: ast.parse(path.read_text()) for path in sorted(PACKAGE.glob("*.py")) if path.stem != "__init__"}
+
+
+def imported_siblings(tree) -> set:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mnv4."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("mnv4."))
+    return found
+
+
+def test_every_module_has_a_layer():
+    assert sorted(modules()) == sorted(LAYERS)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_imports_point_one_way(name):
+    below = set(LAYERS[:LAYERS.index(name)])
+    upward = imported_siblings(modules()[name]) - below
+    assert not upward, f"mnv4/{name}.py imports {sorted(upward)}, which sit above it in {LAYERS}"
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_modules_and_classes_stay_small(name):
+    path = PACKAGE / f"{name}.py"
+    assert len(path.read_text().splitlines()) <= MAX_MODULE_LINES
+    for node in ast.walk(modules()[name]):
+        if isinstance(node, ast.ClassDef):
+            assert node.end_lineno - node.lineno + 1 <= MAX_CLASS_LINES, f"class {node.name} in mnv4/{name}.py"
+
+
+def assigned_self_attributes(function) -> set:
+    names = set()
+    for node in ast.walk(function):
+        targets = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign, ast.For)):
+            targets = [node.target]
+        for target in targets:
+            for leaf in ast.walk(target):
+                if isinstance(leaf, ast.Attribute) and isinstance(leaf.value, ast.Name) and leaf.value.id == "self":
+                    names.add(leaf.attr)
+    return names
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_every_attribute_is_set_in_init(name):
+    for cls in [n for n in ast.walk(modules()[name]) if isinstance(n, ast.ClassDef)]:
+        methods = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
+        class_level = {t.id for n in cls.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+                       for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+        known = class_level | (assigned_self_attributes(methods["__init__"]) if "__init__" in methods else set())
+        for method in methods.values():
+            late = assigned_self_attributes(method) - known
+            assert not late, f"{cls.name}.{method.name} sets {sorted(late)}, which {cls.name}.__init__ does not"
+
+
+def test_the_rule_catches_a_late_attribute():
+    tree = ast.parse("class A:\n    def __init__(self):\n        self.a = 1\n    def f(self):\n"
+                     "        self.a, self.b = 2, 3\n        for self.c in range(2): pass\n")
+    methods = {f.name: f for f in tree.body[0].body}
+    assert assigned_self_attributes(methods["f"]) - assigned_self_attributes(methods["__init__"]) == {"b", "c"}
+
+
+def test_importing_has_no_side_effects(tmp_path):
+    """Importing common and every mnv4 module in a fresh process changes no environment variable, no random
+    state and no torch setting, and writes no file in the working directory."""
+    probe = f"""
+import json, os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import torch
+env, rng = dict(os.environ), torch.get_rng_state()
+flags = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+import importlib
+for name in ["common", *{[f"mnv4.{m}" for m in LAYERS]!r}]:
+    importlib.import_module(name)
+after = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+print(json.dumps({{"env": sorted(set(os.environ.items()) ^ set(env.items())),
+                  "rng": bool(torch.equal(rng, torch.get_rng_state())), "flags": after == flags}}))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"env": [], "rng": True, "flags": True}
+    assert list(tmp_path.iterdir()) == []
