@@ -45,6 +45,7 @@ A folder holding a run with other settings (budget, recipe) is refused rather th
 Ctrl-C or SIGTERM goes to the run in progress, which saves last.pt and exits; the ablation then stops (exit 130
 or 143), and the same command resumes it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,13 +81,30 @@ RESERVED_FLAGS = ("--output-dir", "--resume", "--overwrite", "--test-only", "--s
 # Saved run settings that may change between invocations without making a finished run stale.
 # (--tta and --tta-table only choose what the final evaluation reports: the plan checks the TTA modes it reads.)
 # recipe: a name for a set of defaults; the settings themselves are compared one by one.
-RUNTIME_KEYS = {"recipe", "argv", "output_dir", "resume", "overwrite", "test_only", "data_dir", "download", "device",
-                "amp", "channels_last", "compile", "eval_batch_size", "eval_every", "skip_nonfinite", "deterministic",
-                "tta", "tta_table", "config"}
+RUNTIME_KEYS = {
+    "recipe",
+    "argv",
+    "output_dir",
+    "resume",
+    "overwrite",
+    "test_only",
+    "data_dir",
+    "download",
+    "device",
+    "amp",
+    "channels_last",
+    "compile",
+    "eval_batch_size",
+    "eval_every",
+    "skip_nonfinite",
+    "deterministic",
+    "tta",
+    "tta_table",
+    "config",
+}
 STOP_CODES = (130, 143)  # a run's exit on SIGINT / SIGTERM: it saved last.pt, and the whole ablation stops
 ALPHA = 0.05  # family-wise: the chance that a study with no real effect calls any of its rows beyond noise
-TEST_NAME = ("Dunnett-type many-to-one test (single-step max-|t|, family-wise 5%) on a rows x seeds additive "
-             "model")
+TEST_NAME = "Dunnett-type many-to-one test (single-step max-|t|, family-wise 5%) on a rows x seeds additive model"
 
 
 @dataclass(frozen=True)
@@ -94,22 +112,27 @@ class Config:
     """One table row: a training run of `script` with `flags`, or (script None) a TTA accuracy read from
     the runs of row `source`. The gain is measured against row `reference` (its `reference_tta` accuracy
     when set, else its own headline)."""
-    key: str                      # folder name and --configs name
+
+    key: str  # folder name and --configs name
     label: str
-    claimed: str = "-"            # the notebook README's claimed gain
+    claimed: str = "-"  # the notebook README's claimed gain
     script: str | None = None
     flags: tuple = ()
     source: str | None = None
-    tta: str | None = None        # None: summary["test_acc"] (final epoch, no TTA)
+    tta: str | None = None  # None: summary["test_acc"] (final epoch, no TTA)
     reference: str | None = None
     reference_tta: str | None = None
 
 
 def _cumulative():
     """The notebook README's order; the model flags accumulate on the baseline script."""
-    steps = [("se", "+ SE", "+3-4%", ("--se",)), ("drop_path", "+ stochastic depth", "+2-3%", ("--drop-path", "0.1")),
-             ("silu", "+ SiLU", "+1-2%", ("--act", "silu")), ("width", "+ width 1.2", "+2-3%", ("--width-mult", "1.2")),
-             ("mlp_head", "+ MLP head", "+1-2%", ("--head", "mlp", "--dropout", "0.3"))]  # the enhanced head
+    steps = [
+        ("se", "+ SE", "+3-4%", ("--se",)),
+        ("drop_path", "+ stochastic depth", "+2-3%", ("--drop-path", "0.1")),
+        ("silu", "+ SiLU", "+1-2%", ("--act", "silu")),
+        ("width", "+ width 1.2", "+2-3%", ("--width-mult", "1.2")),
+        ("mlp_head", "+ MLP head", "+1-2%", ("--head", "mlp", "--dropout", "0.3")),
+    ]  # the enhanced head
     rows, flags = [Config("baseline", "baseline", script="baseline")], ()
     for key, label, claimed, new in steps:
         flags += new
@@ -118,8 +141,16 @@ def _cumulative():
     # row stays the notebook's whatever the project's defaults become. Its --tta flip only sets the script's
     # printed headline (the row reads test_acc, without TTA) and keeps flip in a short TTA table
     # (--no-tta-table) for the + TTA row.
-    rows.append(Config("train_opts", "+ training optimizations", "+3-4%", "enhanced", ("--recipe", "notebook"),
-                       reference="mlp_head"))
+    rows.append(
+        Config(
+            "train_opts",
+            "+ training optimizations",
+            "+3-4%",
+            "enhanced",
+            ("--recipe", "notebook"),
+            reference="mlp_head",
+        )
+    )
     rows.append(Config("tta", "+ TTA (flip)", "+1-2%", source="train_opts", tta="flip", reference="train_opts"))
     return tuple(rows)
 
@@ -136,8 +167,9 @@ def _default():
     """The reference of the leave-one-out and architecture studies. Its key names the run folders that already
     hold its runs (keys are folder names), so it stays whatever the label says; a test checks that its flags
     still equal the default and the settings those runs recorded."""
-    return Config("v2_no_crop", "project (default)", script="enhanced",
-                  flags=NOTEBOOK_BASE + SGD_ONECYCLE + FLIP_TRANSLATE)
+    return Config(
+        "v2_no_crop", "project (default)", script="enhanced", flags=NOTEBOOK_BASE + SGD_ONECYCLE + FLIP_TRANSLATE
+    )
 
 
 def _leave_one_out():
@@ -150,6 +182,7 @@ def _leave_one_out():
 
     def tta(key, label, views):  # the reference runs' own TTA table, against the default's view set
         return Config(key, label, source=ref.key, tta=views, reference=ref.key, reference_tta="flip_shift")
+
     return (
         ref,
         off("nocrop_no_se", "no SE", "--no-se"),
@@ -177,6 +210,7 @@ def _architecture():
 
     def change(key, label, *flags):
         return Config(key, label, script="enhanced", flags=default.flags + flags, reference=default.key)
+
     return (
         default,
         change("conv_s_8x8", "Conv-S, 8x8 final map (--output-stride 4)", "--output-stride", "4"),
@@ -191,34 +225,37 @@ STUDIES = {"cumulative": _cumulative(), "leave-one-out": _leave_one_out(), "arch
 # a fifth of a full run's training), the full test set; docs/ABLATION.md checks their ranking against full runs.
 # Proxy budgets evaluate once, after the last epoch (the table reads the final accuracy): at 5,000 training
 # images, evaluating all 10,000 test images every epoch would add ~40% to each run on a CPU.
-PRESETS = {"full": dict(epochs=20, max_train_samples=None, max_test_samples=None, eval_every=None),
-           "proxy-10k": dict(epochs=20, max_train_samples=10_000, max_test_samples=None, eval_every=20),
-           "proxy-5k": dict(epochs=20, max_train_samples=5_000, max_test_samples=None, eval_every=20)}
+PRESETS = {
+    "full": dict(epochs=20, max_train_samples=None, max_test_samples=None, eval_every=None),
+    "proxy-10k": dict(epochs=20, max_train_samples=10_000, max_test_samples=None, eval_every=20),
+    "proxy-5k": dict(epochs=20, max_train_samples=5_000, max_test_samples=None, eval_every=20),
+}
 
 STUDY_NOTES = {
     "cumulative": "Gain = this row minus the previous row. Rows up to '+ MLP head' run mobilenetv4_baseline.py "
-                  "(Adam + StepLR, no augmentation); '+ training optimizations' runs mobilenetv4_enhanced.py with "
-                  "the notebook's recipe (--recipe notebook: augmentation, label smoothing 0.1, AdamW with decay on "
-                  "every parameter, cosine, clipping 1.0) on the same model. "
-                  "Each script keeps its own default batch size (column 'run'), as it is part of its recipe: the "
-                  "'+ training optimizations' gain includes the change from batch 128 to 64. "
-                  "'+ TTA' is the flip TTA accuracy of the previous row's run, against that run's plain accuracy.",
+    "(Adam + StepLR, no augmentation); '+ training optimizations' runs mobilenetv4_enhanced.py with "
+    "the notebook's recipe (--recipe notebook: augmentation, label smoothing 0.1, AdamW with decay on "
+    "every parameter, cosine, clipping 1.0) on the same model. "
+    "Each script keeps its own default batch size (column 'run'), as it is part of its recipe: the "
+    "'+ training optimizations' gain includes the change from batch 128 to 64. "
+    "'+ TTA' is the flip TTA accuracy of the previous row's run, against that run's plain accuracy.",
     "leave-one-out": "Gain = this row minus project, the enhanced default (negative: the ingredient helps). Every "
-                     "row runs mobilenetv4_enhanced.py with the default's settings spelled as flags (the notebook's "
-                     "recipe plus the default's changes, so the rows keep their meaning when the default moves) "
-                     "and one ingredient switched off. TTA rows read the reference runs' TTA table and compare "
-                     "with its flip_shift TTA (the default's).",
+    "row runs mobilenetv4_enhanced.py with the default's settings spelled as flags (the notebook's "
+    "recipe plus the default's changes, so the rows keep their meaning when the default moves) "
+    "and one ingredient switched off. TTA rows read the reference runs' TTA table and compare "
+    "with its flip_shift TTA (the default's).",
     "architecture": "Gain = this row minus project, the enhanced default (Conv-S, width 1.2, 4x4 final map; positive: "
-                    "the architecture does better). Every row runs mobilenetv4_enhanced.py with the default's "
-                    "settings spelled as flags (the leave-one-out study's reference, whose runs it shares) and one "
-                    "change of architecture; the recipe (SE, SiLU, MLP head, width 1.2 where not stated, SGD + "
-                    "one-cycle, flip + translate) stays.",
+    "the architecture does better). Every row runs mobilenetv4_enhanced.py with the default's "
+    "settings spelled as flags (the leave-one-out study's reference, whose runs it shares) and one "
+    "change of architecture; the recipe (SE, SiLU, MLP head, width 1.2 where not stated, SGD + "
+    "one-cycle, flip + translate) stays.",
 }
 
 
 @dataclass
 class Job:
     """One (configuration, seed) training run and what became of it."""
+
     config: Config
     seed: int
     run_dir: Path
@@ -226,11 +263,11 @@ class Job:
     epochs: int
     batch_size: int
     tta_modes: frozenset = frozenset({"none"})  # the TTA modes the study's rows read from this run
-    action: str = "fresh"         # fresh | resume | done (finished before this invocation)
-    status: str = "pending"       # pending | ok | failed
+    action: str = "fresh"  # fresh | resume | done (finished before this invocation)
+    status: str = "pending"  # pending | ok | failed
     summary: dict | None = None
     error: str | None = None
-    note: str | None = None       # what the plan wants a person to know about this run
+    note: str | None = None  # what the plan wants a person to know about this run
     wall_s: float | None = None
     extra_argv: list = field(default_factory=list)  # --resume or --overwrite, decided by the plan
 
@@ -247,36 +284,62 @@ class Job:
 
 # ---- Command line -------------------------------------------------------------------------------------
 
+
 def build_parser():
-    p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                              usage="%(prog)s [options] [-- FLAGS FOR EVERY RUN]")
+    p = common.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [options] [-- FLAGS FOR EVERY RUN]",
+    )
     p.add_argument("--study", default="cumulative", choices=tuple(STUDIES))
-    p.add_argument("--configs", nargs="+", metavar="KEY",
-                   help="only these rows (keys: --list), plus the row each one's gain is measured against "
-                        "and the run a TTA row reads")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        metavar="KEY",
+        help="only these rows (keys: --list), plus the row each one's gain is measured against "
+        "and the run a TTA row reads",
+    )
     p.add_argument("--list", action="store_true", help="print the study's rows and their flags, then exit")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan (each run's state: fresh, resume or done, and its command), train nothing")
-    p.add_argument("--report-only", action="store_true",
-                   help="write <study>.md/.png/.json from the runs finished so far, train nothing (the others "
-                        "show as pending)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (each run's state: fresh, resume or done, and its command), train nothing",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write <study>.md/.png/.json from the runs finished so far, train nothing (the others show as pending)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
-    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                   help="a named budget (epochs, training and test images); --epochs and the sample flags "
-                        "given beside it win. proxy-10k / proxy-5k: 20 epochs on the first 10,000 / 5,000 "
-                        "training images, all 10,000 test images, evaluated after the last epoch only")
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=None,
+        help="a named budget (epochs, training and test images); --epochs and the sample flags "
+        "given beside it win. proxy-10k / proxy-5k: 20 epochs on the first 10,000 / 5,000 "
+        "training images, all 10,000 test images, evaluated after the last epoch only",
+    )
     p.add_argument("--epochs", type=int, default=None, help="default: the scripts' own (20)")
     p.add_argument("--max-train-samples", type=int, default=None, help="default: all 50000")
     p.add_argument("--max-test-samples", type=int, default=None, help="default: all 10000")
-    p.add_argument("--eval-every", type=int, default=None,
-                   help="the scripts' --eval-every (default: theirs, every epoch); training is the same")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="the scripts' --eval-every (default: theirs, every epoch); training is the same",
+    )
     p.add_argument("--data-dir", default=None, help="default: the scripts' own (./data)")
     p.add_argument("--device", default=None, choices=common.DEVICES, help="default: the scripts' own (auto)")
     p.add_argument("--output-dir", default=None, help="default: runs/ablation (shared by the studies)")
-    p.add_argument("--simulate-null", type=int, default=None, metavar="N",
-                   help="train nothing: simulate N studies of this study's shape (its training rows, len(--seeds) "
-                        "seeds) with no real effect, and print how often the beyond-noise test, and the per-row "
-                        "rule it replaced, call a row")
+    p.add_argument(
+        "--simulate-null",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train nothing: simulate N studies of this study's shape (its training rows, len(--seeds) "
+        "seeds) with no real effect, and print how often the beyond-noise test, and the per-row "
+        "rule it replaced, call a row",
+    )
     p.add_argument("--simulation-seed", type=int, default=0, help="random seed of --simulate-null")
     return p
 
@@ -293,7 +356,7 @@ def split_passthrough(argv):
     """(own flags, flags after the first `--` for every run)."""
     if "--" in argv:
         i = argv.index("--")
-        return argv[:i], argv[i + 1:]
+        return argv[:i], argv[i + 1 :]
     return argv, []
 
 
@@ -301,8 +364,10 @@ def check_passthrough(extra):
     for token in extra:
         name = token.split("=", 1)[0]
         if name in RESERVED_FLAGS:
-            raise common.UserError(f"{name} is set by ablation.py for every run (one folder per run and seed); "
-                                   "drop it from the flags after --")
+            raise common.UserError(
+                f"{name} is set by ablation.py for every run (one folder per run and seed); "
+                "drop it from the flags after --"
+            )
 
 
 def select_configs(study, keys):
@@ -314,8 +379,9 @@ def select_configs(study, keys):
     known = {c.key for c in rows}
     unknown = [k for k in keys if k not in known]
     if unknown:
-        raise common.UserError(f"unknown --configs {' '.join(unknown)} for study {study}; choose from "
-                               f"{' '.join(c.key for c in rows)}")
+        raise common.UserError(
+            f"unknown --configs {' '.join(unknown)} for study {study}; choose from {' '.join(c.key for c in rows)}"
+        )
     by_key = {c.key: c for c in rows}
     wanted = set(keys) | {k for c in rows if c.key in keys for k in (c.source, c.reference) if k}
     wanted |= {by_key[k].source for k in list(wanted) if by_key[k].source}
@@ -331,11 +397,15 @@ def shared_path(path) -> str:
 
 # ---- The plan: which runs to start, resume or just read -----------------------------------------------
 
+
 def tta_modes_read(study, key) -> frozenset:
     """The TTA modes (of summary["tta_table"]) that the study's rows read from the runs of row `key`."""
     rows = STUDIES[study]
-    return frozenset({"none"} | {c.tta for c in rows if c.source == key and c.tta}
-                     | {c.reference_tta for c in rows if c.reference == key and c.reference_tta})
+    return frozenset(
+        {"none"}
+        | {c.tta for c in rows if c.source == key and c.tta}
+        | {c.reference_tta for c in rows if c.reference == key and c.reference_tta}
+    )
 
 
 def tta_table_flags(expected, modes):
@@ -347,10 +417,14 @@ def tta_table_flags(expected, modes):
 def run_argv(cfg, args, extra, seed, run_dir, tta_flags=()):
     """The configuration's flags, the budget, the pass-through flags, then what this script owns (last wins)."""
     budget = []
-    for flag, value in (("--epochs", args.epochs), ("--max-train-samples", args.max_train_samples),
-                        ("--max-test-samples", args.max_test_samples), ("--eval-every", args.eval_every),
-                        ("--data-dir", args.data_dir),
-                        ("--device", args.device)):
+    for flag, value in (
+        ("--epochs", args.epochs),
+        ("--max-train-samples", args.max_train_samples),
+        ("--max-test-samples", args.max_test_samples),
+        ("--eval-every", args.eval_every),
+        ("--data-dir", args.data_dir),
+        ("--device", args.device),
+    ):
         if value is not None:
             budget += [flag, str(value)]
     return [*cfg.flags, *tta_flags, *budget, *extra, "--seed", str(seed), "--output-dir", str(run_dir)]
@@ -363,8 +437,10 @@ def parse_run(cfg, argv):
     except SystemExit as exc:
         if exc.code in (0, None):  # e.g. -- --help: the script printed its help
             raise
-        raise common.UserError(f"mobilenetv4_{cfg.script}.py rejected the flags of row {cfg.key!r} "
-                               f"({shlex.join(argv)}): see the message above") from None
+        raise common.UserError(
+            f"mobilenetv4_{cfg.script}.py rejected the flags of row {cfg.key!r} "
+            f"({shlex.join(argv)}): see the message above"
+        ) from None
 
 
 def read_json(path: Path):
@@ -382,8 +458,11 @@ def as_saved(args: argparse.Namespace) -> dict:
 def settings_diff(saved: dict, expected: argparse.Namespace):
     """Differences between a run folder's saved settings and this invocation's, budget and recipe only."""
     mine = as_saved(expected)
-    return [f"--{k.replace('_', '-')} {saved[k]} (now {mine[k]})" for k in sorted(mine)
-            if k in saved and k not in RUNTIME_KEYS and saved[k] != mine[k]]
+    return [
+        f"--{k.replace('_', '-')} {saved[k]} (now {mine[k]})"
+        for k in sorted(mine)
+        if k in saved and k not in RUNTIME_KEYS and saved[k] != mine[k]
+    ]
 
 
 def classify(job: Job, expected):
@@ -397,15 +476,19 @@ def classify(job: Job, expected):
     if (summary or has_last) and saved:
         diff = settings_diff(saved, expected)
         if diff:
-            raise common.UserError(f"{job.run_dir} holds a run with other settings: {', '.join(diff)}; choose "
-                                   "another --output-dir or delete that folder")
+            raise common.UserError(
+                f"{job.run_dir} holds a run with other settings: {', '.join(diff)}; choose "
+                "another --output-dir or delete that folder"
+            )
     finished = bool(summary) and summary.get("epochs_completed") == expected.epochs and "test_acc" in summary
     missing = sorted(job.tta_modes - set((summary or {}).get("tta_table") or ())) if finished else []
     if finished and (not missing or not has_last):
         job.action, job.status, job.summary = "done", "ok", summary
         if missing:
-            job.note = (f"its summary lacks TTA {', '.join(missing)} and the folder keeps no last.pt to evaluate "
-                        f"it: the rows reading it show it missing (delete {job.run_dir} to train it again)")
+            job.note = (
+                f"its summary lacks TTA {', '.join(missing)} and the folder keeps no last.pt to evaluate "
+                f"it: the rows reading it show it missing (delete {job.run_dir} to train it again)"
+            )
     elif has_last:
         job.action, job.extra_argv = "resume", ["--resume", str(job.run_dir / "last.pt")]
     else:  # nothing to continue; --overwrite replaces a stray best.pt or partial files
@@ -436,15 +519,21 @@ def check_report_target(study_dir: Path, study: str):
     saved = read_json(path)
     if not isinstance(saved, dict):
         return
-    foreign = sorted({r.get("key") for r in saved.get("rows") or [] if isinstance(r, dict)}
-                     - {c.key for c in STUDIES[study]} - {None})
+    foreign = sorted(
+        {r.get("key") for r in saved.get("rows") or [] if isinstance(r, dict)}
+        - {c.key for c in STUDIES[study]}
+        - {None}
+    )
     if foreign:
-        raise common.UserError(f"{path} is the table of another definition of the {study} study (rows "
-                               f"{', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}): move its .md, .png "
-                               "and .json elsewhere first, or choose another --output-dir")
+        raise common.UserError(
+            f"{path} is the table of another definition of the {study} study (rows "
+            f"{', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}): move its .md, .png "
+            "and .json elsewhere first, or choose another --output-dir"
+        )
 
 
 # ---- Running: one process per run ----------------------------------------------------------------------
+
 
 class Stopped(Exception):
     """The ablation stops (a signal, or a run that stopped on one); `code` is its exit status."""
@@ -459,6 +548,7 @@ class Supervisor:
     last.pt and exits 130 / 143 (a second one makes it quit at once, as in a terminal); the ablation stops after
     it. The child has its own process group, so a terminal's Ctrl-C reaches it once, through here, not twice.
     A signal between runs stops the ablation at once. Use as a context manager (installs the handlers)."""
+
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
@@ -481,8 +571,12 @@ class Supervisor:
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signum)
             if not self.forwarded:
-                print(f"\n{signal.Signals(signum).name}: passed to the run, which saves last.pt and stops; the "
-                      "ablation stops after it", file=sys.stderr, flush=True)
+                print(
+                    f"\n{signal.Signals(signum).name}: passed to the run, which saves last.pt and stops; the "
+                    "ablation stops after it",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self.forwarded = True
         elif not self.starting:  # no run in progress (or it is just ending): stop now
             raise Stopped(128 + signum)
@@ -493,8 +587,15 @@ class Supervisor:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log follows the run, line by line
         self.starting, self.forwarded = True, False
         try:
-            self.child = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=os.name == "posix")
+            self.child = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=os.name == "posix",
+            )
         finally:
             self.starting = False
         try:
@@ -578,8 +679,13 @@ def run_all(jobs, write, supervisor: Supervisor):
             continue
         progress(job, i, total, f"{job.action} | {eta_text(jobs, i)}\n  {job.command()}\n  log: {job.log_path}")
         code = execute(job, supervisor)
-        result = (f"{job.summary['test_acc']:.2f}%" if job.status == "ok"
-                  else f"FAILED ({job.error})" if job.status == "failed" else job.error)
+        result = (
+            f"{job.summary['test_acc']:.2f}%"
+            if job.status == "ok"
+            else f"FAILED ({job.error})"
+            if job.status == "failed"
+            else job.error
+        )
         progress(job, i, total, f"{result} in {fmt_duration(job.wall_s)}")
         write()
         if code in STOP_CODES:
@@ -589,6 +695,7 @@ def run_all(jobs, write, supervisor: Supervisor):
 
 
 # ---- Results: per-row statistics -------------------------------------------------------------------------
+
 
 def metric(summary: dict, tta: str | None):
     """The row's accuracy from a run's summary; None if the summary lacks it (a script without that TTA)."""
@@ -628,14 +735,35 @@ def row_result(cfg: Config, by_key: dict, jobs_by_key: dict) -> dict:
     jobs = jobs_by_key.get(run_key, [])
     values = seed_values(jobs_by_key, run_key, cfg.tta)
     mean, std = mean_std(list(values.values()))
-    row = {"key": cfg.key, "label": cfg.label, "claimed": cfg.claimed, "values": values, "mean": mean, "std": std,
-           "failed": {j.seed: j.error if j.status == "failed" else f"no {cfg.tta or 'test_acc'} in summary"
-                      for j in jobs if j.status == "failed" or (j.status == "ok" and j.seed not in values)},
-           "pending": [j.seed for j in jobs if j.status == "pending"], "gain": None, "gain_std": None,
-           "gain_seeds": 0, "script": cfg.script, "flags": list(cfg.flags), "source": cfg.source, "tta": cfg.tta,
-           "reference": cfg.reference, "reference_tta": cfg.reference_tta,
-           "batch_sizes": sorted({j.batch_size for j in jobs}),
-           "beyond_noise": None, "t": None, "gain_se": None, "threshold": None, "p_adjusted": None}
+    row = {
+        "key": cfg.key,
+        "label": cfg.label,
+        "claimed": cfg.claimed,
+        "values": values,
+        "mean": mean,
+        "std": std,
+        "failed": {
+            j.seed: j.error if j.status == "failed" else f"no {cfg.tta or 'test_acc'} in summary"
+            for j in jobs
+            if j.status == "failed" or (j.status == "ok" and j.seed not in values)
+        },
+        "pending": [j.seed for j in jobs if j.status == "pending"],
+        "gain": None,
+        "gain_std": None,
+        "gain_seeds": 0,
+        "script": cfg.script,
+        "flags": list(cfg.flags),
+        "source": cfg.source,
+        "tta": cfg.tta,
+        "reference": cfg.reference,
+        "reference_tta": cfg.reference_tta,
+        "batch_sizes": sorted({j.batch_size for j in jobs}),
+        "beyond_noise": None,
+        "t": None,
+        "gain_se": None,
+        "threshold": None,
+        "p_adjusted": None,
+    }
     _, ref_series = series_of(cfg, by_key)
     if ref_series is not None:
         ref_values = seed_values(jobs_by_key, *ref_series)
@@ -655,6 +783,7 @@ def row_result(cfg: Config, by_key: dict, jobs_by_key: dict) -> dict:
 # + 1), and the gains of one family are tested together: |t| beyond the 95% quantile of max |T| over the family,
 # T multivariate t with the gains' own correlations (Dunnett's many-to-one test when every row has the same
 # reference and all seeds). With no real effect, the chance that any row of the family is called is 5%.
+
 
 def additive_fit(cells, n_series: int, n_seeds: int, contrasts, values) -> dict:
     """Least squares of values = series effect + seed effect + noise, and the contrasts' t statistics.
@@ -682,7 +811,7 @@ def additive_fit(cells, n_series: int, n_seeds: int, contrasts, values) -> dict:
     estimable = np.all(np.abs(lmat @ gram_inv @ (x.T @ x) - lmat) < 1e-8, axis=1) & (np.diag(cov) > 1e-12)
     beta = values @ x @ gram_inv  # (B, p): pinv(x) applied to each data set
     resid = values - beta @ x.T
-    sigma2 = (resid ** 2).sum(axis=1) / df if df > 0 else np.full(len(values), np.nan)
+    sigma2 = (resid**2).sum(axis=1) / df if df > 0 else np.full(len(values), np.nan)
     var = np.where(estimable, np.diag(cov), np.nan)
     est = np.where(estimable, beta @ lmat.T, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -690,8 +819,16 @@ def additive_fit(cells, n_series: int, n_seeds: int, contrasts, values) -> dict:
         t = est / se
         sub = cov[np.ix_(estimable, estimable)]
         corr = sub / np.sqrt(np.outer(np.diag(sub), np.diag(sub)))
-    return {"est": est, "se": se, "t": t, "df": df, "sigma": np.sqrt(sigma2), "estimable": estimable,
-            "corr": corr, "runs": n}
+    return {
+        "est": est,
+        "se": se,
+        "t": t,
+        "df": df,
+        "sigma": np.sqrt(sigma2),
+        "estimable": estimable,
+        "corr": corr,
+        "runs": n,
+    }
 
 
 def max_abs_t_cdf(c: float, corr, df: int) -> float:
@@ -734,10 +871,19 @@ def family_test(contrasts: dict, series_values: dict, alpha: float = ALPHA):
     values = [series_values[s][seed] for s in series for seed in sorted(series_values[s])]
     pairs = [(series.index(a), series.index(b)) for a, b in usable.values()]
     fit = additive_fit(cells, len(series), len(seeds), pairs, [values])
-    family = {"rows": int(fit["estimable"].sum()), "runs": fit["runs"], "series": len(series), "seeds": seeds,
-              "df": fit["df"], "sigma": None, "critical_t": None, "alpha": alpha}
-    verdicts = {k: {"beyond_noise": None, "t": None, "gain_se": None, "threshold": None, "p_adjusted": None}
-                for k in usable}
+    family = {
+        "rows": int(fit["estimable"].sum()),
+        "runs": fit["runs"],
+        "series": len(series),
+        "seeds": seeds,
+        "df": fit["df"],
+        "sigma": None,
+        "critical_t": None,
+        "alpha": alpha,
+    }
+    verdicts = {
+        k: {"beyond_noise": None, "t": None, "gain_se": None, "threshold": None, "p_adjusted": None} for k in usable
+    }
     if fit["df"] <= 0 or not fit["estimable"].any():  # one seed each: nothing measures the noise yet
         return family, verdicts
     corr, df = fit["corr"], fit["df"]
@@ -748,8 +894,13 @@ def family_test(contrasts: dict, series_values: dict, alpha: float = ALPHA):
             continue
         t, se = float(fit["t"][0, j]), float(fit["se"][0, j])
         p = None if math.isnan(t) else min(1.0, max(0.0, 1 - max_abs_t_cdf(abs(t), corr, df)))
-        verdicts[key] = {"beyond_noise": bool(abs(t) > crit), "t": t if math.isfinite(t) else None,  # JSON
-                         "gain_se": se, "threshold": crit * se, "p_adjusted": p}
+        verdicts[key] = {
+            "beyond_noise": bool(abs(t) > crit),
+            "t": t if math.isfinite(t) else None,  # JSON
+            "gain_se": se,
+            "threshold": crit * se,
+            "p_adjusted": p,
+        }
     return family, verdicts
 
 
@@ -776,19 +927,58 @@ def results(study, configs, jobs, args, extra, study_dir, argv):
     by_key = {c.key: c for c in configs}
     rows = {cfg.key: row_result(cfg, by_key, jobs_by_key) for cfg in configs}
     test = judge(configs, rows, jobs_by_key)
-    runs = [{"config": j.config.key, "seed": j.seed, "run_dir": str(j.run_dir), "script": j.config.script,
-             "argv": j.argv + j.extra_argv, "command": j.command(), "log": str(j.log_path), "action": j.action,
-             "status": j.status, "error": j.error, "note": j.note, "wall_s": j.wall_s, "batch_size": j.batch_size,
-             **{k: (j.summary or {}).get(k) for k in ("test_acc", "tta_table", "best_acc", "epochs_completed",
-                                                      "train_time_s", "params", "macs", "device")}}
-            for j in jobs]
-    return {"study": study, "output_dir": str(study_dir), "argv": argv, "passthrough": extra, "seeds": args.seeds,
-            "budget": {"epochs": jobs[0].epochs if jobs else args.epochs, "max_train_samples": args.max_train_samples,
-                       "max_test_samples": args.max_test_samples, "eval_every": args.eval_every},
-            "notes": STUDY_NOTES[study], "test": test, "rows": list(rows.values()), "runs": runs}
+    runs = [
+        {
+            "config": j.config.key,
+            "seed": j.seed,
+            "run_dir": str(j.run_dir),
+            "script": j.config.script,
+            "argv": j.argv + j.extra_argv,
+            "command": j.command(),
+            "log": str(j.log_path),
+            "action": j.action,
+            "status": j.status,
+            "error": j.error,
+            "note": j.note,
+            "wall_s": j.wall_s,
+            "batch_size": j.batch_size,
+            **{
+                k: (j.summary or {}).get(k)
+                for k in (
+                    "test_acc",
+                    "tta_table",
+                    "best_acc",
+                    "epochs_completed",
+                    "train_time_s",
+                    "params",
+                    "macs",
+                    "device",
+                )
+            },
+        }
+        for j in jobs
+    ]
+    return {
+        "study": study,
+        "output_dir": str(study_dir),
+        "argv": argv,
+        "passthrough": extra,
+        "seeds": args.seeds,
+        "budget": {
+            "epochs": jobs[0].epochs if jobs else args.epochs,
+            "max_train_samples": args.max_train_samples,
+            "max_test_samples": args.max_test_samples,
+            "eval_every": args.eval_every,
+        },
+        "notes": STUDY_NOTES[study],
+        "test": test,
+        "rows": list(rows.values()),
+        "runs": runs,
+    }
 
 
 # ---- The test's calibration: studies simulated with no real effect -----------------------------------------
+
 
 def study_layout(configs):
     """(number of series, contrasts as (series, reference) index pairs) of a study's training rows."""
@@ -798,8 +988,9 @@ def study_layout(configs):
     return len(series), [(series.index(a), series.index(b)) for a, b in pairs]
 
 
-def simulate(n_series: int, contrasts, n_seeds: int, studies: int, seed: int = 0, effects=None,
-             alpha: float = ALPHA) -> dict:
+def simulate(
+    n_series: int, contrasts, n_seeds: int, studies: int, seed: int = 0, effects=None, alpha: float = ALPHA
+) -> dict:
     """Draw `studies` complete studies (every series, every seed) of accuracy = effect + seed effect + noise,
     noise and seed effect both standard normal (the tests do not depend on either scale: the seed effect cancels
     in every gain), and count how often each rule calls each contrast beyond noise:
@@ -813,8 +1004,11 @@ def simulate(n_series: int, contrasts, n_seeds: int, studies: int, seed: int = 0
     rng = np.random.default_rng(seed)
     contrasts = np.asarray(contrasts, dtype=int).reshape(-1, 2)
     effects = np.zeros(n_series) if effects is None else np.asarray(effects, dtype=float)
-    y = (effects[None, :, None] + rng.standard_normal((studies, 1, n_seeds))
-         + rng.standard_normal((studies, n_series, n_seeds)))
+    y = (
+        effects[None, :, None]
+        + rng.standard_normal((studies, 1, n_seeds))
+        + rng.standard_normal((studies, n_series, n_seeds))
+    )
     cells = [(i, s) for i in range(n_series) for s in range(n_seeds)]
     fit = additive_fit(cells, n_series, n_seeds, contrasts, y.reshape(studies, -1))
     df, crit = fit["df"], max_abs_t_quantile(fit["corr"], fit["df"], alpha)
@@ -822,20 +1016,37 @@ def simulate(n_series: int, contrasts, n_seeds: int, studies: int, seed: int = 0
     old_df = len(contrasts) * (n_seeds - 1)
     old_sigma = np.sqrt(gains.var(axis=2, ddof=1).mean(axis=1))
     old_threshold = stats.t.ppf(1 - alpha / 2, old_df) * old_sigma / math.sqrt(n_seeds)
-    calls = {"per-row t (paired)": np.abs(gains.mean(axis=2)) > old_threshold[:, None],
-             "per-row t (additive)": np.abs(fit["t"]) > stats.t.ppf(1 - alpha / 2, df),
-             "max-|t| (additive)": np.abs(fit["t"]) > crit}
-    return {"studies": studies, "seed": seed, "rows": len(contrasts), "seeds": n_seeds, "df": df,
-            "critical_t": crit, "alpha": alpha,
-            "rules": {name: {"per_contrast": c.mean(axis=0).tolist(), "per_row": float(c.mean()),
-                             "any_row": float(c.any(axis=1).mean())} for name, c in calls.items()}}
+    calls = {
+        "per-row t (paired)": np.abs(gains.mean(axis=2)) > old_threshold[:, None],
+        "per-row t (additive)": np.abs(fit["t"]) > stats.t.ppf(1 - alpha / 2, df),
+        "max-|t| (additive)": np.abs(fit["t"]) > crit,
+    }
+    return {
+        "studies": studies,
+        "seed": seed,
+        "rows": len(contrasts),
+        "seeds": n_seeds,
+        "df": df,
+        "critical_t": crit,
+        "alpha": alpha,
+        "rules": {
+            name: {
+                "per_contrast": c.mean(axis=0).tolist(),
+                "per_row": float(c.mean()),
+                "any_row": float(c.any(axis=1).mean()),
+            }
+            for name, c in calls.items()
+        },
+    }
 
 
 def print_simulation(study: str, sim: dict):
     n = sim["studies"]
-    print(f"{n} simulated {study} studies with no real effect (simulation seed {sim['seed']}): {sim['rows']} "
-          f"training rows against their references, {sim['seeds']} seeds, seed effect shared by every row; "
-          f"additive model df {sim['df']}, family-wise critical |t| {sim['critical_t']:.3f}")
+    print(
+        f"{n} simulated {study} studies with no real effect (simulation seed {sim['seed']}): {sim['rows']} "
+        f"training rows against their references, {sim['seeds']} seeds, seed effect shared by every row; "
+        f"additive model df {sim['df']}, family-wise critical |t| {sim['critical_t']:.3f}"
+    )
     print(f"{'rule':<24} {'per-row rate':>14} {'any-row rate':>14}   (nominal {sim['alpha']:.0%})")
     for name, r in sim["rules"].items():
         err = math.sqrt(r["any_row"] * (1 - r["any_row"]) / n)  # binomial standard error of a fraction
@@ -843,6 +1054,7 @@ def print_simulation(study: str, sim: dict):
 
 
 # ---- Reporting: <study>.md, <study>.png, <study>.json ----------------------------------------------------
+
 
 def fmt_stat(mean, std, signed=False) -> str:
     text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
@@ -872,8 +1084,9 @@ def row_cells(row: dict, res: dict, labels: dict) -> list:
     if row["script"] is None:
         run = f"TTA '{row['tta']}' of row '{labels[row['source']]}'"
     else:
-        run = (f"{row['script']}.py, batch {'/'.join(map(str, row['batch_sizes'])) or '?'}"
-               + (f": `{' '.join(row['flags'])}`" if row["flags"] else ""))
+        run = f"{row['script']}.py, batch {'/'.join(map(str, row['batch_sizes'])) or '?'}" + (
+            f": `{' '.join(row['flags'])}`" if row["flags"] else ""
+        )
     beyond = "-" if row["beyond_noise"] is None else "yes" if row["beyond_noise"] else "no"
     return [row["label"], row["claimed"], gain, beyond, acc, seeds, run]
 
@@ -884,57 +1097,75 @@ def test_note(test: dict) -> str:
             return f"{what}: none measured yet"
         if family["critical_t"] is None:
             return f"{what}: not judged until some have two seeds ({family['runs']} run(s), no residual df)"
-        return (f"{what}: sigma = {family['sigma']:.2f} points ({family['runs']} runs, {family['df']} residual "
-                f"df), {family['rows']} row(s) tested, |t| > {family['critical_t']:.2f}")
-    return (f"- Beyond noise: {test['name']}. Each run's accuracy = row effect + seed effect + noise (runs of one "
-            "seed share initial weights and batch order, and every gain shares its reference's runs), fitted by "
-            "least squares; a row's gain (difference of two row effects) divided by its standard error from the "
-            "fit's residual sigma is beyond noise past the critical |t| of the maximum over the family's rows, "
-            f"so a study with no real effect calls any row in {test['alpha']:.0%} of cases. Training rows and TTA "
-            "rows (views of the same weights) are two families. "
-            + family_text(test.get("training"), "Training rows") + "; "
-            + family_text(test.get("tta"), "TTA rows") + ". Per-row thresholds and adjusted p-values: the .json.")
+        return (
+            f"{what}: sigma = {family['sigma']:.2f} points ({family['runs']} runs, {family['df']} residual "
+            f"df), {family['rows']} row(s) tested, |t| > {family['critical_t']:.2f}"
+        )
+
+    return (
+        f"- Beyond noise: {test['name']}. Each run's accuracy = row effect + seed effect + noise (runs of one "
+        "seed share initial weights and batch order, and every gain shares its reference's runs), fitted by "
+        "least squares; a row's gain (difference of two row effects) divided by its standard error from the "
+        "fit's residual sigma is beyond noise past the critical |t| of the maximum over the family's rows, "
+        f"so a study with no real effect calls any row in {test['alpha']:.0%} of cases. Training rows and TTA "
+        "rows (views of the same weights) are two families. "
+        + family_text(test.get("training"), "Training rows")
+        + "; "
+        + family_text(test.get("tta"), "TTA rows")
+        + ". Per-row thresholds and adjusted p-values: the .json."
+    )
 
 
 def markdown(res: dict) -> str:
     labels = {r["key"]: r["label"] for r in res["rows"]}
     b = res["budget"]
-    budget = (f"{b['epochs']} epoch(s), {b['max_train_samples'] or 'all'} training / "
-              f"{b['max_test_samples'] or 'all'} test images, seeds {' '.join(map(str, res['seeds']))}")
-    head = ["configuration", "claimed gain", "measured gain (% points)", "beyond noise", "test acc (%)", "seeds",
-            "run"]
-    lines = [f"# Ablation: {res['study']}", "", f"Budget: {budget}.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    budget = (
+        f"{b['epochs']} epoch(s), {b['max_train_samples'] or 'all'} training / "
+        f"{b['max_test_samples'] or 'all'} test images, seeds {' '.join(map(str, res['seeds']))}"
+    )
+    head = ["configuration", "claimed gain", "measured gain (% points)", "beyond noise", "test acc (%)", "seeds", "run"]
+    lines = [
+        f"# Ablation: {res['study']}",
+        "",
+        f"Budget: {budget}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     lines += ["| " + " | ".join(md_cell(c) for c in row_cells(r, res, labels)) + " |" for r in res["rows"]]
-    lines += ["", "Notes:",
-              f"- {res['notes']}",
-              "- Test accuracy: the final epoch's, without TTA (summary `test_acc`), except TTA rows (summary "
-              "`tta_table`). Mean ± sample std over seeds (std only with more than one seed); gains are paired "
-              "by seed. Claimed gains: the notebook README's; '-' where it claims none.",
-              test_note(res["test"]),
-              "- Flags passed to every run (after each row's own flags, so they win): "
-              + (f"`{shlex.join(res['passthrough'])}`." if res["passthrough"] else "none."),
-              f"- Command: `python ablation.py {shlex.join(res['argv'])}`; every run's command and per-seed "
-              f"numbers are in {res['study']}.json, its outputs in <config>/seed<k>/ (console output: {LOG_NAME})."]
+    lines += [
+        "",
+        "Notes:",
+        f"- {res['notes']}",
+        "- Test accuracy: the final epoch's, without TTA (summary `test_acc`), except TTA rows (summary "
+        "`tta_table`). Mean ± sample std over seeds (std only with more than one seed); gains are paired "
+        "by seed. Claimed gains: the notebook README's; '-' where it claims none.",
+        test_note(res["test"]),
+        "- Flags passed to every run (after each row's own flags, so they win): "
+        + (f"`{shlex.join(res['passthrough'])}`." if res["passthrough"] else "none."),
+        f"- Command: `python ablation.py {shlex.join(res['argv'])}`; every run's command and per-seed "
+        f"numbers are in {res['study']}.json, its outputs in <config>/seed<k>/ (console output: {LOG_NAME}).",
+    ]
     failed = [r for r in res["runs"] if r["status"] == "failed"]
     if failed:
         lines += ["- Failed runs: " + "; ".join(f"{r['config']} seed {r['seed']} ({r['error']})" for r in failed)]
     noted = [r for r in res["runs"] if r.get("note")]
     if noted:
-        lines += ["- Runs kept as they are: " + "; ".join(f"{r['config']} seed {r['seed']}: {r['note']}"
-                                                          for r in noted)]
+        lines += [
+            "- Runs kept as they are: " + "; ".join(f"{r['config']} seed {r['seed']}: {r['note']}" for r in noted)
+        ]
     return "\n".join(lines) + "\n"
 
 
 def plot(path: Path, res: dict):
     from matplotlib.figure import Figure  # the object API: no pyplot global state, no GUI backend
+
     rows = res["rows"]
     fig = Figure(figsize=(9, 1.2 + 0.42 * len(rows)))
     ax = fig.subplots()
     y = range(len(rows))
     means = [r["mean"] or 0.0 for r in rows]
-    colors = ["0.55" if r["reference"] is None else "tab:orange" if r["script"] is None else "tab:blue"
-              for r in rows]
+    colors = ["0.55" if r["reference"] is None else "tab:orange" if r["script"] is None else "tab:blue" for r in rows]
     errors = [r["std"] if r["std"] is not None else math.nan for r in rows]  # NaN: no error bar drawn
     ax.barh(y, means, xerr=errors, color=colors, capsize=3, error_kw={"elinewidth": 1})
     top = max(means + [1.0])
@@ -947,9 +1178,11 @@ def plot(path: Path, res: dict):
     ax.set_xlabel("test accuracy (%)")
     b, seeds = res["budget"], res["seeds"]
     spread = f"mean ± std over seeds {' '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    ax.set_title(f"{res['study']} ablation: test accuracy, {spread} ({b['epochs']} epoch(s), "
-                 f"{b['max_train_samples'] or 'all'} train / {b['max_test_samples'] or 'all'} test images)",
-                 fontsize=10)
+    ax.set_title(
+        f"{res['study']} ablation: test accuracy, {spread} ({b['epochs']} epoch(s), "
+        f"{b['max_train_samples'] or 'all'} train / {b['max_test_samples'] or 'all'} test images)",
+        fontsize=10,
+    )
     ax.grid(axis="x", alpha=0.3)
     common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
@@ -964,10 +1197,10 @@ def write_report(study_dir: Path, res: dict, chart: bool):
 
 # ---- Main ------------------------------------------------------------------------------------------------
 
+
 def print_rows(configs):
     for c in configs:
-        what = (f"mobilenetv4_{c.script}.py {' '.join(c.flags)}" if c.script
-                else f"TTA '{c.tta}' of the {c.source} run")
+        what = f"mobilenetv4_{c.script}.py {' '.join(c.flags)}" if c.script else f"TTA '{c.tta}' of the {c.source} run"
         print(f"  {c.key:<26} {c.label:<38} claimed {c.claimed:<6} {what}".rstrip())
 
 
@@ -985,8 +1218,9 @@ def main(argv=None):
     if args.simulate_null is not None:
         n_series, contrasts = study_layout(configs)
         if args.simulate_null < 1 or not contrasts or len(args.seeds) < 2:
-            raise common.UserError("--simulate-null needs N >= 1, two or more --seeds and a training row with a "
-                                   "reference")
+            raise common.UserError(
+                "--simulate-null needs N >= 1, two or more --seeds and a training row with a reference"
+            )
         sim = simulate(n_series, contrasts, len(args.seeds), args.simulate_null, args.simulation_seed)
         print_simulation(args.study, sim)
         return sim
@@ -1017,14 +1251,19 @@ def main(argv=None):
             run_all(jobs, write, supervisor)
     except Stopped as stop:
         write(chart=True)
-        print(f"\nablation stopped (exit {stop.code}); rerun the same command to resume: finished runs are kept, "
-              "an interrupted one continues from its last.pt", file=sys.stderr)
+        print(
+            f"\nablation stopped (exit {stop.code}); rerun the same command to resume: finished runs are kept, "
+            "an interrupted one continues from its last.pt",
+            file=sys.stderr,
+        )
         raise SystemExit(stop.code) from None
     res = write(chart=True)
     print("\n" + markdown(res))
     failed = sum(j.status == "failed" for j in jobs)
-    print(f"ablation {args.study}: {len(jobs)} runs ({failed} failed) in {fmt_duration(time.perf_counter() - t0)}; "
-          f"wrote {study_dir}/{args.study}.md, .png and .json")
+    print(
+        f"ablation {args.study}: {len(jobs)} runs ({failed} failed) in {fmt_duration(time.perf_counter() - t0)}; "
+        f"wrote {study_dir}/{args.study}.md, .png and .json"
+    )
     return res
 
 

@@ -297,7 +297,7 @@ def run_until(checks: list, logs: Path, deadline_s: float):
     """Start every check at once; at the deadline send SIGTERM (the scripts save last.pt) and wait for them."""
     procs = [(check, start(check, logs)) for check in checks]
     end = time.monotonic() + deadline_s
-    for check, proc in procs:
+    for _, proc in procs:
         try:
             proc.wait(timeout=max(0.0, end - time.monotonic()))
         except subprocess.TimeoutExpired:

@@ -197,7 +197,7 @@ def bench_training(data, device, steps, repeats, options, recipe):
         )
 
         def notebook_epoch():
-            for images, labels in loader:
+            for images, labels in loader:  # noqa: B023 (called in this iteration, with its own loader)
                 step(images.to(device), labels.to(device))
 
         seconds = timed(notebook_epoch, repeats, device)
@@ -212,9 +212,9 @@ def bench_training(data, device, steps, repeats, options, recipe):
 
         def ours_epoch():
             for images, labels in common.train_batches_for_epoch(on_device, batch, 0, 0, 0, cfg):
-                if kwargs.get("channels_last"):
+                if kwargs.get("channels_last"):  # noqa: B023 (called in this iteration)
                     images = images.contiguous(memory_format=torch.channels_last)
-                step(images, labels)
+                step(images, labels)  # noqa: B023 (called in this iteration)
 
         try:
             results[name] = n_images / timed(ours_epoch, repeats, device)

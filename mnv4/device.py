@@ -115,7 +115,7 @@ def peak_memory_mb(device: torch.device) -> float | None:
         return None
     try:  # CPU: the process's peak resident set (Linux)
         status = Path("/proc/self/status").read_text()
-        return next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM:")) / 1024  # kB
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024  # kB
     except (OSError, StopIteration):
         import resource  # the process's lifetime peak: KiB on Linux, bytes on macOS
 

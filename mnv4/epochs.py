@@ -69,7 +69,7 @@ class EpochLoop:
         self.bar = progress_bar(steps, start, f"epoch {epoch + 1}/{args.epochs}", enabled=dist.is_main)
         synchronize(self.device)
         self.t0 = time.perf_counter()
-        for self.step, (images, labels) in enumerate(
+        for step, (images, labels) in enumerate(
             train_batches_for_epoch(
                 self.data,
                 args.batch_size,
@@ -82,6 +82,7 @@ class EpochLoop:
             ),
             start,
         ):
+            self.step = step
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels
