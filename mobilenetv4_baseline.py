@@ -10,26 +10,16 @@ from torch import nn
 import common
 
 # ---- The recipe (every entry is a flag) -------------------------------------------------------------
+# fmt: off
 RECIPE = dict(
-    variant="conv_small",
-    width_mult=1.0,
-    act="relu6",
-    se=False,
-    drop_path=0.0,
-    head="linear",
-    dropout=0.2,
-    augment=False,
-    epochs=20,
-    batch_size=128,
-    lr=1e-3,
-    wd=1e-4,  # Adam, L2 weight decay as in the notebook ...
-    norm_weight_decay=0.0,  # ... but not on norm / bias / layer-scale parameters (timm, torchvision)
-    lr_step_size=30,
-    lr_gamma=0.1,  # StepLR in epochs (never fires within 20 epochs, as in the notebook)
-    label_smoothing=0.0,
-    clip_grad_norm=0.0,
-    tta="flip",
+    variant="conv_small", width_mult=1.0, act="relu6", se=False, drop_path=0.0, head="linear", dropout=0.2,
+    augment=False, epochs=20, batch_size=128,
+    lr=1e-3, wd=1e-4,                    # Adam, L2 weight decay as in the notebook ...
+    norm_weight_decay=0.0,               # ... but not on norm / bias / layer-scale parameters (timm, torchvision)
+    lr_step_size=30, lr_gamma=0.1,       # StepLR in epochs (never fires within 20 epochs, as in the notebook)
+    label_smoothing=0.0, clip_grad_norm=0.0, tta="flip",
 )
+# fmt: on
 # The public notebook's exact recipe (--recipe notebook): it decayed every parameter alike.
 RECIPES = {"project": RECIPE, "notebook": {**RECIPE, "norm_weight_decay": RECIPE["wd"]}}
 

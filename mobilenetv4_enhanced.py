@@ -16,48 +16,28 @@ import common
 
 # ---- The recipes (every entry is a flag) ------------------------------------------------------------
 # The public notebook's enhanced recipe on the real architecture (--recipe notebook).
+# fmt: off
 NOTEBOOK_RECIPE = dict(
-    variant="conv_small",
-    width_mult=1.2,
-    act="silu",
-    se=True,
-    drop_path=0.1,
-    head="mlp",
-    dropout=0.3,
-    augment=True,  # crop 32 pad 4, flip, rotate 15, jitter .2/.2/.2/.1, translate 10%
-    epochs=20,
-    batch_size=64,
-    opt="adamw",
-    lr=1e-3,
-    wd=0.05,
-    betas=(0.9, 0.999),
-    momentum=0.9,  # momentum: --opt sgd (Nesterov)
-    norm_weight_decay=0.05,  # the notebook decayed every parameter alike
-    sched="cosine",
-    min_lr=1e-6,
-    warmup_epochs=0,  # per-step cosine to min_lr after optional linear warm-up
-    label_smoothing=0.1,
-    clip_grad_norm=1.0,
-    model_ema=False,
-    model_ema_decay=0.999,  # decay warmed up: min(decay, (1 + t) / (10 + t)) at step t
+    variant="conv_small", width_mult=1.2, act="silu", se=True, drop_path=0.1, head="mlp", dropout=0.3,
+    augment=True,                          # crop 32 pad 4, flip, rotate 15, jitter .2/.2/.2/.1, translate 10%
+    epochs=20, batch_size=64,
+    opt="adamw", lr=1e-3, wd=0.05, betas=(0.9, 0.999), momentum=0.9,   # momentum: --opt sgd (Nesterov)
+    norm_weight_decay=0.05,                # the notebook decayed every parameter alike
+    sched="cosine", min_lr=1e-6, warmup_epochs=0,   # per-step cosine to min_lr after optional linear warm-up
+    label_smoothing=0.1, clip_grad_norm=1.0,
+    model_ema=False, model_ema_decay=0.999,         # decay warmed up: min(decay, (1 + t) / (10 + t)) at step t
     tta="flip",
 )
 # The default: the same model, trained as short-schedule CIFAR practice does, each change measured
 # (docs/RESULTS.md, docs/ABLATION.md): no weight decay on norm / bias / layer-scale parameters (timm, torchvision);
 # Nesterov SGD with a one-cycle schedule; flip and translate only (translation already shifts the image, so no
 # random crop); TTA over flips and 2-pixel shifts.
-RECIPE = {
-    **NOTEBOOK_RECIPE,
-    "norm_weight_decay": 0.0,
-    "opt": "sgd",
-    "sched": "onecycle",
-    "lr": 0.1,
-    "wd": 5e-4,  # SGD couples wd as L2: 5e-4, not 0.05
-    "crop_padding": 0,
-    "rotation": 0.0,
-    "color_jitter": (0.0, 0.0, 0.0, 0.0),
-    "tta": "flip_shift",
-}
+RECIPE = {**NOTEBOOK_RECIPE,
+          "norm_weight_decay": 0.0,
+          "opt": "sgd", "sched": "onecycle", "lr": 0.1, "wd": 5e-4,   # SGD couples wd as L2: 5e-4, not 0.05
+          "crop_padding": 0, "rotation": 0.0, "color_jitter": (0.0, 0.0, 0.0, 0.0),
+          "tta": "flip_shift"}
+# fmt: on
 RECIPES = {"project": RECIPE, "notebook": NOTEBOOK_RECIPE}
 
 
