@@ -1,9 +1,9 @@
 """What test_predict.py and test_export.py share: tiny checkpoints trained by the scripts themselves (with the
 run's own evaluation recorded), image files, and in-process / subprocess runs of predict.py and export.py."""
+
 import contextlib
 import io
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -13,37 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-import common
 import mnv4.evaluation
 import mobilenetv4_baseline
 import mobilenetv4_enhanced
+from helpers import ERROR_LINE, MD5_WARNING, ROOT, TINY_TRAIN
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAINERS = {"baseline": mobilenetv4_baseline.main, "enhanced": mobilenetv4_enhanced.main}
 # One epoch of 4 steps at width 0.25, evaluated on all 40 tiny test images; no TTA table (fewer forward passes).
-TINY = ["--width-mult", "0.25", "-b", "16", "--max-train-samples", "64", "--epochs", "1", "--device", "cpu",
-        "--no-download", "--seed", "0", "--deterministic", "--tta", "none", "--no-tta-table"]
-ERROR_LINE = re.compile(r"^(\S+: )?error: \S")
-MD5_WARNING = "CIFAR-10 files"  # the tiny data set differs from the official release: an expected warning
-
-
-@contextlib.contextmanager
-def one_thread():
-    """One intra-op thread (two shared cores); --deterministic flips a process-wide flag: both restored."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def on_one_thread():
-    """Imported by a test module: all its tests on one thread (shared cores, often with other work on them)."""
-    with one_thread():
-        yield
+ONE_EPOCH = [*TINY_TRAIN, "--epochs", "1", "--deterministic", "--tta", "none", "--no-tta-table"]
 
 
 @dataclass
@@ -72,8 +49,9 @@ def exit_code_and_value(main, argv):
 def run_script(name, argv) -> subprocess.CompletedProcess:
     """`python NAME.py ARGV` as a real process from the project root (proves: no traceback, real exit code)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS=f"ignore:{MD5_WARNING}")
-    return subprocess.run([sys.executable, f"{name}.py", *map(str, argv)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, f"{name}.py", *map(str, argv)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def train(data, out, script="baseline", *extra) -> tuple[Path, torch.Tensor]:
@@ -84,10 +62,11 @@ def train(data, out, script="baseline", *extra) -> tuple[Path, torch.Tensor]:
     def recording_predict(*args, **kwargs):
         probs.append(original(*args, **kwargs))
         return probs[-1]
+
     original = mnv4.evaluation.predict_probs
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(mnv4.evaluation, "predict_probs", recording_predict)
-        outcome = call(TRAINERS[script], [*TINY, "--data-dir", data, "--output-dir", out, *extra])
+        outcome = call(TRAINERS[script], [*ONE_EPOCH, "--data-dir", data, "--output-dir", out, *extra])
     assert outcome.code == 0, outcome.err
     assert probs, "expected one evaluation per epoch (no TTA table)"
     return Path(out) / "last.pt", probs[-1].argmax(1)  # the last epoch's: what last.pt holds
@@ -96,6 +75,7 @@ def train(data, out, script="baseline", *extra) -> tuple[Path, torch.Tensor]:
 def write_pngs(images: torch.Tensor, folder: Path) -> list[Path]:
     """uint8 [N, 3, H, W] -> folder/000.png, 001.png, ... (lossless: the pixels read back are these)."""
     from PIL import Image
+
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{i:03d}.png" for i in range(images.shape[0])]
     for path, image in zip(paths, images):
@@ -114,12 +94,18 @@ def onnx_for_other_input(path: Path, size=64) -> Path:
     """A valid ONNX classifier of [N, 3, size, size] images into [N, 10] logits (one conv, then flatten)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+
     weight = numpy_helper.from_array(np.full((10, 3, size, size), 1e-3, dtype=np.float32), "weight")
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["images", "weight"], ["features"]),
-         helper.make_node("Flatten", ["features"], ["logits"])], "other_size",
+        [
+            helper.make_node("Conv", ["images", "weight"], ["features"]),
+            helper.make_node("Flatten", ["features"], ["logits"]),
+        ],
+        "other_size",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], initializer=[weight])
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        initializer=[weight],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), path)
     return path
 

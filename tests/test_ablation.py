@@ -5,6 +5,7 @@ Most tests point ablation.SCRIPT_PATHS at a stub script that writes config.json 
 accuracy the test chose for its row and seed (a process that starts in tens of milliseconds, and gains known
 exactly); one test trains for real, as the real scripts' processes, on the tiny CIFAR fixture with a tiny model.
 """
+
 import json
 import os
 import signal
@@ -17,13 +18,11 @@ import pytest
 from scipy import stats
 
 import ablation
-import mobilenetv4_baseline
 import mobilenetv4_enhanced
+from helpers import ROOT, SCRIPTS
 
-ROOT = Path(__file__).resolve().parents[1]
 PROXY = ROOT / "results" / "ablation-proxy-5k"  # the committed proxy study (read only)
-SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
-TINY = ["--epochs", "1", "--max-train-samples", "32", "--max-test-samples", "16", "--seeds", "0"]
+ABLATION_TINY = ["--epochs", "1", "--max-train-samples", "32", "--max-test-samples", "16", "--seeds", "0"]
 
 # What a stub run scores: BASE_ACC + SEED_OFFSET * seed + its row's own amount (+ per-run noise, where a test sets
 # it); every TTA mode adds its own amount on top.
@@ -31,8 +30,15 @@ BASE_ACC = 40.0
 SEED_OFFSET = 0.5  # per seed, the same on every row: paired gains have std 0
 TTA_ACC = {"none": 0.0, "flip": 1.5, "flip_rot90": 0.75, "flip_shift": 2.25}
 CUMULATIVE_ACC = {"baseline": 0, "se": 3, "drop_path": 5, "silu": 6, "width": 8, "mlp_head": 9, "train_opts": 13}
-NOTEBOOK_CLAIMS = {"+ SE": "+3-4%", "+ stochastic depth": "+2-3%", "+ SiLU": "+1-2%", "+ width 1.2": "+2-3%",
-                   "+ MLP head": "+1-2%", "+ training optimizations": "+3-4%", "+ TTA (flip)": "+1-2%"}
+NOTEBOOK_CLAIMS = {
+    "+ SE": "+3-4%",
+    "+ stochastic depth": "+2-3%",
+    "+ SiLU": "+1-2%",
+    "+ width 1.2": "+2-3%",
+    "+ MLP head": "+1-2%",
+    "+ training optimizations": "+3-4%",
+    "+ TTA (flip)": "+1-2%",
+}
 
 STUB = r'''"""Stand-in for a training script: writes what ablation.py reads, as $ABLATION_STUB_SPEC says."""
 import json, os, signal, sys, time
@@ -94,9 +100,17 @@ class Stub:
     def __init__(self, folder: Path):
         folder.mkdir()
         self.path, self.calls_path = folder / "spec.json", folder / "calls.jsonl"
-        self.spec = {"calls": str(self.calls_path), "base": BASE_ACC, "seed_offset": SEED_OFFSET,
-                     "acc": dict(CUMULATIVE_ACC), "acc_default": 0.0, "noise": {}, "tta": TTA_ACC, "actions": {},
-                     "ready": str(folder / "ready")}
+        self.spec = {
+            "calls": str(self.calls_path),
+            "base": BASE_ACC,
+            "seed_offset": SEED_OFFSET,
+            "acc": dict(CUMULATIVE_ACC),
+            "acc_default": 0.0,
+            "noise": {},
+            "tta": TTA_ACC,
+            "actions": {},
+            "ready": str(folder / "ready"),
+        }
         self.save()
 
     def set(self, **changes):
@@ -157,13 +171,21 @@ def test_leave_one_out_switches_off_one_ingredient_of_the_default_each():
     ref, *others = ablation.STUDIES["leave-one-out"]
     assert settings("enhanced", ref.flags) == settings("enhanced", [])
     assert "project" not in " ".join(ref.flags)  # not a recipe name that moves with the default
-    expected = {"nocrop_no_se": {"se"}, "nocrop_no_drop_path": {"drop_path"}, "nocrop_relu6": {"act"},
-                "nocrop_width_1.0": {"width_mult"}, "nocrop_linear_head": {"head", "dropout"},
-                # Its op settings stay the notebook's, which do nothing without --augment.
-                "nocrop_no_augment": {"augment", "crop_padding", "rotation", "color_jitter"},
-                "nocrop_no_flip": {"hflip"}, "nocrop_no_translate": {"translate"},
-                "nocrop_no_label_smoothing": {"label_smoothing"}, "nocrop_no_clip": {"clip_grad_norm"},
-                "nocrop_no_weight_decay": {"wd"}, "nocrop_constant_lr": {"sched"}}
+    expected = {
+        "nocrop_no_se": {"se"},
+        "nocrop_no_drop_path": {"drop_path"},
+        "nocrop_relu6": {"act"},
+        "nocrop_width_1.0": {"width_mult"},
+        "nocrop_linear_head": {"head", "dropout"},
+        # Its op settings stay the notebook's, which do nothing without --augment.
+        "nocrop_no_augment": {"augment", "crop_padding", "rotation", "color_jitter"},
+        "nocrop_no_flip": {"hflip"},
+        "nocrop_no_translate": {"translate"},
+        "nocrop_no_label_smoothing": {"label_smoothing"},
+        "nocrop_no_clip": {"clip_grad_norm"},
+        "nocrop_no_weight_decay": {"wd"},
+        "nocrop_constant_lr": {"sched"},
+    }
     training = {c.key: c for c in others if c.script}
     assert set(training) == set(expected)
     ref_settings = settings("enhanced", ref.flags)
@@ -176,7 +198,8 @@ def test_leave_one_out_switches_off_one_ingredient_of_the_default_each():
     tta = {c.key: c for c in others if c.script is None}
     assert {k: (c.source, c.tta, c.reference, c.reference_tta) for k, c in tta.items()} == {
         "nocrop_no_tta": (ref.key, "none", ref.key, "flip_shift"),
-        "nocrop_tta_flip": (ref.key, "flip", ref.key, "flip_shift")}
+        "nocrop_tta_flip": (ref.key, "flip", ref.key, "flip_shift"),
+    }
     assert mobilenetv4_enhanced.parse_args([]).tta == "flip_shift"
 
 
@@ -187,12 +210,14 @@ def test_the_architecture_screen_keeps_its_rows_and_shares_the_reference():
     rows = ablation.STUDIES["architecture"]
     assert ref.key == "v2_no_crop" and rows[0] == ref
     assert [c.key for c in rows] == ["v2_no_crop", "conv_s_8x8", "conv_m_w1.0", "mobilenetv2", "mobilenetv2_8x8"]
-    changes = {c.key: c.flags[len(ref.flags):] for c in rows[1:]}
-    assert changes == {"conv_s_8x8": ("--output-stride", "4"),
-                       "conv_m_w1.0": ("--variant", "conv_medium", "--width-mult", "1.0"),
-                       "mobilenetv2": ("--variant", "mobilenetv2"),
-                       "mobilenetv2_8x8": ("--variant", "mobilenetv2", "--output-stride", "4")}
-    assert all(c.flags[:len(ref.flags)] == ref.flags and c.reference == ref.key for c in rows[1:])
+    changes = {c.key: c.flags[len(ref.flags) :] for c in rows[1:]}
+    assert changes == {
+        "conv_s_8x8": ("--output-stride", "4"),
+        "conv_m_w1.0": ("--variant", "conv_medium", "--width-mult", "1.0"),
+        "mobilenetv2": ("--variant", "mobilenetv2"),
+        "mobilenetv2_8x8": ("--variant", "mobilenetv2", "--output-stride", "4"),
+    }
+    assert all(c.flags[: len(ref.flags)] == ref.flags and c.reference == ref.key for c in rows[1:])
 
 
 @pytest.mark.parametrize("study", list(ablation.STUDIES))
@@ -265,7 +290,7 @@ def test_additive_fit_of_a_complete_layout_is_the_two_way_anova():
     resid = y - y.mean(axis=1, keepdims=True) - y.mean(axis=0, keepdims=True) + y.mean()
     df = (rows - 1) * (seeds - 1)
     assert fit["df"] == df and fit["estimable"].all()
-    assert fit["sigma"][0] == pytest.approx(np.sqrt((resid ** 2).sum() / df))
+    assert fit["sigma"][0] == pytest.approx(np.sqrt((resid**2).sum() / df))
     assert fit["est"][0] == pytest.approx(y[1:].mean(axis=1) - y[0].mean())
     assert fit["se"][0] == pytest.approx(np.full(rows - 1, fit["sigma"][0] * np.sqrt(2 / seeds)))
     assert fit["corr"] == pytest.approx(np.full((rows - 1, rows - 1), 0.5) + 0.5 * np.eye(rows - 1))
@@ -292,14 +317,13 @@ def test_family_test_with_missing_runs_and_single_seeds():
     """A row missing a seed is still judged (the seed effects come from the other rows); a row whose only seed
     nothing else shares cannot be, and adds no df; with one seed everywhere there is no noise estimate yet."""
     contrasts = {"a": ("A", "R"), "b": ("B", "R"), "c": ("C", "R"), "lone": ("L", "R")}
-    values = {"R": {0: 60.0, 1: 58.0}, "A": {0: 65.0, 1: 63.2}, "B": {0: 60.5, 1: 57.9}, "C": {0: 61.0},
-              "L": {2: 70.0}}
+    values = {"R": {0: 60.0, 1: 58.0}, "A": {0: 65.0, 1: 63.2}, "B": {0: 60.5, 1: 57.9}, "C": {0: 61.0}, "L": {2: 70.0}}
     family, verdicts = ablation.family_test(contrasts, values)
     table = np.array([[60.0, 58.0], [65.0, 63.2], [60.5, 57.9]])  # R, A, B: the complete part
     resid = table - table.mean(axis=1, keepdims=True) - table.mean(axis=0, keepdims=True) + table.mean()
     assert family["df"] == 2 and family["rows"] == 3  # (3 - 1)(2 - 1); C and L add none
     assert family["critical_t"] > stats.t.ppf(0.975, 2)  # three rows tested together: above one test's
-    assert family["sigma"] == pytest.approx(np.sqrt((resid ** 2).sum() / 2))
+    assert family["sigma"] == pytest.approx(np.sqrt((resid**2).sum() / 2))
     assert verdicts["lone"]["beyond_noise"] is None
     assert verdicts["a"]["beyond_noise"] is True and verdicts["b"]["beyond_noise"] is False
     assert verdicts["a"]["t"] == pytest.approx(5.1 / (family["sigma"] * np.sqrt(2 / 2)))
@@ -362,8 +386,15 @@ def test_cumulative_table_claims_and_gains(tmp_path, stub):
     assert {"claimed gain", "measured gain (% points)", "test acc (%)"} <= set(rows["baseline"])
     for label, claim in NOTEBOOK_CLAIMS.items():
         assert rows[label]["claimed gain"] == claim
-    expected_gain = {"+ SE": 3, "+ stochastic depth": 2, "+ SiLU": 1, "+ width 1.2": 2, "+ MLP head": 1,
-                     "+ training optimizations": 4, "+ TTA (flip)": TTA_ACC["flip"]}
+    expected_gain = {
+        "+ SE": 3,
+        "+ stochastic depth": 2,
+        "+ SiLU": 1,
+        "+ width 1.2": 2,
+        "+ MLP head": 1,
+        "+ training optimizations": 4,
+        "+ TTA (flip)": TTA_ACC["flip"],
+    }
     for label, gain in expected_gain.items():
         assert rows[label]["measured gain (% points)"] == f"{gain:+.2f} ± 0.00", label
     assert rows["baseline"]["test acc (%)"] == f"{BASE_ACC + SEED_OFFSET / 2:.2f} ± 0.35"  # seeds 0, 1
@@ -391,24 +422,49 @@ def test_the_table_names_the_test_and_judges_each_family(tmp_path, stub):
     """Three seeds of the reference and two leave-one-out rows: no augmentation loses 10 points, no SE nothing but
     noise. The training rows' sigma, df and critical |t| are the additive model's (two-way ANOVA residual of the
     complete 3 x 3 table); the TTA row is judged in its own family."""
-    noise = {"nocrop_no_se/0": 0.3, "nocrop_no_se/1": -0.2, "nocrop_no_se/2": -0.4, "v2_no_crop/1": 0.1,
-             "nocrop_no_augment/2": 0.2}
+    noise = {
+        "nocrop_no_se/0": 0.3,
+        "nocrop_no_se/1": -0.2,
+        "nocrop_no_se/2": -0.4,
+        "v2_no_crop/1": 0.1,
+        "nocrop_no_augment/2": 0.2,
+    }
     stub.set(acc={"nocrop_no_augment": -10.0}, noise=noise)
     out = tmp_path / "loo"
-    res = run_ablation("--study", "leave-one-out", "--configs", "nocrop_no_se", "nocrop_no_augment", "nocrop_no_tta",
-                       "--seeds", "0", "1", "2", "--epochs", "1", "--output-dir", str(out))
-    acc = {key: [SEED_OFFSET * s + {"nocrop_no_augment": -10.0}.get(key, 0) + noise.get(f"{key}/{s}", 0)
-                 for s in range(3)] for key in ("nocrop_no_se", "v2_no_crop", "nocrop_no_augment")}
+    res = run_ablation(
+        "--study",
+        "leave-one-out",
+        "--configs",
+        "nocrop_no_se",
+        "nocrop_no_augment",
+        "nocrop_no_tta",
+        "--seeds",
+        "0",
+        "1",
+        "2",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(out),
+    )
+    acc = {
+        key: [SEED_OFFSET * s + {"nocrop_no_augment": -10.0}.get(key, 0) + noise.get(f"{key}/{s}", 0) for s in range(3)]
+        for key in ("nocrop_no_se", "v2_no_crop", "nocrop_no_augment")
+    }
     table = np.array(list(acc.values()))
     resid = table - table.mean(axis=1, keepdims=True) - table.mean(axis=0, keepdims=True) + table.mean()
     train = res["test"]["training"]
     assert (train["df"], train["rows"], train["runs"]) == (4, 2, 9)
-    assert train["sigma"] == pytest.approx(np.sqrt((resid ** 2).sum() / 4))
+    assert train["sigma"] == pytest.approx(np.sqrt((resid**2).sum() / 4))
     assert stats.t.ppf(0.975, 4) < train["critical_t"] < stats.t.ppf(1 - 0.025 / 2, 4)
     rows = table_rows(out / "leave-one-out.md")
     verdict = {label: r["beyond noise"] for label, r in rows.items()}
-    assert verdict == {"project (default)": "-", "no SE": "no", "no augmentation": "yes",
-                       "no TTA (against flip_shift)": "yes"}
+    assert verdict == {
+        "project (default)": "-",
+        "no SE": "no",
+        "no augmentation": "yes",
+        "no TTA (against flip_shift)": "yes",
+    }
     assert rows["no TTA (against flip_shift)"]["measured gain (% points)"] == f"{-TTA_ACC['flip_shift']:+.2f} ± 0.00"
     notes = (out / "leave-one-out.md").read_text().split("Notes:")[1]
     assert ablation.TEST_NAME in notes and f"sigma = {train['sigma']:.2f} points (9 runs, 4 residual df)" in notes
@@ -419,8 +475,18 @@ def test_the_table_names_the_test_and_judges_each_family(tmp_path, stub):
     calls = stub.calls()
     assert {c["key"] for c in calls if "--no-tta-table" not in c["argv"]} == {"v2_no_crop"}
     # One seed: nothing measures the noise, no verdict.
-    one = run_ablation("--study", "leave-one-out", "--configs", "nocrop_no_se", "--seeds", "0", "--epochs", "1",
-                       "--output-dir", str(tmp_path / "one"))
+    one = run_ablation(
+        "--study",
+        "leave-one-out",
+        "--configs",
+        "nocrop_no_se",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(tmp_path / "one"),
+    )
     assert one["test"]["training"]["critical_t"] is None
     assert table_rows(tmp_path / "one" / "leave-one-out.md")["no SE"]["beyond noise"] == "-"
 
@@ -458,8 +524,18 @@ def test_a_finished_run_lacking_a_tta_mode(tmp_path, stub, capsys):
     """A TTA row needs a mode its run's summary lacks: with a last.pt the run is evaluated again (--resume at its
     last epoch); without one it is kept as it is (training it again would replace a finished run), and the rows
     that need the mode say so."""
-    argv = ["--study", "leave-one-out", "--configs", "nocrop_no_tta", "--seeds", "0", "--epochs", "1",
-            "--output-dir", str(tmp_path)]
+    argv = [
+        "--study",
+        "leave-one-out",
+        "--configs",
+        "nocrop_no_tta",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    ]
     run_ablation(*argv)
     path = tmp_path / "v2_no_crop" / "seed0" / "summary.json"
     summary = json.loads(path.read_text())
@@ -475,8 +551,19 @@ def test_a_finished_run_lacking_a_tta_mode(tmp_path, stub, capsys):
 
 
 def test_interruption_stops_the_ablation_and_the_next_invocation_resumes(tmp_path, stub, capsys):
-    argv = ["--study", "cumulative", "--configs", "se", "drop_path", "--seeds", "0", "--epochs", "1",
-            "--output-dir", str(tmp_path)]
+    argv = [
+        "--study",
+        "cumulative",
+        "--configs",
+        "se",
+        "drop_path",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    ]
     stub.set(actions={"se": 130})  # the run was stopped by SIGINT and saved last.pt
     with pytest.raises(SystemExit) as exc:
         run_ablation(*argv)
@@ -499,17 +586,32 @@ def test_a_signal_goes_to_the_run_which_saves_last_pt_and_the_ablation_stops(tmp
     ablation writes its table, stops with the same code, and the next invocation resumes that run."""
     ready = Path(stub.spec["ready"])
     stub.set(actions={"se": "wait"})
-    argv = ["--study", "cumulative", "--configs", "se", "drop_path", "--seeds", "0", "--epochs", "1",
-            "--output-dir", str(tmp_path / "out")]
+    argv = [
+        "--study",
+        "cumulative",
+        "--configs",
+        "se",
+        "drop_path",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
 
     def send():
         deadline = time.monotonic() + 20
         while not ready.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         # Only to the handler ablation.py installs: never to pytest's own (a stray signal would end the session).
-        if ready.exists() and signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN,
-                                                              signal.default_int_handler):
+        if ready.exists() and signal.getsignal(signum) not in (
+            signal.SIG_DFL,
+            signal.SIG_IGN,
+            signal.default_int_handler,
+        ):
             os.kill(os.getpid(), signum)
+
     handler_before = signal.getsignal(signum)
     thread = threading.Thread(target=send)
     thread.start()
@@ -535,8 +637,21 @@ def test_a_signal_goes_to_the_run_which_saves_last_pt_and_the_ablation_stops(tmp
 
 def test_failed_runs_are_reported_and_the_rest_goes_on(tmp_path, stub):
     stub.set(actions={"nocrop_relu6": 2, "nocrop_no_clip/1": 0})  # 0: exits without writing its summary
-    res = run_ablation("--study", "leave-one-out", "--configs", "nocrop_relu6", "nocrop_no_clip", "nocrop_no_se",
-                       "--seeds", "0", "1", "--epochs", "1", "--output-dir", str(tmp_path))
+    res = run_ablation(
+        "--study",
+        "leave-one-out",
+        "--configs",
+        "nocrop_relu6",
+        "nocrop_no_clip",
+        "nocrop_no_se",
+        "--seeds",
+        "0",
+        "1",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert len(stub.calls()) == 8  # the reference and three rows x 2 seeds: failures did not stop the ablation
     rows = table_rows(tmp_path / "leave-one-out.md")
     assert rows["ReLU6 instead of SiLU"]["test acc (%)"] == "failed"
@@ -570,10 +685,23 @@ def test_settings_are_compared_by_value_not_by_recipe_name(tmp_path, stub, capsy
     def finished(*flags):
         args = ablation.as_saved(mobilenetv4_enhanced.parse_args([*flags, *budget]))
         assert args["recipe"] == "project"
-        (run_dir / "summary.json").write_text(json.dumps(
-            {"test_acc": 50.0, "epochs_completed": 1, "config": {"args": args}, "tta_table": {"none": {}}}))
-    argv = ["--study", "architecture", "--configs", "v2_no_crop", "--seeds", "0", "--epochs", "1", "--output-dir",
-            str(tmp_path), "--dry-run"]
+        (run_dir / "summary.json").write_text(
+            json.dumps({"test_acc": 50.0, "epochs_completed": 1, "config": {"args": args}, "tta_table": {"none": {}}})
+        )
+
+    argv = [
+        "--study",
+        "architecture",
+        "--configs",
+        "v2_no_crop",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+        "--dry-run",
+    ]
     finished()
     run_ablation(*argv)
     assert "| done" in capsys.readouterr().out
@@ -591,9 +719,12 @@ def test_settings_check_ignores_what_changes_per_invocation(script):
     parse = SCRIPTS[script].parse_args
     planned = ["--epochs", "1", "--seed", "0", "--output-dir", "a/b"]
     expected = parse(planned)
-    for ran in (planned + ["--overwrite"], planned + ["--resume", "a/b/last.pt"],
-                ["--epochs", "1", "--seed", "0", "--output-dir", "elsewhere", "--device", "cpu", "--data-dir", "d"],
-                planned + ["--eval-every", "20"]):  # evaluating less often trains the same weights
+    for ran in (
+        planned + ["--overwrite"],
+        planned + ["--resume", "a/b/last.pt"],
+        ["--epochs", "1", "--seed", "0", "--output-dir", "elsewhere", "--device", "cpu", "--data-dir", "d"],
+        planned + ["--eval-every", "20"],
+    ):  # evaluating less often trains the same weights
         assert ablation.settings_diff(ablation.as_saved(parse(ran)), expected) == []
     saved = ablation.as_saved(parse(planned + ["--lr", "0.5"]))
     assert ablation.settings_diff(saved, expected) == [f"--lr 0.5 (now {expected.lr})"]
@@ -609,20 +740,54 @@ def test_bad_passthrough_flags_stop_before_training(tmp_path, stub, extra):
 def test_an_earlier_definition_of_a_studys_table_is_not_replaced(tmp_path, stub, capsys):
     """results/ablation-proxy-5k/leave-one-out.json is the table of the study's earlier rows: a run of today's
     leave-one-out into that folder would replace it. Refused before any training, in a dry run too."""
-    (tmp_path / "leave-one-out.json").write_text(json.dumps({"rows": [{"key": "v2_no_crop"}, {"key": "full"},
-                                                                       {"key": "no_se"}]}))
+    (tmp_path / "leave-one-out.json").write_text(
+        json.dumps({"rows": [{"key": "v2_no_crop"}, {"key": "full"}, {"key": "no_se"}]})
+    )
     for extra in ([], ["--dry-run"]):
         with pytest.raises(SystemExit) as exc:
-            run_ablation("--study", "leave-one-out", "--configs", "nocrop_no_se", "--seeds", "0", "--epochs", "1",
-                         "--output-dir", str(tmp_path), *extra)
-        assert exc.value.code == 2 and "another definition of the leave-one-out study (rows full, no_se)" in \
-            capsys.readouterr().err
+            run_ablation(
+                "--study",
+                "leave-one-out",
+                "--configs",
+                "nocrop_no_se",
+                "--seeds",
+                "0",
+                "--epochs",
+                "1",
+                "--output-dir",
+                str(tmp_path),
+                *extra,
+            )
+        assert (
+            exc.value.code == 2
+            and "another definition of the leave-one-out study (rows full, no_se)" in capsys.readouterr().err
+        )
     assert stub.calls() == []
     # A table of a subset of today's rows is this study's own: written over.
-    run_ablation("--study", "architecture", "--configs", "mobilenetv2", "--seeds", "0", "--epochs", "1",
-                 "--output-dir", str(tmp_path))
-    run_ablation("--study", "architecture", "--configs", "conv_s_8x8", "--seeds", "0", "--epochs", "1",
-                 "--output-dir", str(tmp_path))
+    run_ablation(
+        "--study",
+        "architecture",
+        "--configs",
+        "mobilenetv2",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    )
+    run_ablation(
+        "--study",
+        "architecture",
+        "--configs",
+        "conv_s_8x8",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert len(stub.calls()) == 3
 
 
@@ -635,18 +800,25 @@ def test_unknown_config_key(tmp_path, stub, capsys):
 def test_studies_in_one_folder_share_their_common_runs(tmp_path, stub):
     run_ablation("--study", "architecture", "--configs", "mobilenetv2", "--seeds", "0", "--output-dir", str(tmp_path))
     assert len(stub.calls()) == 2  # the reference and MobileNetV2
-    run_ablation("--study", "leave-one-out", "--configs", "nocrop_no_se", "--seeds", "0", "--output-dir",
-                 str(tmp_path))
+    run_ablation("--study", "leave-one-out", "--configs", "nocrop_no_se", "--seeds", "0", "--output-dir", str(tmp_path))
     assert [c["key"] for c in stub.calls()] == ["v2_no_crop", "mobilenetv2", "nocrop_no_se"]  # only no SE is new
-    assert table_rows(tmp_path / "leave-one-out.md")["project (default)"]["test acc (%)"] == \
-        table_rows(tmp_path / "architecture.md")["project (default)"]["test acc (%)"]
+    assert (
+        table_rows(tmp_path / "leave-one-out.md")["project (default)"]["test acc (%)"]
+        == table_rows(tmp_path / "architecture.md")["project (default)"]["test acc (%)"]
+    )
 
 
 def test_select_configs_adds_references_and_sources():
     assert [c.key for c in ablation.select_configs("leave-one-out", ["nocrop_tta_flip"])] == [
-        "v2_no_crop", "nocrop_tta_flip"]
+        "v2_no_crop",
+        "nocrop_tta_flip",
+    ]
     assert [c.key for c in ablation.select_configs("cumulative", ["silu", "tta"])] == [
-        "drop_path", "silu", "train_opts", "tta"]  # + SiLU is measured against + stochastic depth
+        "drop_path",
+        "silu",
+        "train_opts",
+        "tta",
+    ]  # + SiLU is measured against + stochastic depth
 
 
 def test_paths_mean_the_same_to_the_ablation_and_its_runs(tmp_path, monkeypatch):
@@ -659,11 +831,27 @@ def test_paths_mean_the_same_to_the_ablation_and_its_runs(tmp_path, monkeypatch)
 
 
 def test_run_argv_order():
-    job_argv = ablation.run_argv(ablation.STUDIES["cumulative"][1], ablation.build_parser().parse_args(
-        ["--epochs", "3", "--data-dir", "d"]), ["--width-mult", "0.5"], 2, Path("o/se/seed2"))
+    job_argv = ablation.run_argv(
+        ablation.STUDIES["cumulative"][1],
+        ablation.build_parser().parse_args(["--epochs", "3", "--data-dir", "d"]),
+        ["--width-mult", "0.5"],
+        2,
+        Path("o/se/seed2"),
+    )
     # The row's flags, the budget, the pass-through flags (they win over the row's), then what ablation owns.
-    assert job_argv == ["--se", "--epochs", "3", "--data-dir", "d", "--width-mult", "0.5",
-                        "--seed", "2", "--output-dir", "o/se/seed2"]
+    assert job_argv == [
+        "--se",
+        "--epochs",
+        "3",
+        "--data-dir",
+        "d",
+        "--width-mult",
+        "0.5",
+        "--seed",
+        "2",
+        "--output-dir",
+        "o/se/seed2",
+    ]
 
 
 def test_preset_fills_the_budget_and_explicit_flags_win():
@@ -674,12 +862,22 @@ def test_preset_fills_the_budget_and_explicit_flags_win():
     args = ablation.apply_preset(parse(["--preset", "proxy-5k"]))
     assert (args.epochs, args.max_train_samples, args.max_test_samples, args.eval_every) == (20, 5_000, None, 20)
     job_argv = ablation.run_argv(ref, args, [], 0, Path("o"))
-    assert job_argv[len(ref.flags):len(ref.flags) + 6] == ["--epochs", "20", "--max-train-samples", "5000",
-                                                           "--eval-every", "20"]
+    assert job_argv[len(ref.flags) : len(ref.flags) + 6] == [
+        "--epochs",
+        "20",
+        "--max-train-samples",
+        "5000",
+        "--eval-every",
+        "20",
+    ]
     args = ablation.apply_preset(parse(["--preset", "proxy-10k", "--epochs", "5", "--max-train-samples", "500"]))
     assert (args.epochs, args.max_train_samples) == (5, 500)
-    assert ablation.run_argv(ref, args, [], 0, Path("o"))[len(ref.flags):len(ref.flags) + 4] == [
-        "--epochs", "5", "--max-train-samples", "500"]
+    assert ablation.run_argv(ref, args, [], 0, Path("o"))[len(ref.flags) : len(ref.flags) + 4] == [
+        "--epochs",
+        "5",
+        "--max-train-samples",
+        "500",
+    ]
 
 
 def test_dry_run_on_the_committed_proxy_folder(monkeypatch, capsys):
@@ -689,19 +887,37 @@ def test_dry_run_on_the_committed_proxy_folder(monkeypatch, capsys):
     if not (PROXY / "v2_no_crop" / "seed0" / "summary.json").is_file():
         pytest.skip("no committed proxy study in this checkout")
     monkeypatch.chdir(ROOT)
-    touched = [PROXY / f"architecture.{ext}" for ext in ("md", "json", "png")] + sorted(
-        (PROXY / "v2_no_crop").rglob("*")) + sorted((PROXY / "mobilenetv2").rglob("*"))
+    touched = (
+        [PROXY / f"architecture.{ext}" for ext in ("md", "json", "png")]
+        + sorted((PROXY / "v2_no_crop").rglob("*"))
+        + sorted((PROXY / "mobilenetv2").rglob("*"))
+    )
     before = {p: p.stat().st_mtime_ns for p in touched if p.exists()}
-    run_ablation("--study", "architecture", "--preset", "proxy-5k", "--configs", "mobilenetv2", "--seeds", "0",
-                 "--data-dir", "data", "--output-dir", "results/ablation-proxy-5k", "--dry-run")
+    run_ablation(
+        "--study",
+        "architecture",
+        "--preset",
+        "proxy-5k",
+        "--configs",
+        "mobilenetv2",
+        "--seeds",
+        "0",
+        "--data-dir",
+        "data",
+        "--output-dir",
+        "results/ablation-proxy-5k",
+        "--dry-run",
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "[ablation 1/2] project (default) | seed 0 | done"
     mobilenetv2 = "results/ablation-proxy-5k/mobilenetv2/seed0"
     if (ROOT / mobilenetv2 / "last.pt").is_file():
         assert lines[2] == "[ablation 2/2] MobileNetV2 (4x4 map) | seed 0 | resume"
-        assert lines[3].endswith(f"--variant mobilenetv2 --no-tta-table --epochs 20 --max-train-samples 5000 "
-                                 f"--eval-every 20 --data-dir data --seed 0 --output-dir {mobilenetv2} "
-                                 f"--resume {mobilenetv2}/last.pt")
+        assert lines[3].endswith(
+            f"--variant mobilenetv2 --no-tta-table --epochs 20 --max-train-samples 5000 "
+            f"--eval-every 20 --data-dir data --seed 0 --output-dir {mobilenetv2} "
+            f"--resume {mobilenetv2}/last.pt"
+        )
     else:
         assert lines[2].startswith("[ablation 2/2] MobileNetV2 (4x4 map) | seed 0 | ")
     assert {p: p.stat().st_mtime_ns for p in touched if p.exists()} == before
@@ -715,8 +931,22 @@ def test_real_run_on_tiny_cifar(tmp_path, tiny_cifar):
     starting torch): its console output in train.log, its result read from its summary.json, whose TTA table
     holds what the TTA rows read (--no-tta-table: none and the run's own --tta)."""
     out = tmp_path / "arch"
-    argv = ["--study", "architecture", "--configs", "v2_no_crop", *TINY, "--data-dir", str(tiny_cifar),
-            "--output-dir", str(out), "--", "--width-mult", "0.25", "-b", "16"]
+    argv = [
+        "--study",
+        "architecture",
+        "--configs",
+        "v2_no_crop",
+        *ABLATION_TINY,
+        "--data-dir",
+        str(tiny_cifar),
+        "--output-dir",
+        str(out),
+        "--",
+        "--width-mult",
+        "0.25",
+        "-b",
+        "16",
+    ]
     res = run_ablation(*argv)
     assert list(table_rows(out / "architecture.md")) == ["project (default)"]
     assert [r["status"] for r in res["runs"]] == ["ok"] and (out / "architecture.png").is_file()

@@ -1,26 +1,33 @@
 """Smoke tests for the benchmark scripts: they run end to end on tiny inputs and report sane numbers.
 (Timing targets live in the benchmarks' printed figures, not here.)"""
+
+import contextlib
 import dataclasses
 import inspect
+import io
 import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import common  # noqa: E402
-import mnv4.batches  # noqa: E402
 import inference  # noqa: E402
-import mobilenetv4_enhanced  # noqa: E402
 import model_step  # noqa: E402
 import throughput  # noqa: E402
 
+import common  # noqa: E402
+import mnv4.batches  # noqa: E402
+import mnv4.provenance  # noqa: E402
+import mobilenetv4_enhanced  # noqa: E402
 
-@pytest.fixture
-def tiny_throughput(monkeypatch):
+pytestmark = pytest.mark.filterwarnings("ignore:CIFAR-10 files")
+
+
+def shrink_throughput(monkeypatch):
     """benchmarks/throughput.py on tiny sizes (each recipe's model at width 0.25, batches of 16, one step per
     measurement, no bf16 row: its first steps on a CPU take tens of seconds; a stub inference timing)."""
     real_recipe_args, real_options = throughput.recipe_args, throughput.training_options
@@ -29,12 +36,24 @@ def tiny_throughput(monkeypatch):
         args = real_recipe_args(name)
         args.width_mult, args.batch_size = 0.25, 16
         return args
+
     monkeypatch.setattr(throughput, "recipe_args", tiny_recipe_args)
-    monkeypatch.setattr(throughput, "training_options", lambda device, quick: [
-        (name, kwargs) for name, kwargs in real_options(device, quick) if kwargs.get("autocast_dtype") is None])
-    monkeypatch.setattr(throughput, "bench_inference",
-                        lambda device, repeats, channels_last: {"latency ms (batch 1)": 1.0})
+    monkeypatch.setattr(
+        throughput,
+        "training_options",
+        lambda device, quick: [
+            (name, kwargs) for name, kwargs in real_options(device, quick) if kwargs.get("autocast_dtype") is None
+        ],
+    )
+    monkeypatch.setattr(
+        throughput, "bench_inference", lambda device, repeats, channels_last: {"latency ms (batch 1)": 1.0}
+    )
     monkeypatch.setattr(throughput, "sizes", lambda quick, device: (32, 1, 1))
+
+
+@pytest.fixture
+def tiny_throughput(monkeypatch):
+    shrink_throughput(monkeypatch)
     return throughput
 
 
@@ -55,15 +74,15 @@ def tiny_inference(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_throughput_main_measures_both_recipes_and_the_machine_load(tiny_cifar, tmp_path, tiny_throughput,
-                                                                   monkeypatch, capsys):
-    """The whole report on tiny sizes, for the notebook's recipe and the script's default: every figure positive,
-    speedups are ratios of the measured figures, each recipe's rows augment (on the device and in the PIL
-    loop) with that recipe's ops as the script's parser gives them, and the load average before and after the
-    run is saved, with a warning printed when the machine was not idle."""
-    loads = iter([(0.9, 0.6, 0.3), (1.4, 0.8, 0.4)])
-    monkeypatch.setattr(os, "getloadavg", lambda: next(loads))
+@pytest.fixture(scope="module")
+def throughput_run(tiny_cifar, tmp_path_factory):
+    """One tiny throughput.main() run that the tests below read: (report, saved JSON, stdout, the augmentations each
+    (recipe, pipeline) was given, the commit the run started from). The load average reads 0.9 before and 1.4
+    after; the tracked code is edited (its commit changes) while the training rows are measured."""
     running, used = [], {}  # the recipe being measured; (recipe, pipeline) -> the augmentations it was given
+    loads = iter([(0.9, 0.6, 0.3), (1.4, 0.8, 0.4)])
+    head = [mnv4.provenance.git_commit()]
+    start_commit = head[0]
 
     def during_recipe(bench):
         def wrapped(*args, **kwargs):
@@ -72,8 +91,10 @@ def test_throughput_main_measures_both_recipes_and_the_machine_load(tiny_cifar, 
                 return bench(*args, **kwargs)
             finally:
                 running.pop()
+
         return wrapped
-    real_augment = common.augment
+
+    real_augment, real_git_commit = common.augment, mnv4.provenance.git_commit
 
     def recording_augment(images, gen, cfg):
         used.setdefault((running[-1], "ours"), set()).add(cfg)
@@ -83,22 +104,47 @@ def test_throughput_main_measures_both_recipes_and_the_machine_load(tiny_cifar, 
         def __init__(self, images, labels, cfg):
             used.setdefault((running[-1], "torchvision"), set()).add(cfg)
             super().__init__(images, labels, cfg)
-    monkeypatch.setattr(mnv4.batches, "augment", recording_augment)  # where the training batches call it
-    monkeypatch.setattr(throughput, "PilCifar", RecordingPilCifar)
-    for name in ("bench_augmentation", "bench_training"):
-        monkeypatch.setattr(throughput, name, during_recipe(getattr(throughput, name)))
 
-    report = throughput.main(["--quick", "--device", "cpu", "--data-dir", str(tiny_cifar),
-                              "--json", str(tmp_path / "t.json")])
-    out = capsys.readouterr().out
-    saved = json.loads((tmp_path / "t.json").read_text())
+    def then_edit(bench):
+        def bench_training_then_edit(*args, **kwargs):
+            head[0] = "b" * 40 + "-dirty"  # someone edits the tracked code while the benchmark measures
+            return bench(*args, **kwargs)
+
+        return bench_training_then_edit
+
+    out, path = io.StringIO(), tmp_path_factory.mktemp("throughput") / "t.json"
+    with pytest.MonkeyPatch.context() as patch:
+        shrink_throughput(patch)
+        patch.setattr(os, "getloadavg", lambda: next(loads))
+        patch.setattr(mnv4.provenance, "git_commit", lambda *repo: head[0] if not repo else real_git_commit(*repo))
+        patch.setattr(mnv4.batches, "augment", recording_augment)  # where the training batches call it
+        patch.setattr(throughput, "PilCifar", RecordingPilCifar)
+        for name in ("bench_augmentation", "bench_training"):
+            patch.setattr(throughput, name, during_recipe(getattr(throughput, name)))
+        patch.setattr(throughput, "bench_training", then_edit(throughput.bench_training))
+        with contextlib.redirect_stdout(out):
+            report = throughput.main(["--quick", "--device", "cpu", "--data-dir", str(tiny_cifar), "--json", str(path)])
+    assert head[0] != start_commit  # the edit happened during the run
+    return SimpleNamespace(
+        report=report, saved=json.loads(path.read_text()), out=out.getvalue(), used=used, start_commit=start_commit
+    )
+
+
+def test_throughput_main_measures_both_recipes_and_the_machine_load(throughput_run):
+    """The whole report on tiny sizes, for the notebook's recipe and the script's default: every figure positive,
+    speedups are ratios of the measured figures, each recipe's rows augment (on the device and in the PIL
+    loop) with that recipe's ops as the script's parser gives them, and the load average before and after the
+    run is saved, with a warning printed when the machine was not idle."""
+    report, out, used = throughput_run.report, throughput_run.out, throughput_run.used
+    saved = throughput_run.saved
     assert saved == json.loads(json.dumps(report))
     assert set(saved["recipes"]) == {"notebook", "project"} and throughput.DEFAULT_RECIPE == "project"
     for name, recipe in saved["recipes"].items():
         aug, train = recipe["results"]["augmentation img/s"], recipe["results"]["training img/s"]
         assert aug and train and all(v > 0 for v in (*aug.values(), *train.values()))
-        assert recipe["aug_speedup"] == pytest.approx(aug["ours (batched, on device)"]
-                                                      / aug["torchvision PIL, 0 workers"])
+        assert recipe["aug_speedup"] == pytest.approx(
+            aug["ours (batched, on device)"] / aug["torchvision PIL, 0 workers"]
+        )
         notebook = max(v for k, v in train.items() if k.startswith("notebook"))
         assert recipe["train_speedup"] == pytest.approx(train[throughput.DEFAULTS_NAME] / notebook)
         cfg = script_augmentation(name)
@@ -127,13 +173,25 @@ def test_throughput_warns_only_above_the_idle_load():
 def test_pil_transforms_run_each_recipes_ops_as_torchvision_transforms():
     """The notebook-style loop augments with the same ops as ours, as the notebook wrote them."""
     from torchvision import transforms as T
+
     notebook = throughput.pil_transforms(script_augmentation("notebook")).transforms
-    assert [type(t) for t in notebook] == [T.RandomCrop, T.RandomHorizontalFlip, T.RandomRotation, T.ColorJitter,
-                                           T.RandomAffine, T.ToTensor, T.Normalize]
+    assert [type(t) for t in notebook] == [
+        T.RandomCrop,
+        T.RandomHorizontalFlip,
+        T.RandomRotation,
+        T.ColorJitter,
+        T.RandomAffine,
+        T.ToTensor,
+        T.Normalize,
+    ]
     crop, flip, rotation, jitter, affine = notebook[:5]
     assert crop.padding == 4 and flip.p == 0.5 and list(rotation.degrees) == [-15, 15]
-    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.8, 1.2), (0.8, 1.2), (0.8, 1.2),
-                                                                                  (-0.1, 0.1))
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == (
+        (0.8, 1.2),
+        (0.8, 1.2),
+        (0.8, 1.2),
+        (-0.1, 0.1),
+    )
     assert affine.translate == (0.1, 0.1) and list(affine.degrees) == [0, 0]
     project = throughput.pil_transforms(script_augmentation("project")).transforms
     assert [type(t) for t in project] == [T.RandomHorizontalFlip, T.RandomAffine, T.ToTensor, T.Normalize]
@@ -149,22 +207,30 @@ def test_pil_dataset_matches_the_notebook_transform_shapes(tiny_cifar):
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == int(data.train_labels[0])
 
 
-def test_model_step_times_a_step():
-    seconds = model_step.step_time("conv_small", {"width_mult": 0.25}, 4, 1, torch.device("cpu"), True, None)
-    assert 0 < seconds < 60
+def test_model_step_times_a_step(monkeypatch):
+    """A step's time is the median of the timed steps' (end - start), the two warm-up steps left out: a clock whose
+    readings make the timed steps take 3, 1 and 2 s (the warm-ups' 100 and 50 s would move any mean or max)."""
+    readings = iter([0.0, 100.0, 150.0, 153.0, 160.0, 161.0, 168.0, 170.0])  # warm-up starts; (start, end) x 3
+    monkeypatch.setattr(model_step, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
+    seconds = model_step.step_time("conv_small", {"width_mult": 0.25}, 4, 3, torch.device("cpu"), True, None)
+    assert seconds == 2.0
+    assert next(readings, None) is None  # the clock was read at each step, no more
 
 
 def test_model_step_main_saves_every_option_with_its_provenance(tmp_path, monkeypatch):
     """The JSON holds every model x option row the table printed, img/s = batch / step time, and the machine and
     commit that measured them (the README quotes this file)."""
-    monkeypatch.setattr(model_step, "CONFIGS", {name: {**config, "width_mult": 0.25}
-                                                for name, config in model_step.CONFIGS.items()})
+    monkeypatch.setattr(
+        model_step, "CONFIGS", {name: {**config, "width_mult": 0.25} for name, config in model_step.CONFIGS.items()}
+    )
     model_step.main(["-b", "4", "--steps", "1", "--device", "cpu", "--json", str(tmp_path / "step.json")])
     saved = json.loads((tmp_path / "step.json").read_text())
     rows = saved["results"]
-    assert {(r["model"], r["option"]) for r in rows} == {(m, o) for m in ("baseline", "enhanced") for o in
-                                                         ("fp32", "fp32 channels_last", "bf16 autocast",
-                                                          "bf16 channels_last")}
+    assert {(r["model"], r["option"]) for r in rows} == {
+        (m, o)
+        for m in ("baseline", "enhanced")
+        for o in ("fp32", "fp32 channels_last", "bf16 autocast", "bf16 channels_last")
+    }
     assert all(r["img_per_s"] == pytest.approx(4 / (r["ms_per_step"] / 1e3)) for r in rows)
     assert saved["batch_size"] == 4 and saved["steps"] == 1 and saved["provenance"]["machine"]["device"] == "cpu"
 
@@ -179,10 +245,12 @@ def test_inference_benchmark_reports_both_runtimes(tmp_path, tiny_inference):
     assert set(runtimes) == {"pytorch (channels_last)", "pytorch (contiguous)", "onnxruntime"}
     assert all(v > 0 for row in runtimes.values() for v in row.values())
     ratio = saved["onnxruntime_speedup"]["baseline"]
-    assert ratio["latency"] == pytest.approx(runtimes["pytorch (channels_last)"]["latency_ms_batch1"]
-                                             / runtimes["onnxruntime"]["latency_ms_batch1"])
-    assert ratio["throughput"] == pytest.approx(runtimes["onnxruntime"]["img_per_s_batch8"]
-                                                / runtimes["pytorch (channels_last)"]["img_per_s_batch8"])
+    assert ratio["latency"] == pytest.approx(
+        runtimes["pytorch (channels_last)"]["latency_ms_batch1"] / runtimes["onnxruntime"]["latency_ms_batch1"]
+    )
+    assert ratio["throughput"] == pytest.approx(
+        runtimes["onnxruntime"]["img_per_s_batch8"] / runtimes["pytorch (channels_last)"]["img_per_s_batch8"]
+    )
     assert saved["results"]["baseline"]["max_abs_diff"] <= 1e-4
     assert saved["threads"] == 1 and saved["onnxruntime"]
 
@@ -197,6 +265,7 @@ def test_inference_benchmark_times_each_pytorch_row_in_its_own_memory_format(tmp
         weight = conv.weight
         if not weight.contiguous().is_contiguous(memory_format=torch.channels_last):
             seen.append(weight.is_contiguous(memory_format=torch.channels_last))
+
     for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
         conv.register_forward_pre_hook(record)  # a copy of the model keeps its hooks
 
@@ -215,6 +284,7 @@ def test_inference_benchmark_times_each_pytorch_row_in_its_own_memory_format(tmp
         if run in labels:
             layouts[labels[run]] = list(seen)
         return {"latency_ms_batch1": 1.0, "img_per_s_batch8": 1.0}
+
     monkeypatch.setattr(inference, "torch_runner", labelled_runner)
     monkeypatch.setattr(inference, "measure", one_call)
     inference.bench_model(model, 1, 1, 1, tmp_path)
@@ -225,10 +295,23 @@ def test_inference_benchmark_times_each_pytorch_row_in_its_own_memory_format(tmp
 
 def test_inference_benchmark_models_are_the_scripts_defaults():
     models = inference.default_models()
-    assert models["baseline"].config == {**models["baseline"].config, "variant": "conv_small", "width_mult": 1.0,
-                                         "act": "relu6", "se": False, "head": "linear"}
-    assert models["enhanced"].config == {**models["enhanced"].config, "variant": "conv_small", "width_mult": 1.2,
-                                         "act": "silu", "se": True, "head": "mlp", "drop_path_rate": 0.1}
+    assert models["baseline"].config == {
+        **models["baseline"].config,
+        "variant": "conv_small",
+        "width_mult": 1.0,
+        "act": "relu6",
+        "se": False,
+        "head": "linear",
+    }
+    assert models["enhanced"].config == {
+        **models["enhanced"].config,
+        "variant": "conv_small",
+        "width_mult": 1.2,
+        "act": "silu",
+        "se": True,
+        "head": "mlp",
+        "drop_path_rate": 0.1,
+    }
     assert not any(m.training for model in models.values() for m in model.modules())
 
 
@@ -239,25 +322,40 @@ def test_provenance_names_the_code_the_libraries_and_the_machine():
     assert machine["device"] == "cpu" and machine["cpu_count"] >= 1 and machine["cpu"]
 
 
-def test_every_benchmark_saves_the_same_provenance_record(tiny_cifar, tmp_path, monkeypatch, tiny_throughput,
-                                                           tiny_inference):
+def test_every_benchmark_saves_the_same_provenance_record(
+    tiny_cifar, tmp_path, monkeypatch, tiny_throughput, tiny_inference, throughput_run
+):
     """The README quotes these files: each one names the commit, library versions and machine that measured it,
     in one shape, so a figure can be traced the same way whichever benchmark wrote it. (pipeline_accuracy reads
     its recipe through throughput.recipe_args: tiny here too.)"""
     import pipeline_accuracy
-    throughput.main(["--quick", "--device", "cpu", "--data-dir", str(tiny_cifar), "--json", str(tmp_path / "t.json")])
+
     monkeypatch.setattr(model_step, "CONFIGS", {"baseline": {"width_mult": 0.25}})
     model_step.main(["-b", "4", "--steps", "1", "--device", "cpu", "--json", str(tmp_path / "m.json")])
     inference.main(["--quick", "--threads", "1", "--json", str(tmp_path / "i.json")])
-    pipeline_accuracy.main(["--epochs", "1", "--max-train-samples", "64", "--max-test-samples", "32",
-                            "--data-dir", str(tiny_cifar), "--json", str(tmp_path / "p.json")])
+    pipeline_accuracy.main(
+        [
+            "--epochs",
+            "1",
+            "--max-train-samples",
+            "64",
+            "--max-test-samples",
+            "32",
+            "--data-dir",
+            str(tiny_cifar),
+            "--json",
+            str(tmp_path / "p.json"),
+        ]
+    )
     expected = json.loads(json.dumps(common.provenance(torch.device("cpu"))))
-    for name in ("t", "m", "i", "p"):
+    assert throughput_run.saved["provenance"] == expected, "t"  # the module's one throughput run
+    for name in ("m", "i", "p"):
         assert json.loads((tmp_path / f"{name}.json").read_text())["provenance"] == expected, name
 
 
 def test_pipeline_accuracy_names_a_missing_data_folder_in_one_line(tmp_path, capsys):
     import pipeline_accuracy
+
     with pytest.raises(SystemExit) as exit_info:
         pipeline_accuracy.main(["--data-dir", str(tmp_path / "nowhere")])
     error = capsys.readouterr().err
@@ -265,19 +363,7 @@ def test_pipeline_accuracy_names_a_missing_data_folder_in_one_line(tmp_path, cap
     assert error.count("\n") == 1 and "Traceback" not in error
 
 
-def test_throughput_records_the_commit_it_started_from(tiny_cifar, tmp_path, tiny_throughput, monkeypatch):
+def test_throughput_records_the_commit_it_started_from(throughput_run):
     """The code a benchmark measures is the code it loaded at its start: a commit (or an edit) made while it runs,
     which can take most of an hour, must not be what its JSON names."""
-    import mnv4.provenance
-
-    head = ["a" * 40]
-    real_bench_training = throughput.bench_training
-
-    def bench_training_then_edit(*args, **kwargs):
-        head[0] = "b" * 40 + "-dirty"  # someone edits the tracked code while the benchmark measures
-        return real_bench_training(*args, **kwargs)
-
-    monkeypatch.setattr(mnv4.provenance, "git_commit", lambda *repo: head[0])
-    monkeypatch.setattr(throughput, "bench_training", bench_training_then_edit)
-    throughput.main(["--quick", "--device", "cpu", "--data-dir", str(tiny_cifar), "--json", str(tmp_path / "t.json")])
-    assert json.loads((tmp_path / "t.json").read_text())["provenance"]["git_commit"] == "a" * 40
+    assert throughput_run.saved["provenance"]["git_commit"] == throughput_run.start_commit

@@ -6,12 +6,10 @@ sequential per-image transforms (RandomCrop -> RandomHorizontalFlip -> RandomRot
 RandomAffine(translate)) for known parameters. Batching, TTA views, evaluate, device and precision choice.
 Everything runs on CPU; the whole file is meant to finish in well under a minute on two cores.
 """
+
 import io
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 import tarfile
 import urllib.error
 import warnings
@@ -26,7 +24,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 import common
-from conftest import BATCH_FILES, ROOT
+import mobilenetv4_enhanced
+from conftest import BATCH_FILES
+from helpers import MD5_WARNING, SCRIPTS, load, train
 
 TRAIN_FILES = BATCH_FILES[:5]
 SIZE = 32
@@ -35,6 +35,7 @@ SIZE = 32
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
+
 
 def copy_data(tiny_cifar: Path, tmp_path: Path) -> Path:
     """A private copy of the session's tiny data dir, safe to damage."""
@@ -56,7 +57,7 @@ def chw_from_rows(data: np.ndarray) -> np.ndarray:
     out = np.empty((n, 3, 32, 32), dtype=np.uint8)
     for c in range(3):
         for y in range(32):
-            out[:, c, y, :] = data[:, c * 1024 + y * 32: c * 1024 + y * 32 + 32]
+            out[:, c, y, :] = data[:, c * 1024 + y * 32 : c * 1024 + y * 32 + 32]
     return out
 
 
@@ -68,8 +69,12 @@ def load_quietly(root, **kwargs):
 
 def zero_params(n):
     """Identity geometric parameters for n images."""
-    return {"crop": torch.zeros(n, 2, dtype=torch.long), "flip": torch.zeros(n, dtype=torch.bool),
-            "angle": torch.zeros(n), "shift": torch.zeros(n, 2)}
+    return {
+        "crop": torch.zeros(n, 2, dtype=torch.long),
+        "flip": torch.zeros(n, dtype=torch.bool),
+        "angle": torch.zeros(n),
+        "shift": torch.zeros(n, 2),
+    }
 
 
 def one(params, i):
@@ -96,8 +101,14 @@ def tv_sequential(img, p, pad=4, jitter=False):
     img = TF.rotate(img, float(p["angle"]), interpolation=InterpolationMode.NEAREST)
     if jitter:
         img = tv_jitter(img, p["jitter"], p["jitter_order"])
-    return TF.affine(img, angle=0.0, translate=[int(p["shift"][0]), int(p["shift"][1])], scale=1.0,
-                     shear=[0.0, 0.0], interpolation=InterpolationMode.NEAREST)
+    return TF.affine(
+        img,
+        angle=0.0,
+        translate=[int(p["shift"][0]), int(p["shift"][1])],
+        scale=1.0,
+        shear=[0.0, 0.0],
+        interpolation=InterpolationMode.NEAREST,
+    )
 
 
 def rand_float_images(n, seed=0):
@@ -116,13 +127,15 @@ def indexed_data(n=100, seed=0):
     return common.Cifar10(images, torch.arange(n), images[:10], torch.arange(10) % 10)
 
 
-def draw(n, seed=0, cfg=common.AugmentConfig()):
+def draw(n, seed=0, cfg=None):
+    cfg = common.AugmentConfig() if cfg is None else cfg
     return common.sample_augment_params(n, SIZE, cfg, torch.Generator().manual_seed(seed), "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Loader
 # ---------------------------------------------------------------------------------------------------
+
 
 def test_load_good_files_values(tiny_cifar):
     data = load_quietly(tiny_cifar)
@@ -176,7 +189,7 @@ def damage_missing(path):
 
 def damage_truncated(path):
     blob = path.read_bytes()
-    path.write_bytes(blob[:len(blob) // 2])
+    path.write_bytes(blob[: len(blob) // 2])
 
 
 def damage_empty(path):
@@ -191,6 +204,7 @@ def pickled(obj):
     def damage(path):
         with open(path, "wb") as f:
             pickle.dump(obj, f)
+
     return damage
 
 
@@ -199,6 +213,7 @@ def relabel(fn):
         data, labels = read_raw(path)
         with open(path, "wb") as f:
             pickle.dump({"data": data, "labels": fn(list(labels))}, f)
+
     return damage
 
 
@@ -207,6 +222,7 @@ def redata(fn):
         data, labels = read_raw(path)
         with open(path, "wb") as f:
             pickle.dump({"data": fn(data), "labels": labels}, f)
+
     return damage
 
 
@@ -266,6 +282,7 @@ def test_no_data_without_download_says_where_to_put_it(tmp_path, monkeypatch):
 
 def test_download_failure_is_user_error(tmp_path, monkeypatch):
     import torchvision.datasets.utils as tv_utils
+
     calls = []
 
     def offline(url, root, filename=None, md5=None, *args, **kwargs):
@@ -284,6 +301,7 @@ def test_download_failure_is_user_error(tmp_path, monkeypatch):
 def test_download_then_extract(tiny_cifar, tmp_path, monkeypatch):
     """A (fake) successful download is extracted and loaded; both md5 mismatches are warned about."""
     import torchvision.datasets.utils as tv_utils
+
     blob = io.BytesIO()
     with tarfile.open(fileobj=blob, mode="w:gz") as tar:
         tar.add(tiny_cifar / "cifar-10-batches-py", arcname="cifar-10-batches-py")
@@ -330,8 +348,7 @@ def test_normalize():
     assert out.dtype == torch.float32 and torch.equal(x, before)
     mean = torch.tensor(common.CIFAR10_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(common.CIFAR10_STD).view(1, 3, 1, 1)
-    torch.testing.assert_close(out, (x.double() / 255 - mean.double()).div(std.double()).float(),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, (x.double() / 255 - mean.double()).div(std.double()).float(), atol=1e-5, rtol=1e-5)
     xf = x.float() / 255
     torch.testing.assert_close(common.normalize(xf), out, atol=1e-5, rtol=1e-5)
     assert torch.equal(xf, x.float() / 255)  # float input not modified in place
@@ -340,7 +357,7 @@ def test_normalize():
 def test_batch_seed_distinct_and_stable():
     seeds = {common.batch_seed(s, e, k) for s in (0, 1) for e in (0, 1, 2) for k in (-1, 0, 1, 2)}
     assert len(seeds) == 24
-    assert all(0 <= v < 2 ** 63 for v in seeds)
+    assert all(0 <= v < 2**63 for v in seeds)
     assert common.batch_seed(3, 4, 5) == common.batch_seed(3, 4, 5)
 
 
@@ -406,8 +423,8 @@ def test_angle_uniform_within_15(params):
     angle = params["angle"].double()
     assert angle.min() >= -15 and angle.max() <= 15
     assert angle.min() < -14.9 and angle.max() > 14.9
-    sd = 15 / 3 ** 0.5
-    assert abs(angle.mean().item()) <= 5 * sd / N_DIST ** 0.5
+    sd = 15 / 3**0.5
+    assert abs(angle.mean().item()) <= 5 * sd / N_DIST**0.5
     qs = torch.linspace(0.1, 0.9, 9, dtype=torch.float64)
     torch.testing.assert_close(torch.quantile(angle, qs), -15 + 30 * qs, atol=0.4, rtol=0)
     assert abs(angle.std().item() - sd) < 0.1
@@ -447,6 +464,7 @@ def test_params_deterministic_per_generator():
 # 3. Per-sample parameters
 # ---------------------------------------------------------------------------------------------------
 
+
 def test_each_sample_gets_its_own_params():
     p = draw(64, seed=3)
     assert torch.unique(p["angle"]).numel() == 64
@@ -481,6 +499,7 @@ def test_augment_deterministic_per_generator():
 # 4. Exactness for known parameters
 # ---------------------------------------------------------------------------------------------------
 
+
 def test_pure_flip():
     x = rand_float_images(6)
     p = zero_params(6)
@@ -499,7 +518,7 @@ def test_pure_crop_matches_padded_slice(dy, dx):
     p["crop"] = torch.tensor([[dy, dx], [0, 0]])
     out, in_view = common.geometric_transform(x, p)
     padded = F.pad(x, (4, 4, 4, 4))
-    assert torch.equal(out[0], padded[0, :, 4 + dy:36 + dy, 4 + dx:36 + dx])
+    assert torch.equal(out[0], padded[0, :, 4 + dy : 36 + dy, 4 + dx : 36 + dx])
     assert torch.equal(out[0], TF.crop(TF.pad(x[0], [4]), top=4 + dy, left=4 + dx, height=32, width=32))
     assert torch.equal(out[1], x[1])
     assert in_view.all()  # cropping is not translation: the in-view mask stays full
@@ -511,11 +530,18 @@ def test_pure_translation_matches_torchvision_affine(dx, dy):
     p = zero_params(1)
     p["shift"] = torch.tensor([[float(dx), float(dy)]])
     out, in_view = common.geometric_transform(x, p)
-    expected = TF.affine(x, angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0],
-                         interpolation=InterpolationMode.NEAREST)
+    expected = TF.affine(
+        x, angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0], interpolation=InterpolationMode.NEAREST
+    )
     assert torch.equal(out, expected)
-    visible = TF.affine(torch.ones(1, 1, 32, 32), angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0],
-                        interpolation=InterpolationMode.NEAREST).bool()
+    visible = TF.affine(
+        torch.ones(1, 1, 32, 32),
+        angle=0.0,
+        translate=[dx, dy],
+        scale=1.0,
+        shear=[0.0, 0.0],
+        interpolation=InterpolationMode.NEAREST,
+    ).bool()
     assert torch.equal(in_view, visible)
 
 
@@ -526,8 +552,9 @@ def test_pure_rotation_matches_torchvision_rotate():
     angles = torch.cat([torch.tensor([15.0, -15.0, 0.0, 7.5, -0.3, 45.0, 90.0, -90.0]), draw(n - 8)["angle"]])
     p["angle"] = angles
     out, in_view = common.geometric_transform(x, p)
-    expected = torch.stack([TF.rotate(x[i], float(angles[i]), interpolation=InterpolationMode.NEAREST)
-                            for i in range(n)])
+    expected = torch.stack(
+        [TF.rotate(x[i], float(angles[i]), interpolation=InterpolationMode.NEAREST) for i in range(n)]
+    )
     mismatch = (out != expected).any(1).float().mean().item()
     assert mismatch <= 1e-3, mismatch  # nearest-neighbour ties may round differently on a few pixels
     assert torch.equal(out[2], x[2])
@@ -566,8 +593,8 @@ def test_geometry_full_matches_sequential_pipeline():
 def test_crop_then_rotation_corner_is_black():
     x = torch.ones(1, 3, 32, 32)
     p = zero_params(1)
-    p["crop"] = torch.tensor([[0, 4]])   # window 4 columns right: the cropped image's last 4 columns are fill
-    p["angle"] = torch.tensor([15.0])    # counter-clockwise: the bottom-left corner comes from left of the frame
+    p["crop"] = torch.tensor([[0, 4]])  # window 4 columns right: the cropped image's last 4 columns are fill
+    p["angle"] = torch.tensor([15.0])  # counter-clockwise: the bottom-left corner comes from left of the frame
     out, _ = common.geometric_transform(x, p)
     expected = TF.rotate(F.pad(x, (4, 4, 4, 4))[..., 4:36, 8:40], 15.0, interpolation=InterpolationMode.NEAREST)
     assert torch.equal(out, expected)
@@ -588,11 +615,20 @@ def test_color_jitter_matches_torchvision_random_orders():
 def test_color_jitter_matches_torchvision_fixed_order(order):
     n = 8
     x = rand_float_images(n, seed=6)
-    x[:, :, :4] = x[:, :1, :4]                 # grey rows (hue undefined)
+    x[:, :, :4] = x[:, :1, :4]  # grey rows (hue undefined)
     x[:, :, 4:8] = (x[:, :, 4:8] > 0.5).float()  # saturated primaries, black and white
-    factors = torch.tensor([[1.2, 0.8, 1.15, 0.1], [0.8, 1.2, 0.85, -0.1], [1.0, 1.0, 1.0, 0.0],
-                            [0.9, 1.1, 0.8, 0.05], [1.1, 0.9, 1.2, -0.05], [1.19, 1.19, 1.19, 0.099],
-                            [0.81, 0.81, 0.81, -0.099], [1.05, 0.95, 1.0, 0.5]])
+    factors = torch.tensor(
+        [
+            [1.2, 0.8, 1.15, 0.1],
+            [0.8, 1.2, 0.85, -0.1],
+            [1.0, 1.0, 1.0, 0.0],
+            [0.9, 1.1, 0.8, 0.05],
+            [1.1, 0.9, 1.2, -0.05],
+            [1.19, 1.19, 1.19, 0.099],
+            [0.81, 0.81, 0.81, -0.099],
+            [1.05, 0.95, 1.0, 0.5],
+        ]
+    )
     orders = torch.tensor(order).expand(n, 4)
     out = common.color_jitter(x, factors, orders)
     expected = torch.stack([tv_jitter(x[i], factors[i], orders[i]) for i in range(n)])
@@ -631,6 +667,7 @@ def test_augment_translation_border_black_and_close_to_torchvision():
 # ---------------------------------------------------------------------------------------------------
 # 5. train_batches_for_epoch
 # ---------------------------------------------------------------------------------------------------
+
 
 def batches(data, bs=16, seed=0, epoch=0, **kwargs):
     return list(common.train_batches_for_epoch(data, bs, seed, epoch, **kwargs))
@@ -700,7 +737,7 @@ def test_rank_shards_are_disjoint_slices_of_the_global_batch(world_size):
     assert all(len(b) == steps for b in per_rank)
     for s in range(steps):
         glob = torch.cat([per_rank[r][s][1] for r in range(world_size)])
-        assert torch.equal(glob, order[s * bs * world_size:(s + 1) * bs * world_size])
+        assert torch.equal(glob, order[s * bs * world_size : (s + 1) * bs * world_size])
     everything = torch.cat([y for b in per_rank for _, y in b])
     assert everything.unique().numel() == steps * bs * world_size  # disjoint shards, nothing twice
 
@@ -711,13 +748,15 @@ def test_rank_augmentation_and_resume():
     full = batches(data, bs=8, seed=1, epoch=0, augment_cfg=cfg, chunk_images=24, rank=1, world_size=2)
     assert len(full) == 12
     for k in (3, 5, 11):
-        tail = batches(data, bs=8, seed=1, epoch=0, start_step=k, augment_cfg=cfg, chunk_images=24, rank=1,
-                       world_size=2)
+        tail = batches(
+            data, bs=8, seed=1, epoch=0, start_step=k, augment_cfg=cfg, chunk_images=24, rank=1, world_size=2
+        )
         assert len(tail) == 12 - k
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[k:], tail))
     # The same images on two ranks would get different draws (the seed includes the rank).
-    same = common.Cifar10(data.train_images[:1].expand(200, -1, -1, -1), torch.arange(200), data.test_images,
-                          data.test_labels)
+    same = common.Cifar10(
+        data.train_images[:1].expand(200, -1, -1, -1), torch.arange(200), data.test_images, data.test_labels
+    )
     r0 = batches(same, bs=8, seed=1, epoch=0, augment_cfg=cfg, rank=0, world_size=2)[0][0]
     r1 = batches(same, bs=8, seed=1, epoch=0, augment_cfg=cfg, rank=1, world_size=2)[0][0]
     assert not torch.equal(r0, r1)
@@ -736,10 +775,10 @@ def test_batches_on_real_layout(tiny_cifar):
 # 6. TTA views and evaluate
 # ---------------------------------------------------------------------------------------------------
 
+
 def test_tta_views_shapes_and_counts():
     x = rand_uint8_images(3)
-    assert {k: len(v) for k, v in common.TTA_VIEWS.items()} == {"none": 1, "flip": 2, "flip_rot90": 4,
-                                                               "flip_shift": 10}
+    assert {k: len(v) for k, v in common.TTA_VIEWS.items()} == {"none": 1, "flip": 2, "flip_rot90": 4, "flip_shift": 10}
     for name, views in common.TTA_VIEWS.items():
         for view in views:
             out = view(x)
@@ -759,8 +798,9 @@ def test_tta_shift_views_fill_with_zeros():
     for f in (False, True):
         for dx, dy in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2)):
             src = torch.flip(x, [3]) if f else x
-            expected[(f, dx, dy)] = TF.affine(src, angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0],
-                                              interpolation=InterpolationMode.NEAREST)
+            expected[(f, dx, dy)] = TF.affine(
+                src, angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0], interpolation=InterpolationMode.NEAREST
+            )
     seen = []
     for view in common.TTA_VIEWS["flip_shift"]:
         out = view(x)
@@ -866,8 +906,12 @@ def test_evaluate_sharded_counts_each_image_once(tiny_cifar, world_size):
     images, labels = data.test_images[:37], data.test_labels[:37]  # uneven shards
     model = PixelLinear()
     loss, acc, preds = common.evaluate(model, images, labels, batch_size=8, views=common.TTA_VIEWS["flip"])
-    parts = [common.evaluate(model, images, labels, batch_size=8, views=common.TTA_VIEWS["flip"],
-                             dist=FakeRankDist(r, world_size)) for r in range(world_size)]
+    parts = [
+        common.evaluate(
+            model, images, labels, batch_size=8, views=common.TTA_VIEWS["flip"], dist=FakeRankDist(r, world_size)
+        )
+        for r in range(world_size)
+    ]
     assert sum(p[0] for p in parts) == pytest.approx(loss, rel=1e-6)
     assert sum(p[1] for p in parts) == pytest.approx(acc, abs=1e-9)
     merged = torch.stack([p[2] for p in parts]).amax(0)
@@ -875,104 +919,91 @@ def test_evaluate_sharded_counts_each_image_once(tiny_cifar, world_size):
     assert ((torch.stack([p[2] for p in parts]) >= 0).sum(0) == 1).all()  # each image on exactly one rank
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("n", [0, 1, 5, 7, 40, 10_000])
-def test_distributed_shard_and_gather(world_size, n, monkeypatch):
-    ranks = [common.Distributed({"WORLD_SIZE": str(world_size), "RANK": str(r)}) for r in range(world_size)]
-    slices = [d.shard(n) for d in ranks]
-    covered = torch.cat([torch.arange(n)[s] for s in slices])
-    assert torch.equal(covered, torch.arange(n))  # contiguous, in order, nothing twice, nothing left out
-    values = torch.arange(n) * 10 + 3
-    locals_ = [values[s] for s in slices]
-
-    def fake_all_gather(parts, padded):
-        per = padded.numel()
-        for part, local in zip(parts, locals_):
-            part.zero_()
-            part[:local.numel()] = local
-            assert local.numel() <= per
-
-    monkeypatch.setattr(torch.distributed, "all_gather", fake_all_gather)
-    for d, local in zip(ranks, locals_):
-        assert torch.equal(d.gather_shards(local, n), values)
+@pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
+def test_baseline_augment_flag_augments(base1, tiny_cifar, tmp_path):
+    plain = load(base1[0] / "last.pt")["model"]
+    train("baseline", tiny_cifar, tmp_path / "aug", 1, "--augment")
+    augmented = load(tmp_path / "aug" / "last.pt")["model"]
+    assert not torch.equal(plain["stem.0.weight"], augmented["stem.0.weight"])  # other batches, other weights
 
 
-def test_distributed_world_of_one_is_a_no_op():
-    d = common.Distributed({})
-    assert not d and d.world_size == 1 and d.rank == 0 and d.is_main
-    t = torch.arange(5.0)
-    assert d.all_sum(t) is t and d.all_max(t) is t and d.gather_shards(t, 5) is t
-    assert d.broadcast({"a": 1}) == {"a": 1}
-    assert d.shard(7) == slice(0, 7)
-    d.init(torch.device("cpu"))
-    assert not torch.distributed.is_initialized()
+@pytest.mark.parametrize("script", ["baseline", "enhanced"])
+def test_augmentation_flags_build_the_config(script):
+    parse = SCRIPTS[script].parse_args
+    # The notebook's torchvision list (test_a_recipe_sets_the_augmentation_defaults: a recipe's own ops)
+    assert common.augment_config(parse(["--recipe", "notebook"])) == common.AugmentConfig()
+    cfg = common.augment_config(
+        parse(
+            [
+                "--augment",
+                "--rotation",
+                "0",
+                "--color-jitter",
+                "0",
+                "0",
+                "0",
+                "0",
+                "--cutout",
+                "8",
+                "--crop-padding",
+                "2",
+                "--hflip",
+                "0.25",
+                "--translate",
+                "0.05",
+            ]
+        )
+    )
+    assert cfg == common.AugmentConfig(
+        crop_padding=2,
+        flip_prob=0.25,
+        rotation=0.0,
+        brightness=0.0,
+        contrast=0.0,
+        saturation=0.0,
+        hue=0.0,
+        translate=0.05,
+        cutout=8,
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
-# 7. Device and precision
-# ---------------------------------------------------------------------------------------------------
-
-def accelerator_present():
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    return torch.cuda.is_available() or mps
-
-
-def test_select_device_cpu_and_auto():
-    assert common.select_device("cpu") == torch.device("cpu")
-    assert common.select_device("cpu", local_rank=1) == torch.device("cpu")
-    if not accelerator_present():
-        assert common.select_device("auto") == torch.device("cpu")
-        assert common.select_device() == torch.device("cpu")
-        assert common.select_device("auto", local_rank=0) == torch.device("cpu")
+def test_a_recipe_sets_the_augmentation_defaults():
+    """A recipe may choose its augmentation ops (the study can drop some): its entries become the flags'
+    defaults, --help shows them, and --no-augment still works since the ops then equal the defaults."""
+    recipes = {
+        "lighter": {**mobilenetv4_enhanced.NOTEBOOK_RECIPE, "rotation": 0.0, "color_jitter": (0.0, 0.0, 0.0, 0.0)}
+    }
+    parser = common.build_parser(recipes, "lighter", "test")
+    cfg = common.augment_config(common.parse_args(parser, []))
+    assert cfg == common.AugmentConfig(rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+    assert common.parse_args(common.build_parser(recipes, "lighter", "test"), ["--no-augment"]).augment is False
+    assert "RandomRotation degrees (0: off) (default: 0.0)" in " ".join(parser.format_help().split())
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
-def test_select_device_cuda_unavailable():
-    with pytest.raises(common.UserError, match="--device"):
-        common.select_device("cuda")
-    with pytest.raises(common.UserError, match="--device"):
-        common.select_device("cuda", local_rank=0)
-
-
-def test_select_device_unknown():
-    with pytest.raises(common.UserError, match="--device"):
-        common.select_device("tpu")
-
-
-def test_autocast_dtype_cpu():
-    cpu = torch.device("cpu")
-    assert common.autocast_dtype(cpu, "auto") is None
-    assert common.autocast_dtype(cpu, "off") is None
-    assert common.autocast_dtype(cpu, "bf16") is torch.bfloat16
-    assert common.autocast_dtype(cpu, "fp16") is torch.float16
-
-
-def test_default_channels_last_by_device():
-    # Measured default (benchmarks/model_step.py): channels_last on CPU and CUDA, contiguous on MPS (unmeasured).
-    assert common.default_channels_last(torch.device("cpu")) is True
-    assert common.default_channels_last(torch.device("cuda")) is True
-    assert common.default_channels_last(torch.device("mps")) is False
-
-
-IMPORT_CHECK = """
-import os
-import torch, torchvision, torchvision.ops  # common's third-party imports
-after_deps = dict(os.environ)
-import common
-changed = set(os.environ.items()) ^ set(after_deps.items())
-assert not changed, f"import common changed os.environ: {sorted(changed)}"
-"""
-
-
-def test_import_does_not_touch_environment():
-    """common's own import code sets nothing. The snapshot is taken after torch/torchvision are imported: with
-    TORCHINDUCTOR_CACHE_DIR unset, `import torchvision` itself sets it (torch._dynamo.package -> cache_dir_utils),
-    which no code of common's can avoid; everything common adds on top is caught."""
-    # Without the variables a module might be tempted to setdefault (thread counts, torch/CUDA knobs, torchrun's),
-    # so that setting a default is noticed too.
-    prefixes = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "PYTORCH_", "TORCH", "CUDA", "CUBLAS", "NCCL", "MASTER_")
-    env = {k: v for k, v in os.environ.items()
-           if k != "PYTHONPATH" and not k.startswith(prefixes) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    result = subprocess.run([sys.executable, "-c", IMPORT_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
+def test_cutout_fills_one_square_per_image_with_the_mean():
+    """Cutout (DeVries & Taylor 2017): a side x side square, centre uniform over the image, clipped at the
+    border, filled with the dataset mean (zero after normalisation, as in the paper)."""
+    x = torch.full((256, 3, 32, 32), 255, dtype=torch.uint8)
+    cfg = common.AugmentConfig(
+        crop_padding=0,
+        flip_prob=0.0,
+        rotation=0.0,
+        brightness=0.0,
+        contrast=0.0,
+        saturation=0.0,
+        hue=0.0,
+        translate=0.0,
+        cutout=8,
+    )
+    out = common.augment(x, torch.Generator().manual_seed(0), cfg)
+    mean = torch.tensor(common.CIFAR10_MEAN).view(1, 3, 1, 1)
+    filled = torch.isclose(out, mean.expand_as(out), atol=1e-6).all(1)  # [B, H, W]
+    untouched = torch.isclose(out, torch.ones_like(out), atol=1e-6).all(1)
+    assert (filled | untouched).all()
+    area = filled.flatten(1).sum(1)
+    assert area.max() == 64 and area.min() >= 16  # a full 8x8 square, or one clipped at a corner (>= 4x4)
+    assert (area < 64).any()  # centres near the border do get clipped
+    rows, cols = filled.any(2), filled.any(1)  # the filled pixels form one axis-aligned rectangle
+    assert torch.equal(area, rows.sum(1) * cols.sum(1))
+    normalised = common.normalize(out)
+    assert normalised.masked_select(filled.unsqueeze(1).expand_as(out)).abs().max() < 1e-5

@@ -8,9 +8,9 @@
 - FakeTensorMode builds tensors on a "cuda" device without a GPU and refuses ops that mix devices.
 - Monkeypatched capabilities check the choices made for hardware this machine does not have.
 """
+
 import contextlib
 import io
-import math
 import signal
 import sys
 
@@ -24,20 +24,11 @@ import mnv4.device
 import mobilenetv4_baseline
 import mobilenetv4_enhanced
 import predict
+from helpers import TINY
 
 SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
-TINY = ["--width-mult", "0.25", "-b", "16", "--max-train-samples", "64", "--max-test-samples", "32",
-        "--device", "cpu", "--no-download", "--seed", "0"]
 MPS_MISSING = (torch.float64, torch.complex128)
 pytestmark = pytest.mark.filterwarnings("ignore:CIFAR-10 files")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class DtypeRecorder(TorchDispatchMode):
@@ -59,6 +50,7 @@ class SyncCounter(TorchDispatchMode):
     """Counts the ops that make the host wait for a GPU: reading a value (`.item()`, `int()`, `bool()`) or an
     output whose size depends on the data. Not inside optimizer.step(): Adam(W) reads its step counters there,
     which torch keeps on the host (CPU tensors) unless `capturable`, so on a GPU they cost no wait."""
+
     SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique")
 
     def __init__(self):
@@ -68,8 +60,11 @@ class SyncCounter(TorchDispatchMode):
 
     def __enter__(self):
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-        self.hooks = [register_optimizer_step_pre_hook(lambda *_: setattr(self, "in_optimizer_step", True)),
-                      register_optimizer_step_post_hook(lambda *_: setattr(self, "in_optimizer_step", False))]
+
+        self.hooks = [
+            register_optimizer_step_pre_hook(lambda *_: setattr(self, "in_optimizer_step", True)),
+            register_optimizer_step_post_hook(lambda *_: setattr(self, "in_optimizer_step", False)),
+        ]
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -96,8 +91,9 @@ def run_main(module, argv):
 
 
 def assert_no_mps_missing_dtype(recorder):
-    assert not recorder.offenders, f"{len(recorder.offenders)} ops make float64/complex128, e.g. " \
-                                   f"{sorted(set(recorder.offenders))[:8]}"
+    assert not recorder.offenders, (
+        f"{len(recorder.offenders)} ops make float64/complex128, e.g. {sorted(set(recorder.offenders))[:8]}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -130,10 +126,22 @@ def test_no_float64_when_training_stopping_resuming_and_evaluating(name, tiny_ci
             patch.setattr(common.Run, "step_done", stop_mid_epoch_2)
             code, _, _, err = run_main(module, [*argv, "--output-dir", out])
         assert code == 128 + signal.SIGINT, err
-        code, summary, _, err = run_main(module, [*argv, "--resume", out / "last.pt"])   # + the TTA table
+        code, summary, _, err = run_main(module, [*argv, "--resume", out / "last.pt"])  # + the TTA table
         assert code == 0, err
-        code, tested, _, err = run_main(module, [*TINY, *flags, "--data-dir", tiny_cifar, "--test-only",
-                                                 "--resume", out / "best.pt", "--output-dir", tmp_path / "test"])
+        code, tested, _, err = run_main(
+            module,
+            [
+                *TINY,
+                *flags,
+                "--data-dir",
+                tiny_cifar,
+                "--test-only",
+                "--resume",
+                out / "best.pt",
+                "--output-dir",
+                tmp_path / "test",
+            ],
+        )
         assert code == 0, err
     assert summary["epochs_completed"] == 2 and len(summary["tta_table"]) == len(common.TTA_VIEWS)
     assert tested["test_acc"] == summary["best_acc"]
@@ -142,16 +150,29 @@ def test_no_float64_when_training_stopping_resuming_and_evaluating(name, tiny_ci
 
 def test_no_float64_in_predict(tiny_cifar, tmp_path):
     from PIL import Image
-    code, _, _, err = run_main(mobilenetv4_enhanced, [*TINY, "--data-dir", tiny_cifar, "--epochs", 1,
-                                                      "--no-tta-table", "--output-dir", tmp_path / "run"])
+
+    code, _, _, err = run_main(
+        mobilenetv4_enhanced,
+        [*TINY, "--data-dir", tiny_cifar, "--epochs", 1, "--no-tta-table", "--output-dir", tmp_path / "run"],
+    )
     assert code == 0, err
     (tmp_path / "images").mkdir()
     for i, mode in enumerate(("RGB", "L", "I;16", "RGBA")):  # 16-bit greyscale takes predict's widest path
         Image.new(mode, (40, 30), 120 * i).save(tmp_path / "images" / f"image{i}.png")
     recorder = DtypeRecorder()
     with recorder:
-        code, results, out, err = run_main(predict, ["--checkpoint", tmp_path / "run" / "last.pt", "--device",
-                                                     "cpu", "--tta", "flip_shift", tmp_path / "images"])
+        code, results, out, err = run_main(
+            predict,
+            [
+                "--checkpoint",
+                tmp_path / "run" / "last.pt",
+                "--device",
+                "cpu",
+                "--tta",
+                "flip_shift",
+                tmp_path / "images",
+            ],
+        )
     assert code == 0, err
     assert len(results) == 4 and out.count("\n") == 4
     assert_no_mps_missing_dtype(recorder)
@@ -178,9 +199,22 @@ def test_an_epoch_syncs_a_fixed_number_of_times(name, tiny_cifar, tmp_path):
     for images in (64, 128):  # 4 and 8 steps of 16, both below the progress bar's refresh interval
         counter = SyncCounter()
         with counter:
-            code, _, _, err = run_main(SCRIPTS[script], [*TINY, *flags, "--data-dir", tiny_cifar, "--epochs", 1,
-                                                         "--max-train-samples", images, "--no-tta-table",
-                                                         "--output-dir", tmp_path / str(images)])
+            code, _, _, err = run_main(
+                SCRIPTS[script],
+                [
+                    *TINY,
+                    *flags,
+                    "--data-dir",
+                    tiny_cifar,
+                    "--epochs",
+                    1,
+                    "--max-train-samples",
+                    images,
+                    "--no-tta-table",
+                    "--output-dir",
+                    tmp_path / str(images),
+                ],
+            )
         assert code == 0, err
         counts.append(counter.count)
     assert counts[0] == counts[1], f"host syncs: {counts[0]} for 4 steps, {counts[1]} for 8"
@@ -199,8 +233,9 @@ def test_the_sync_counter_sees_item_and_nonzero():
 def test_colour_jitter_off_leaves_pixels_alone():
     """The default recipe has no colour jitter: augmentation must not push its images through an HSV round trip."""
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    cfg = common.AugmentConfig(crop_padding=0, flip_prob=0, rotation=0, brightness=0, contrast=0, saturation=0,
-                               hue=0, translate=0)
+    cfg = common.AugmentConfig(
+        crop_padding=0, flip_prob=0, rotation=0, brightness=0, contrast=0, saturation=0, hue=0, translate=0
+    )
     out = common.augment(images, torch.Generator().manual_seed(0), cfg)
     assert torch.equal(out, images.float().mul(1 / 255))  # the pipeline's uint8 -> [0, 1] scaling, nothing more
 
@@ -215,7 +250,7 @@ def test_hue_without_indexing_matches_the_per_sample_result():
     out = common.color_jitter(x.clone(), factors, order)
     expected = x.clone()
     for i in range(16):
-        expected[i:i + 1] = common._adjust_hue(x[i:i + 1], factors[i:i + 1, common.HUE]).clamp(0, 1)
+        expected[i : i + 1] = common._adjust_hue(x[i : i + 1], factors[i : i + 1, common.HUE]).clamp(0, 1)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
@@ -226,19 +261,24 @@ def test_forward_evaluation_and_tta_on_fake_cuda():
     """FakeTensorMode gives tensors a cuda device with no GPU and raises on any op that mixes devices: the model,
     normalisation, augmentation ops, every TTA view, prediction and scoring stay on the images' device."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     with FakeTensorMode(allow_non_fake_inputs=False):
         images = torch.zeros(8, 3, 32, 32, dtype=torch.uint8, device="cuda")
         labels = torch.zeros(8, dtype=torch.int64, device="cuda")
         with torch.device("cuda"):
-            model = common.mobilenetv4("conv_small", width_mult=0.25, se=True, head="mlp", act="silu",
-                                       drop_path_rate=0.1)
+            model = common.mobilenetv4(
+                "conv_small", width_mult=0.25, se=True, head="mlp", act="silu", drop_path_rate=0.1
+            )
         model.train()
         logits = model(common.normalize(images))
-        params = {"crop": torch.zeros(8, 2, dtype=torch.int64, device="cuda"),
-                  "flip": torch.zeros(8, dtype=torch.bool, device="cuda"),
-                  "angle": torch.zeros(8, device="cuda"), "shift": torch.zeros(8, 2, device="cuda"),
-                  "jitter": torch.ones(8, 4, device="cuda"),
-                  "jitter_order": torch.arange(4, device="cuda").repeat(8, 1)}
+        params = {
+            "crop": torch.zeros(8, 2, dtype=torch.int64, device="cuda"),
+            "flip": torch.zeros(8, dtype=torch.bool, device="cuda"),
+            "angle": torch.zeros(8, device="cuda"),
+            "shift": torch.zeros(8, 2, device="cuda"),
+            "jitter": torch.ones(8, 4, device="cuda"),
+            "jitter_order": torch.arange(4, device="cuda").repeat(8, 1),
+        }
         x, in_view = common.geometric_transform(images.float(), params)
         x = common.color_jitter(x, params["jitter"], params["jitter_order"]) * in_view
         views = {view for mode in common.TTA_VIEWS.values() for view in mode}
@@ -255,18 +295,22 @@ def fake_gpu(monkeypatch, capability):
     """A CUDA device of the given compute capability, as torch.cuda reports it (bf16 only emulated below 8.0)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                        lambda including_emulation=True: capability[0] >= 8 or including_emulation)
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: capability[0] >= 8 or including_emulation
+    )
 
 
-@pytest.mark.parametrize("capability, amp, expected", [
-    ((7, 5), "auto", torch.float16),   # T4: bf16 only emulated, so fp16
-    ((7, 0), "auto", torch.float16),   # V100
-    ((8, 0), "auto", torch.bfloat16),  # A100
-    ((9, 0), "auto", torch.bfloat16),  # H100
-    ((7, 5), "fp16", torch.float16),
-    ((8, 6), "off", None),
-])
+@pytest.mark.parametrize(
+    "capability, amp, expected",
+    [
+        ((7, 5), "auto", torch.float16),  # T4: bf16 only emulated, so fp16
+        ((7, 0), "auto", torch.float16),  # V100
+        ((8, 0), "auto", torch.bfloat16),  # A100
+        ((9, 0), "auto", torch.bfloat16),  # H100
+        ((7, 5), "fp16", torch.float16),
+        ((8, 6), "off", None),
+    ],
+)
 def test_autocast_dtype_on_gpus(capability, amp, expected, monkeypatch):
     fake_gpu(monkeypatch, capability)
     assert common.autocast_dtype(torch.device("cuda", 0), amp) == expected
@@ -278,8 +322,10 @@ def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
         common.autocast_dtype(torch.device("cuda", 0), "bf16")
 
 
-@pytest.mark.parametrize("device, amp, expected", [("cpu", "auto", None), ("mps", "auto", None),
-                                                   ("cpu", "bf16", torch.bfloat16), ("mps", "fp16", torch.float16)])
+@pytest.mark.parametrize(
+    "device, amp, expected",
+    [("cpu", "auto", None), ("mps", "auto", None), ("cpu", "bf16", torch.bfloat16), ("mps", "fp16", torch.float16)],
+)
 def test_autocast_dtype_off_cuda(device, amp, expected):
     assert common.autocast_dtype(torch.device(device), amp) == expected
 
@@ -312,8 +358,20 @@ def test_sync_bn_off_cuda_is_refused(device, tiny_cifar, tmp_path, monkeypatch):
         fake_mps(monkeypatch)
         monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: None, raising=False)
         monkeypatch.setattr(common.Cifar10, "to", lambda self, d: self)  # the data stays put: no MPS here
-    code, _, _, err = run_main(mobilenetv4_baseline, [*TINY[:-5], "--device", device, "--no-download", "--sync-bn",
-                                                      "--data-dir", tiny_cifar, "--output-dir", tmp_path / "r"])
+    code, _, _, err = run_main(
+        mobilenetv4_baseline,
+        [
+            *TINY[:-5],
+            "--device",
+            device,
+            "--no-download",
+            "--sync-bn",
+            "--data-dir",
+            tiny_cifar,
+            "--output-dir",
+            tmp_path / "r",
+        ],
+    )
     assert code == 2, err
     assert err.count("\n") == 1 and "--sync-bn" in err and "CUDA" in err
 
@@ -367,3 +425,45 @@ def test_nccl_is_given_its_device(monkeypatch):
     common.Distributed(environ).init(torch.device("cuda", 1))
     common.Distributed(environ).init(torch.device("cpu"))
     assert calls == [("nccl", {"device_id": torch.device("cuda", 1)}), ("gloo", {})]
+
+
+def accelerator_present():
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return torch.cuda.is_available() or mps
+
+
+def test_select_device_cpu_and_auto():
+    assert common.select_device("cpu") == torch.device("cpu")
+    assert common.select_device("cpu", local_rank=1) == torch.device("cpu")
+    if not accelerator_present():
+        assert common.select_device("auto") == torch.device("cpu")
+        assert common.select_device() == torch.device("cpu")
+        assert common.select_device("auto", local_rank=0) == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_select_device_cuda_unavailable():
+    with pytest.raises(common.UserError, match="--device"):
+        common.select_device("cuda")
+    with pytest.raises(common.UserError, match="--device"):
+        common.select_device("cuda", local_rank=0)
+
+
+def test_select_device_unknown():
+    with pytest.raises(common.UserError, match="--device"):
+        common.select_device("tpu")
+
+
+def test_autocast_dtype_cpu():
+    cpu = torch.device("cpu")
+    assert common.autocast_dtype(cpu, "auto") is None
+    assert common.autocast_dtype(cpu, "off") is None
+    assert common.autocast_dtype(cpu, "bf16") is torch.bfloat16
+    assert common.autocast_dtype(cpu, "fp16") is torch.float16
+
+
+def test_default_channels_last_by_device():
+    # Measured default (benchmarks/model_step.py): channels_last on CPU and CUDA, contiguous on MPS (unmeasured).
+    assert common.default_channels_last(torch.device("cpu")) is True
+    assert common.default_channels_last(torch.device("cuda")) is True
+    assert common.default_channels_last(torch.device("mps")) is False

@@ -1,17 +1,21 @@
 """torchrun with 2 CPU processes (gloo on loopback) on the tiny synthetic CIFAR files."""
+
 import csv
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--width-mult", "0.25", "-b", "16", "--device", "cpu", "--max-test-samples", "39"]  # 39: uneven shards
+import common
+from helpers import MD5_WARNING, ROOT, run_main
+
+pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
+# All 200 training images (12 steps per epoch, 6 per rank under 2 processes); 39 test images: uneven shards.
+SHARDED = ["--width-mult", "0.25", "-b", "16", "--device", "cpu", "--max-test-samples", "39"]
 
 # Runs a script's main() and, on every rank, saves the trained weights and the random state at the end so the test
 # can compare ranks. Hooks by environment variable: MNV4_SIGTERM_RANK / MNV4_SIGTERM_AT send a real SIGTERM to
@@ -57,8 +61,16 @@ def torchrun(tmp_path, script, *args, nproc=2, expect_ok=True, **hooks):
     wrapper = tmp_path / "run_and_dump.py"
     wrapper.write_text(WRAPPER.format(root=str(ROOT), dump=str(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in hooks.items()}}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(wrapper), script, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(wrapper),
+        script,
+        *args,
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if expect_ok:
         assert out.returncode == 0, out.stderr[-3000:]
@@ -66,10 +78,10 @@ def torchrun(tmp_path, script, *args, nproc=2, expect_ok=True, **hooks):
 
 
 def single(script, *args):
-    out = subprocess.run([sys.executable, f"{script}.py", *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
+    """One process, this one: main() of mobilenetv4_<script>.py (one thread, as the ranks)."""
+    res = run_main(script.removeprefix("mobilenetv4_"), args)
+    assert res.code == 0, res.err[-3000:]
+    return res
 
 
 def metrics(run_dir):
@@ -80,8 +92,17 @@ def metrics(run_dir):
 @pytest.fixture(scope="module")
 def ddp_run(tiny_cifar, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    out = torchrun(tmp, "mobilenetv4_baseline", "--data-dir", str(tiny_cifar), "--epochs", "1",
-                   "--output-dir", str(tmp / "run"), *TINY)
+    out = torchrun(
+        tmp,
+        "mobilenetv4_baseline",
+        "--data-dir",
+        str(tiny_cifar),
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(tmp / "run"),
+        *SHARDED,
+    )
     return tmp, out
 
 
@@ -108,8 +129,17 @@ def test_logged_accuracy_equals_single_process_evaluation(ddp_run, tiny_cifar):
     summary = json.loads((tmp / "run" / "summary.json").read_text())
     assert summary["test_images"] == 39
     logged = float(metrics(tmp / "run")[-1]["test_acc"])
-    single("mobilenetv4_baseline", "--data-dir", str(tiny_cifar), "--test-only", "--resume",
-           str(tmp / "run" / "last.pt"), "--output-dir", str(tmp / "eval"), *TINY)
+    single(
+        "mobilenetv4_baseline",
+        "--data-dir",
+        str(tiny_cifar),
+        "--test-only",
+        "--resume",
+        str(tmp / "run" / "last.pt"),
+        "--output-dir",
+        str(tmp / "eval"),
+        *SHARDED,
+    )
     evaluated = json.loads((tmp / "eval" / "summary.json").read_text())
     assert evaluated["test_acc"] == pytest.approx(logged, abs=1e-9)
     assert evaluated["test_acc"] == pytest.approx(summary["test_acc"], abs=1e-9)
@@ -119,8 +149,17 @@ def test_logged_accuracy_equals_single_process_evaluation(ddp_run, tiny_cifar):
 
 def test_resume_under_two_processes_continues_at_the_right_epoch(ddp_run, tiny_cifar):
     tmp, _ = ddp_run
-    out = torchrun(tmp, "mobilenetv4_baseline", "--data-dir", str(tiny_cifar), "--epochs", "2",
-                   "--resume", str(tmp / "run" / "last.pt"), *TINY)
+    out = torchrun(
+        tmp,
+        "mobilenetv4_baseline",
+        "--data-dir",
+        str(tiny_cifar),
+        "--epochs",
+        "2",
+        "--resume",
+        str(tmp / "run" / "last.pt"),
+        *SHARDED,
+    )
     assert "resumed from" in out.stdout and "epoch 2, step 0" in out.stdout
     rows = metrics(tmp / "run")
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -128,19 +167,29 @@ def test_resume_under_two_processes_continues_at_the_right_epoch(ddp_run, tiny_c
 
 
 def test_single_process_checkpoint_resumes_under_two_processes(tiny_cifar, tmp_path):
-    single("mobilenetv4_baseline", "--data-dir", str(tiny_cifar), "--epochs", "1", "--output-dir",
-           str(tmp_path / "run"), *TINY)
-    out = torchrun(tmp_path, "mobilenetv4_baseline", "--data-dir", str(tiny_cifar), "--epochs", "2",
-                   "--resume", str(tmp_path / "run" / "last.pt"), *TINY)
+    single(
+        "mobilenetv4_baseline",
+        "--data-dir",
+        str(tiny_cifar),
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(tmp_path / "run"),
+        *SHARDED,
+    )
+    out = torchrun(
+        tmp_path,
+        "mobilenetv4_baseline",
+        "--data-dir",
+        str(tiny_cifar),
+        "--epochs",
+        "2",
+        "--resume",
+        str(tmp_path / "run" / "last.pt"),
+        *SHARDED,
+    )
     assert "epoch 2, step 0" in out.stdout
     assert len(metrics(tmp_path / "run")) == 2
-
-
-def test_enhanced_cosine_schedule_spans_the_sharded_epoch(tiny_cifar, tmp_path):
-    """Under 2 processes an epoch has half the steps: the cosine must still reach --min-lr at the last one."""
-    torchrun(tmp_path, "mobilenetv4_enhanced", "--data-dir", str(tiny_cifar), "--epochs", "1",
-             "--output-dir", str(tmp_path / "run"), *TINY)
-    assert float(metrics(tmp_path / "run")[-1]["lr"]) == pytest.approx(1e-6, rel=1e-3)
 
 
 def exit_codes(tmp_path, nproc=2):
@@ -151,12 +200,20 @@ def test_cosine_resumed_under_another_world_size_continues_the_curve(tiny_cifar,
     """An epoch-end checkpoint of a 1-process run (12 steps per epoch) resumed under 2 processes (6 global steps
     per epoch) continues the same cosine: before the fix the step counter was reinterpreted and the lr dropped
     to the floor for the rest of the run."""
-    flags = ["--data-dir", str(tiny_cifar), "--epochs", "4", *TINY]
+    flags = ["--data-dir", str(tiny_cifar), "--epochs", "4", *SHARDED]
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir(), split.mkdir()
     single("mobilenetv4_enhanced", *flags, "--output-dir", str(straight / "run"))
-    out = torchrun(split, "mobilenetv4_enhanced", *flags, "--output-dir", str(split / "run"), nproc=1,
-                   expect_ok=False, MNV4_EXIT_AFTER_EPOCH=2)
+    out = torchrun(
+        split,
+        "mobilenetv4_enhanced",
+        *flags,
+        "--output-dir",
+        str(split / "run"),
+        nproc=1,
+        expect_ok=False,
+        MNV4_EXIT_AFTER_EPOCH=2,
+    )
     assert exit_codes(split, 1) == [99], out.stderr[-2000:]
     torchrun(split, "mobilenetv4_enhanced", *flags, "--resume", str(split / "run" / "last.pt"))
     lr_straight = [float(r["lr"]) for r in metrics(straight / "run")]
@@ -169,8 +226,18 @@ def test_cosine_resumed_under_another_world_size_continues_the_curve(tiny_cifar,
 def ddp_enhanced(tiny_cifar, tmp_path_factory):
     """Enhanced (dropout, drop path, augmentation), 2 processes, 2 epochs straight, --deterministic."""
     tmp = tmp_path_factory.mktemp("ddp_enh")
-    torchrun(tmp, "mobilenetv4_enhanced", "--data-dir", str(tiny_cifar), "--epochs", "2", "--deterministic",
-             "--output-dir", str(tmp / "run"), *TINY)
+    torchrun(
+        tmp,
+        "mobilenetv4_enhanced",
+        "--data-dir",
+        str(tiny_cifar),
+        "--epochs",
+        "2",
+        "--deterministic",
+        "--output-dir",
+        str(tmp / "run"),
+        *SHARDED,
+    )
     return tmp
 
 
@@ -183,18 +250,35 @@ def test_ranks_draw_their_own_dropout_and_drop_path_masks(ddp_enhanced):
         assert torch.equal(rank0["model"][key], rank1["model"][key]), key
 
 
+def test_enhanced_cosine_schedule_spans_the_sharded_epoch(ddp_enhanced):
+    """Under 2 processes an epoch has half the steps: the cosine must still reach --min-lr at the last one."""
+    assert float(metrics(ddp_enhanced / "run")[-1]["lr"]) == pytest.approx(1e-6, rel=1e-3)
+
+
 def test_sigterm_to_one_rank_stops_every_rank_then_resumes_exactly(ddp_enhanced, tiny_cifar, tmp_path):
     """A real SIGTERM to rank 1 only, mid-epoch 2: every rank stops at the next agreed check with exit 143, rank 0
     writes one last.pt holding every rank's random state, and a resume under 2 processes ends with the weights of
     the uninterrupted run, bit for bit."""
-    flags = ["--data-dir", str(tiny_cifar), "--epochs", "2", "--deterministic", *TINY]
+    flags = ["--data-dir", str(tiny_cifar), "--epochs", "2", "--deterministic", *SHARDED]
     run = tmp_path / "run"
-    out = torchrun(tmp_path, "mobilenetv4_enhanced", *flags, "--output-dir", str(run), expect_ok=False,
-                   MNV4_SIGTERM_RANK=1, MNV4_SIGTERM_AT=8, MNV4_REFRESH_EVERY=2)  # 6 steps per epoch
+    out = torchrun(
+        tmp_path,
+        "mobilenetv4_enhanced",
+        *flags,
+        "--output-dir",
+        str(run),
+        expect_ok=False,
+        MNV4_SIGTERM_RANK=1,
+        MNV4_SIGTERM_AT=8,
+        MNV4_REFRESH_EVERY=2,
+    )  # 6 steps per epoch
     assert exit_codes(tmp_path) == [143, 143], out.stderr[-3000:]
     # torchrun itself exits 1 with its ChildFailedError report (its own traceback); the ranks print none
-    assert not [line for line in out.stderr.splitlines() if "File " in line and ".venv" not in line
-                and "site-packages" not in line and "<frozen" not in line], out.stderr[-3000:]
+    assert not [
+        line
+        for line in out.stderr.splitlines()
+        if "File " in line and ".venv" not in line and "site-packages" not in line and "<frozen" not in line
+    ], out.stderr[-3000:]
     assert out.stderr.count("SIGTERM: stopped after epoch 2 step 2") == 1  # rank 0 alone reports
     assert sorted(p.name for p in run.iterdir() if p.suffix in (".pt", ".tmp")) == ["best.pt", "last.pt"]
     ckpt = torch.load(run / "last.pt", weights_only=True)
@@ -206,3 +290,36 @@ def test_sigterm_to_one_rank_stops_every_rank_then_resumes_exactly(ddp_enhanced,
         assert torch.equal(resumed["model"][key], straight["model"][key]), key
     assert torch.equal(resumed["rng"], straight["rng"])
     assert [r["epoch"] for r in metrics(run)] == ["1", "2"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("n", [0, 1, 5, 7, 40, 10_000])
+def test_distributed_shard_and_gather(world_size, n, monkeypatch):
+    ranks = [common.Distributed({"WORLD_SIZE": str(world_size), "RANK": str(r)}) for r in range(world_size)]
+    slices = [d.shard(n) for d in ranks]
+    covered = torch.cat([torch.arange(n)[s] for s in slices])
+    assert torch.equal(covered, torch.arange(n))  # contiguous, in order, nothing twice, nothing left out
+    values = torch.arange(n) * 10 + 3
+    locals_ = [values[s] for s in slices]
+
+    def fake_all_gather(parts, padded):
+        per = padded.numel()
+        for part, local in zip(parts, locals_):
+            part.zero_()
+            part[: local.numel()] = local
+            assert local.numel() <= per
+
+    monkeypatch.setattr(torch.distributed, "all_gather", fake_all_gather)
+    for d, local in zip(ranks, locals_):
+        assert torch.equal(d.gather_shards(local, n), values)
+
+
+def test_distributed_world_of_one_is_a_no_op():
+    d = common.Distributed({})
+    assert not d and d.world_size == 1 and d.rank == 0 and d.is_main
+    t = torch.arange(5.0)
+    assert d.all_sum(t) is t and d.all_max(t) is t and d.gather_shards(t, 5) is t
+    assert d.broadcast({"a": 1}) == {"a": 1}
+    assert d.shard(7) == slice(0, 7)
+    d.init(torch.device("cpu"))
+    assert not torch.distributed.is_initialized()

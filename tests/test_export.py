@@ -7,6 +7,7 @@ is far from the raw weights). hybrid_medium's layer scales are set to 1 before e
 `attention_switched_on`): at their 1e-5 init the attention branches barely reach the logits, and a wrong
 attention export would pass unseen.
 """
+
 import copy
 import sys
 
@@ -19,7 +20,6 @@ import common
 import export
 import predict
 from inference_support import MD5_WARNING, call, error_line, onnx_for_other_input, run_script, train
-from inference_support import on_one_thread  # noqa: F401 (an autouse fixture: every test here on one thread)
 
 pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
 INSTALL = "pip install -r requirements-export.txt"
@@ -33,13 +33,25 @@ def checkpoint_of(tiny_cifar, tmp_path_factory):
     def make(variant):
         if variant not in made:
             # A recipe spelled in full pins the weights the thresholds below were set on (the default may move)
-            path, _ = train(tiny_cifar, root / variant, "enhanced", "--recipe", "notebook", "--norm-weight-decay", "0",
-                            "--variant", variant,
-                            "--model-ema", "--model-ema-decay", "0.5")
+            path, _ = train(
+                tiny_cifar,
+                root / variant,
+                "enhanced",
+                "--recipe",
+                "notebook",
+                "--norm-weight-decay",
+                "0",
+                "--variant",
+                variant,
+                "--model-ema",
+                "--model-ema-decay",
+                "0.5",
+            )
             if variant == "hybrid_medium":
                 attention_switched_on(path, common.load_cifar10(tiny_cifar, download=False).train_images)
             made[variant] = path
         return made[variant]
+
     return make
 
 
@@ -73,8 +85,9 @@ def export_cli(*argv):
     return call(export.main, argv)
 
 
-@pytest.mark.parametrize("variant,with_data", [("conv_small", True), ("conv_medium", False),
-                                               ("conv_large", False), ("hybrid_medium", True)])
+@pytest.mark.parametrize(
+    "variant,with_data", [("conv_small", True), ("conv_medium", False), ("conv_large", False), ("hybrid_medium", True)]
+)
 def test_every_variant_exports_and_matches_pytorch(checkpoint_of, tiny_cifar, tmp_path, variant, with_data):
     checkpoint = checkpoint_of(variant)
     output = tmp_path / "out" / f"{variant}.onnx"
@@ -91,6 +104,7 @@ def test_every_variant_exports_and_matches_pytorch(checkpoint_of, tiny_cifar, tm
     assert "max |logit diff|" in outcome.out
 
     import onnx
+
     onnx.checker.check_model(str(output), full_check=True)
     graph_input = onnx.load(str(output)).graph.input[0]
     assert [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim][1:] == [3, 32, 32]
@@ -114,13 +128,19 @@ def test_every_variant_exports_and_matches_pytorch(checkpoint_of, tiny_cifar, tm
 def test_a_failed_check_exits_1_and_leaves_no_file(checkpoint_of, tmp_path, monkeypatch, failure):
     """The exporter is replaced by one writing a wrong file: a valid [N, 3, 32, 32] -> [N, 10] classifier that is
     not this model, or garbage; the real checks must refuse it."""
+
     def wrong_export(model, path, opset=None):
         onnx_for_other_input(path, size=32)
+
     def garbage_export(model, path, opset=None):
         path.write_bytes(b"garbage")
+
     monkeypatch.setattr(export, "export_onnx", garbage_export if failure == "checker rejects" else wrong_export)
-    words = {"another model's file": ["differ from PyTorch's", "tolerance"],
-             "diff just above the tolerance": ["1.01e-04", "tolerance"], "checker rejects": ["onnx checker"]}[failure]
+    words = {
+        "another model's file": ["differ from PyTorch's", "tolerance"],
+        "diff just above the tolerance": ["1.01e-04", "tolerance"],
+        "checker rejects": ["onnx checker"],
+    }[failure]
     if failure == "diff just above the tolerance":
         monkeypatch.setattr(export, "max_diff", lambda model, session, images: 1.01 * export.TOLERANCE)
     output = tmp_path / "out" / "model.onnx"
@@ -144,13 +164,24 @@ def test_a_missing_package_names_the_install_command(checkpoint_of, tmp_path, mo
 
 def test_bad_input_is_one_error_line_and_exit_2(checkpoint_of, tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
-    cases = [(["--checkpoint", tmp_path / "foreign.pt", "--output", tmp_path / "m.onnx"], "not a checkpoint"),
-             (["--checkpoint", tmp_path / "none.pt", "--output", tmp_path / "m.onnx"], "does not exist"),
-             (["--checkpoint", checkpoint_of("conv_small"), "--output", tmp_path / "no" / "m.onnx"], "does not exist"),
-             (["--checkpoint", checkpoint_of("conv_small"), "--output", tmp_path], "is a folder"),
-             (["--checkpoint", checkpoint_of("conv_small"), "--output", tmp_path / "m.onnx", "--opset", 17], "--opset"),
-             (["--checkpoint", checkpoint_of("conv_small"), "--output", tmp_path / "m.onnx", "--data-dir",
-               tmp_path / "nodata"], "does not exist")]
+    cases = [
+        (["--checkpoint", tmp_path / "foreign.pt", "--output", tmp_path / "m.onnx"], "not a checkpoint"),
+        (["--checkpoint", tmp_path / "none.pt", "--output", tmp_path / "m.onnx"], "does not exist"),
+        (["--checkpoint", checkpoint_of("conv_small"), "--output", tmp_path / "no" / "m.onnx"], "does not exist"),
+        (["--checkpoint", checkpoint_of("conv_small"), "--output", tmp_path], "is a folder"),
+        (["--checkpoint", checkpoint_of("conv_small"), "--output", tmp_path / "m.onnx", "--opset", 17], "--opset"),
+        (
+            [
+                "--checkpoint",
+                checkpoint_of("conv_small"),
+                "--output",
+                tmp_path / "m.onnx",
+                "--data-dir",
+                tmp_path / "nodata",
+            ],
+            "does not exist",
+        ),
+    ]
     for argv, words in cases:
         outcome = export_cli(*argv)
         assert outcome.code == 2, (argv, outcome.err)

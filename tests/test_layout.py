@@ -1,8 +1,10 @@
 """The library's layout: one concern per module, imports pointing one way, small classes whose attributes are all
 set in __init__, and imports without side effects. Checked on the source (ast), so a change that breaks a rule
 fails here rather than in review."""
+
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +14,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mnv4"
 # Bottom to top: a module may import only modules listed before it.
-LAYERS = ["errors", "blocks", "model", "data", "augment", "batches", "device", "distributed", "files", "checkpoint", "cli",
-          "optim", "provenance", "evaluation", "meter", "report", "stop", "epochs", "run"]
+LAYERS = [
+    "errors",
+    "blocks",
+    "model",
+    "data",
+    "augment",
+    "batches",
+    "device",
+    "distributed",
+    "files",
+    "checkpoint",
+    "cli",
+    "optim",
+    "provenance",
+    "evaluation",
+    "meter",
+    "report",
+    "stop",
+    "epochs",
+    "run",
+]
 MAX_MODULE_LINES = 400
 MAX_CLASS_LINES = 150
 
@@ -40,7 +61,7 @@ def test_every_module_has_a_layer():
 
 @pytest.mark.parametrize("name", LAYERS)
 def test_imports_point_one_way(name):
-    below = set(LAYERS[:LAYERS.index(name)])
+    below = set(LAYERS[: LAYERS.index(name)])
     upward = imported_siblings(modules()[name]) - below
     assert not upward, f"mnv4/{name}.py imports {sorted(upward)}, which sit above it in {LAYERS}"
 
@@ -73,8 +94,13 @@ def assigned_self_attributes(function) -> set:
 def test_every_attribute_is_set_in_init(name):
     for cls in [n for n in ast.walk(modules()[name]) if isinstance(n, ast.ClassDef)]:
         methods = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
-        class_level = {t.id for n in cls.body if isinstance(n, (ast.Assign, ast.AnnAssign))
-                       for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+        class_level = {
+            t.id
+            for n in cls.body
+            if isinstance(n, (ast.Assign, ast.AnnAssign))
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+            if isinstance(t, ast.Name)
+        }
         known = class_level | (assigned_self_attributes(methods["__init__"]) if "__init__" in methods else set())
         for method in methods.values():
             late = assigned_self_attributes(method) - known
@@ -82,8 +108,10 @@ def test_every_attribute_is_set_in_init(name):
 
 
 def test_the_rule_catches_a_late_attribute():
-    tree = ast.parse("class A:\n    def __init__(self):\n        self.a = 1\n    def f(self):\n"
-                     "        self.a, self.b = 2, 3\n        for self.c in range(2): pass\n")
+    tree = ast.parse(
+        "class A:\n    def __init__(self):\n        self.a = 1\n    def f(self):\n"
+        "        self.a, self.b = 2, 3\n        for self.c in range(2): pass\n"
+    )
     methods = {f.name: f for f in tree.body[0].body}
     assert assigned_self_attributes(methods["f"]) - assigned_self_attributes(methods["__init__"]) == {"b", "c"}
 
@@ -109,3 +137,31 @@ print(json.dumps({{"env": sorted(set(os.environ.items()) ^ set(env.items())),
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report == {"env": [], "rng": True, "flags": True}
     assert list(tmp_path.iterdir()) == []
+
+
+IMPORT_CHECK = """
+import os
+import torch, torchvision, torchvision.ops  # common's third-party imports
+after_deps = dict(os.environ)
+import common
+changed = set(os.environ.items()) ^ set(after_deps.items())
+assert not changed, f"import common changed os.environ: {sorted(changed)}"
+"""
+
+
+def test_import_does_not_touch_environment():
+    """common's own import code sets nothing. The snapshot is taken after torch/torchvision are imported: with
+    TORCHINDUCTOR_CACHE_DIR unset, `import torchvision` itself sets it (torch._dynamo.package -> cache_dir_utils),
+    which no code of common's can avoid; everything common adds on top is caught."""
+    # Without the variables a module might be tempted to setdefault (thread counts, torch/CUDA knobs, torchrun's),
+    # so that setting a default is noticed too.
+    prefixes = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "PYTORCH_", "TORCH", "CUDA", "CUBLAS", "NCCL", "MASTER_")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "PYTHONPATH" and not k.startswith(prefixes) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr

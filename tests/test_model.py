@@ -3,6 +3,7 @@
 Reference numbers come from /work/shared/MNV4_SPEC.md. Everything runs on CPU with small batches;
 the whole file is meant to finish in well under a minute on two cores.
 """
+
 import math
 import re
 
@@ -12,6 +13,7 @@ from torch import nn
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
 import common
+from helpers import SCRIPTS
 
 # ---------------------------------------------------------------------------------------------------
 # Reference values (MNV4_SPEC.md sections 2 and 3)
@@ -32,16 +34,6 @@ MNV4_VARIANTS = ("conv_small", "conv_medium", "conv_large", "hybrid_medium")
 ALL_VARIANTS = (*MNV4_VARIANTS, "mobilenetv2")
 # Conv-S (10 classes, width 1, no SE, linear head) at each output stride: MNV4_SPEC.md section 3.
 CONV_S_MACS_BY_OUTPUT_STRIDE = {32: 4.99e6, 16: 16.22e6, 8: 58.50e6}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: barely slower here, and robust when the two cores are shared (oversubscribed
-    OpenMP threads can slow these tests down by an order of magnitude)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def spec_make_divisible(v, divisor=8):
@@ -86,8 +78,8 @@ def test_cifar_stem_geometry_and_macs(variant):
     model = build(variant, output_stride=8)
     summary = common.model_summary(model, 32)
     maps = summary["feature_maps"]
-    assert maps["stem"][1:] == [32, 32]          # stem at stride 1
-    assert maps["stage0"][1:] == [32, 32]        # first block of stage 0 at stride 1
+    assert maps["stem"][1:] == [32, 32]  # stem at stride 1
+    assert maps["stage0"][1:] == [32, 32]  # first block of stage 0 at stride 1
     assert [m[1] for m in (maps["stage1"], maps["stage2"], maps["stage3"])] == [16, 8, 4]
     assert maps["stage4"] == [960, 4, 4]
     assert summary["params"] == common.count_params(model)
@@ -143,6 +135,7 @@ def test_bad_output_stride(output_stride):
 @pytest.mark.parametrize("num_classes, expected", [(1000, 3_504_872), (10, 2_236_682)])
 def test_mobilenetv2_matches_torchvision(num_classes, expected):
     from torchvision.models import mobilenet_v2
+
     model = build("mobilenetv2", num_classes=num_classes, output_stride=32, act="relu6", head="linear")
     reference = mobilenet_v2(num_classes=num_classes)
     assert common.count_params(model) == common.count_params(reference) == expected
@@ -389,12 +382,15 @@ def _uib_parts(branch):
     return kinds
 
 
-@pytest.mark.parametrize("start, middle, expected", [
-    (3, 3, ["dw", "expand", "dw", "se", "project"]),   # ExtraDW: after the middle DW
-    (0, 3, ["expand", "dw", "se", "project"]),         # IB: after the middle DW
-    (3, 0, ["dw", "expand", "se", "project"]),         # ConvNext: after the expansion, not on the input
-    (0, 0, ["expand", "se", "project"]),               # FFN: after the expansion
-])
+@pytest.mark.parametrize(
+    "start, middle, expected",
+    [
+        (3, 3, ["dw", "expand", "dw", "se", "project"]),  # ExtraDW: after the middle DW
+        (0, 3, ["expand", "dw", "se", "project"]),  # IB: after the middle DW
+        (3, 0, ["dw", "expand", "se", "project"]),  # ConvNext: after the expansion, not on the input
+        (0, 0, ["expand", "se", "project"]),  # FFN: after the expansion
+    ],
+)
 def test_se_sits_on_the_expanded_channels_of_every_uib(start, middle, expected):
     branch = common.uib_branch(32, 32, common.uib(start, middle, 1, 4, 32), nn.ReLU, se=True)
     assert _uib_parts(branch) == expected
@@ -429,10 +425,27 @@ def test_mlp_head_param_delta():
 # ---------------------------------------------------------------------------------------------------
 # 9. Width multiplier and make_divisible
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value, expected", [
-    (38.4, 40), (1152, 1152), (115.2, 112), (1152.0, 1152), (32, 32), (3, 8), (11, 16), (12, 16), (19.9, 24), (17, 16), (18, 24),
-    (20, 24), (28.8, 32), (57.6, 56), (76.8, 80), (153.6, 152),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (38.4, 40),
+        (1152, 1152),
+        (115.2, 112),
+        (1152.0, 1152),
+        (32, 32),
+        (3, 8),
+        (11, 16),
+        (12, 16),
+        (19.9, 24),
+        (17, 16),
+        (18, 24),
+        (20, 24),
+        (28.8, 32),
+        (57.6, 56),
+        (76.8, 80),
+        (153.6, 152),
+    ],
+)
 def test_make_divisible(value, expected):
     assert spec_make_divisible(value) == expected  # the table itself follows the spec rule
     assert common.make_divisible(value) == expected
@@ -501,11 +514,14 @@ def test_overfit_one_batch():
 # ---------------------------------------------------------------------------------------------------
 # 11. Bad arguments
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, choices", [
-    (dict(variant="conv_tiny"), ALL_VARIANTS),
-    (dict(act="gelu_fancy"), ("relu", "relu6", "silu")),
-    (dict(head="transformer"), ("linear", "mlp")),
-])
+@pytest.mark.parametrize(
+    "kwargs, choices",
+    [
+        (dict(variant="conv_tiny"), ALL_VARIANTS),
+        (dict(act="gelu_fancy"), ("relu", "relu6", "silu")),
+        (dict(head="transformer"), ("linear", "mlp")),
+    ],
+)
 def test_bad_arguments(kwargs, choices):
     with pytest.raises(ValueError) as err:
         common.mobilenetv4(**kwargs)
@@ -514,3 +530,15 @@ def test_bad_arguments(kwargs, choices):
     assert bad_value in message
     for choice in choices:
         assert re.search(rf"\b{choice}\b", message), (choice, message)
+
+
+def _dropouts(script, *flags):
+    model = common.model_from_args(SCRIPTS[script].build_parser().parse_args(list(flags)))
+    return [m.p for m in model.head.modules() if isinstance(m, nn.Dropout)]
+
+
+def test_dropout_flag_sets_the_mlp_head_dropout():
+    assert _dropouts("enhanced") == [0.3, 0.15]  # the enhanced head's design, unchanged by default
+    assert _dropouts("enhanced", "--dropout", "0.5") == [0.5, 0.25]
+    assert _dropouts("baseline") == [0.2]
+    assert _dropouts("baseline", "--head", "mlp", "--dropout", "0.4") == [0.4, 0.2]

@@ -17,10 +17,9 @@ import re
 import pytest
 import torch
 
-from conftest import write_tiny_cifar
-
 import mobilenetv4_baseline
 import mobilenetv4_enhanced
+from conftest import write_tiny_cifar
 
 SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
 FLAGS = [

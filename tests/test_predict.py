@@ -5,6 +5,7 @@ One tiny baseline checkpoint (trained once per module by the script's main(), it
 ONNX export serve every test. The tiny CIFAR test images are written as PNG files: PNG is lossless, so
 predict.py sees exactly the pixels the training run evaluated.
 """
+
 import json
 import sys
 
@@ -17,9 +18,16 @@ from torchvision.transforms.v2 import functional as TF
 import common
 import export
 import predict
-from inference_support import (MD5_WARNING, call, error_line, onnx_for_other_input, random_images, run_script, train,
-                               write_pngs)
-from inference_support import on_one_thread  # noqa: F401 (an autouse fixture: every test here on one thread)
+from inference_support import (
+    MD5_WARNING,
+    call,
+    error_line,
+    onnx_for_other_input,
+    random_images,
+    run_script,
+    train,
+    write_pngs,
+)
 
 pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
 
@@ -29,8 +37,9 @@ def trained(tiny_cifar, tmp_path_factory):
     """(checkpoint, the run's own top-1 per test image, the test images as PNG files, the exported ONNX file)."""
     root = tmp_path_factory.mktemp("predict")
     # 75 steps (200 images, batches of 8, 3 epochs): a model that learned, so predictions are compared for real
-    checkpoint, run_top1 = train(tiny_cifar, root / "run", "baseline", "--max-train-samples", "200", "-b", "8",
-                                 "--epochs", "3")
+    checkpoint, run_top1 = train(
+        tiny_cifar, root / "run", "baseline", "--max-train-samples", "200", "-b", "8", "--epochs", "3"
+    )
     outcome = call(export.main, ["--checkpoint", checkpoint, "--output", root / "model.onnx", "--num-images", 8])
     assert outcome.code == 0, outcome.err
     pngs = write_pngs(common.load_cifar10(tiny_cifar, download=False).test_images, root / "test_images")
@@ -84,8 +93,7 @@ def test_tta_averages_the_softmax_over_the_views(trained, tiny_cifar, model_flag
     images = common.load_cifar10(tiny_cifar, download=False).test_images[:8]
     expected = (common.predict_probs(model, images) + common.predict_probs(model, images.flip(3))) / 2
     for result, row in zip(outcome.value, expected):
-        assert {t["index"]: t["prob"] for t in result["top"]} == pytest.approx(dict(enumerate(row.tolist())),
-                                                                               abs=1e-5)
+        assert {t["index"]: t["prob"] for t in result["top"]} == pytest.approx(dict(enumerate(row.tolist())), abs=1e-5)
 
 
 # ---- Output -------------------------------------------------------------------------------------------------
@@ -145,7 +153,8 @@ def test_every_mode_and_format_is_classified(trained, tmp_path):
         outcome = classify(model_flag, model_file, "--device", "cpu", tmp_path / "modes")
         assert outcome.code == 0, outcome.err
         assert sorted(r["path"].rsplit("/", 1)[1] for r in outcome.value) == sorted(
-            ["grey.png", "palette.png", "alpha.png", "grey16.png", "wide.png", "photo.jpg", "bitmap.bmp", "web.webp"])
+            ["grey.png", "palette.png", "alpha.png", "grey16.png", "wide.png", "photo.jpg", "bitmap.bmp", "web.webp"]
+        )
 
 
 def test_modes_convert_to_the_expected_rgb(tmp_path):
@@ -185,8 +194,10 @@ def bad_inputs(trained, root):
         "foreign checkpoint": (["--checkpoint", root / "foreign.pt", pngs[0]], ["foreign.pt", "not a checkpoint"]),
         "missing checkpoint": (["--checkpoint", root / "none.pt", pngs[0]], ["none.pt", "does not exist"]),
         "not an ONNX file": (["--onnx", root / "model.onnx", pngs[0]], ["model.onnx", "not an ONNX model"]),
-        "ONNX for another input size": (["--onnx", root / "size64.onnx", pngs[0]],
-                                        ["size64.onnx", "input", "64", "[N, 3, 32, 32]"]),
+        "ONNX for another input size": (
+            ["--onnx", root / "size64.onnx", pngs[0]],
+            ["size64.onnx", "input", "64", "[N, 3, 32, 32]"],
+        ),
         "top-k out of range": ([*ckpt, "--top-k", 11, pngs[0]], ["--top-k"]),
         "both model flags": ([*ckpt, "--onnx", root / "size64.onnx", pngs[0]], ["not allowed with"]),
         "no model flag": ([pngs[0]], ["--checkpoint"]),
@@ -194,9 +205,20 @@ def bad_inputs(trained, root):
     }
 
 
-CASES = ["missing path", "folder without images", "not an image", "truncated image", "foreign checkpoint",
-         "missing checkpoint", "not an ONNX file", "ONNX for another input size", "top-k out of range",
-         "both model flags", "no model flag", "JSON into a missing folder"]
+CASES = [
+    "missing path",
+    "folder without images",
+    "not an image",
+    "truncated image",
+    "foreign checkpoint",
+    "missing checkpoint",
+    "not an ONNX file",
+    "ONNX for another input size",
+    "top-k out of range",
+    "both model flags",
+    "no model flag",
+    "JSON into a missing folder",
+]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,0 +1,242 @@
+"""What a run reports: its output files and their format, the epoch log, the summary and TTA table, --test-only's
+report, provenance, and headline.py's table of runs."""
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import common
+import headline
+from helpers import (
+    CHECKPOINT_KEYS,
+    LEARN,
+    MD5_WARNING,
+    METRIC_COLUMNS,
+    OUTPUT_FILES,
+    SUMMARY_KEYS,
+    TINY,
+    assert_one_error_line,
+    epoch_log,
+    field_ends,
+    listed_files,
+    load,
+    no_temp_files,
+    read_metrics,
+    run_cli,
+    run_main,
+    train,
+)
+
+pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
+
+
+@pytest.mark.parametrize("script", ["baseline", "enhanced"])
+def test_end_to_end_outputs(script, base3, enh2):
+    out, res = base3 if script == "baseline" else enh2
+    epochs = 3 if script == "baseline" else 2
+    for name in OUTPUT_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not no_temp_files(out)
+    for name in ("curves.png", "confusion.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary), SUMMARY_KEYS - set(summary)
+    assert summary["epochs_completed"] == epochs and summary["device"] == "cpu"
+    assert summary["params"] > 0 and summary["macs"] > 0
+    assert set(summary["tta_table"]) == {"none", "flip", "flip_rot90", "flip_shift"}
+    assert summary["tta"] == "flip" and summary["test_acc_tta"] == summary["tta_table"]["flip"]["test_acc"]
+    assert summary["test_acc"] == summary["tta_table"]["none"]["test_acc"]
+    assert set(summary["per_class_acc"]) == set(common.CIFAR10_CLASSES)
+    assert res.summary["test_acc"] == summary["test_acc"]  # main() returns what it wrote
+    json.loads((out / "config.json").read_text())
+
+    rows = read_metrics(out / "metrics.csv")
+    assert list(rows[0]) == METRIC_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
+    for row in rows:
+        assert all(math.isfinite(float(row[k])) for k in METRIC_COLUMNS), row
+        assert int(row["skipped_steps"]) == 0
+    assert summary["best_acc"] == max(float(r["test_acc"]) for r in rows)
+    assert math.isclose(summary["train_time_s"], sum(float(r["epoch_time_s"]) for r in rows), rel_tol=1e-6)
+
+    ckpt = load(out / "last.pt")  # weights_only=True: no arbitrary unpickling needed
+    assert CHECKPOINT_KEYS <= set(ckpt), CHECKPOINT_KEYS - set(ckpt)
+    assert ckpt["epoch"] == epochs and ckpt["step"] == 0 and len(ckpt["history"]) == epochs
+    assert ckpt["best_acc"] == summary["best_acc"]
+    assert ckpt["model_config"]["width_mult"] == 0.25
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    best = load(out / "best.pt")
+    assert best["history"][-1]["test_acc"] == summary["best_acc"]
+    if script == "enhanced":
+        assert ckpt["ema"] is not None and summary["evaluated"] == "ema"
+    else:
+        # Test accuracy on 32 images after 12 steps is not reliably above chance (eval-mode BatchNorm statistics
+        # are still far off; measured 0-28 % over seeds), so learning is checked on the training loss.
+        losses = [float(r["train_loss"]) for r in rows]
+        assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_outputs_get_umask_permissions(base3):
+    out, _ = base3
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in OUTPUT_FILES:
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_logs_when_not_a_tty(tiny_cifar, tmp_path):
+    proc = run_cli("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path / "o", "--epochs", 3])
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stdout and "\r" not in proc.stderr
+    assert "it/s" not in proc.stderr and "%|" not in proc.stderr  # no tqdm bar
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "", proc.stderr  # (the expected md5 warning of the tiny data is filtered)
+    header, rows = epoch_log(proc.stdout)
+    assert [int(r.split()[0]) for r in rows] == [1, 2, 3]  # once per epoch
+    assert len(header.split()) == 8
+    assert len({tuple(field_ends(r)) for r in rows}) == 1, rows  # fixed columns from row to row
+
+
+def test_epoch_log_columns_align_with_header(base3):
+    header, rows = epoch_log(base3[1].out)
+    assert len(rows) == 3
+    for row in rows:
+        assert field_ends(row) == field_ends(header), f"\n{header}\n{row}"
+
+
+def test_tta_table_off_reports_only_none_and_headline(tiny_cifar, tmp_path, base3):
+    """--no-tta-table evaluates just 'none' and the --tta mode, and their figures equal the full table's."""
+    res = train("baseline", tiny_cifar, tmp_path / "t", 3, "--no-tta-table", "--tta", "flip_rot90")
+    assert set(res.summary["tta_table"]) == {"none", "flip_rot90"}
+    full = base3[1].summary["tta_table"]  # same seed and flags, full table
+    for mode in ("none", "flip_rot90"):
+        assert res.summary["tta_table"][mode]["test_acc"] == pytest.approx(full[mode]["test_acc"])
+    assert res.summary["test_acc_tta"] == res.summary["tta_table"]["flip_rot90"]["test_acc"]
+
+
+def test_test_only_report_names_the_checkpoint_and_the_files_it_wrote(learned, tiny_cifar):
+    """--test-only trains nothing: its report names the checkpoint and epoch it evaluated (not a training time of
+    0 s, nor "the final model"), and its files line lists what it wrote (eval-best/ holds no checkpoint, metrics
+    or curves); a training run's files line lists its folder."""
+    run_dir, run = learned
+    assert listed_files(run.out) == sorted(p.name for p in run_dir.iterdir() if p.is_file())
+    epoch = load(run_dir / "best.pt")["epoch"]
+    res = run_main("baseline", [*LEARN, "--data-dir", tiny_cifar, "--test-only", "--resume", run_dir / "best.pt"])
+    assert res.code == 0, res.err
+    assert listed_files(res.out) == sorted(p.name for p in (run_dir / "eval-best").iterdir())
+    assert f"{run_dir / 'best.pt'} (epoch {epoch})" in res.out
+    assert "train time" not in res.out and "(final model)" not in res.out
+
+
+def test_git_commit_says_when_the_tracked_files_differ_from_it(tmp_path):
+    """config.json names the code that trained a run: a run started from edited files records '<sha>-dirty', not
+    the commit it was not; files that are not code do not count, tracked or not (results, logs, data, README)."""
+
+    def git(*argv):
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *argv],
+            cwd=tmp_path,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "recipe.py").write_text("lr = 1e-3\n")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "ablation.log").write_text("study 1\n")
+    git("add", "recipe.py", "results/ablation.log")
+    git("commit", "-q", "-m", "first")
+    sha = git("rev-parse", "HEAD")
+    (tmp_path / "results" / "metrics.csv").write_text("epoch\n")  # untracked
+    (tmp_path / "results" / "ablation.log").write_text("study 1\nstudy 2\n")  # tracked, appended by a run
+    assert common.git_commit(tmp_path) == sha
+    (tmp_path / "recipe.py").write_text("lr = 0.1\n")
+    assert common.git_commit(tmp_path) == sha + "-dirty"
+    assert common.git_commit(tmp_path / "results") == sha + "-dirty"  # any folder inside the repository
+    plain = tmp_path.parent / f"{tmp_path.name}-plain"
+    plain.mkdir()
+    assert common.git_commit(plain) is None  # not a repository (a copied-out project): unknown, no error
+
+
+def cells(text: str) -> list[dict]:
+    """The markdown table as one dict per run row."""
+    lines = [line.strip("|").split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in lines[0]]
+    return [dict(zip(head, (c.strip() for c in line))) for line in lines[1:]]
+
+
+def call(argv):
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            headline.main([str(a) for a in argv])
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_rows_quote_the_runs_files(learned, enh_learned, tiny_cifar, tmp_path):
+    base, enh = tmp_path / "base", tmp_path / "enh"
+    # The training runs' folders alone: other tests' --test-only evaluations of the shared runs write eval-*/ there.
+    shutil.copytree(learned[0], base, ignore=shutil.ignore_patterns("eval-*"))
+    shutil.copytree(enh_learned[0], enh, ignore=shutil.ignore_patterns("eval-*"))
+    # The baseline run started from uncommitted edits (common.git_commit), resumed on a clean commit.
+    config = json.loads((base / "config.json").read_text())
+    config["git_commit"] = "c" * 40
+    config["segments"] = [
+        {**config["segments"][0], "git_commit": "d" * 40 + "-dirty"},
+        {**config["segments"][0], "git_commit": "c" * 40, "from_epoch": 1},
+    ]
+    (base / "config.json").write_text(json.dumps(config))
+    # best + TTA: the best checkpoint evaluated by --test-only into its default folder, <run>/eval-best/
+    res = run_main("enhanced", [*LEARN, "--data-dir", tiny_cifar, "--test-only", "--resume", enh / "best.pt"])
+    assert res.code == 0, res.err
+    code, out, err = call([base, enh, "--output-dir", tmp_path / "report"])
+    assert code == 0, err
+    rows = cells((tmp_path / "report" / "headline.md").read_text())
+    assert (tmp_path / "report" / "headline.png").read_bytes()[:4] == b"\x89PNG"
+    for row, folder, notebook in ((rows[0], base, "70.09"), (rows[1], enh, "83.28")):
+        summary = json.loads((folder / "summary.json").read_text())
+        metrics = read_metrics(folder / "metrics.csv")
+        best = max(metrics, key=lambda r: float(r["test_acc"]))
+        assert row["run"] == folder.name and row["notebook (reported)"] == notebook
+        assert row["final"] == f"{summary['test_acc']:.2f}"
+        assert row["final + TTA"] == f"{summary['test_acc_tta']:.2f} ({summary['tta']})"
+        assert row["best on test set (epoch)"] == f"{float(best['test_acc']):.2f} ({best['epoch']})"
+        assert row["epochs"] == f"{len(metrics)} / {len(metrics)}"
+        config = json.loads((folder / "config.json").read_text())
+        # the command that replays the run, whatever the defaults have become since
+        assert row["replay"] == f"`python mobilenetv4_{config['script']}.py --config {folder / 'config.json'}`"
+    assert rows[0]["commits"] == "ddddddd-dirty, ccccccc"
+    enh_commit = json.loads((enh / "config.json").read_text())["git_commit"] or "unknown"
+    assert rows[1]["commits"] == enh_commit[:7] + ("-dirty" if enh_commit.endswith("-dirty") else "")
+    best_eval = json.loads((enh / "eval-best" / "summary.json").read_text())
+    assert rows[1]["best on test set + TTA"] == f"{best_eval['test_acc_tta']:.2f} ({best_eval['tta']})"
+    assert rows[0]["best on test set + TTA"] == "-"  # never evaluated: not invented
+
+
+def test_a_run_still_training_shows_its_last_epoch(learned, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(learned[0], run, ignore=shutil.ignore_patterns("eval-*"))
+    (run / "summary.json").unlink()
+    code, out, err = call([run, "--output-dir", tmp_path])
+    assert code == 0, err
+    row = cells(out)[0]
+    assert row["final + TTA"] == "in progress"
+    assert row["final"] == f"{float(read_metrics(run / 'metrics.csv')[-1]['test_acc']):.2f}"
+
+
+def test_a_folder_without_a_run_is_one_error_line(tmp_path):
+    code, _, err = call([tmp_path, "--output-dir", tmp_path / "report"])
+    assert code == 2
+    assert_one_error_line(err, str(tmp_path), "holds no training run")
+    assert not (tmp_path / "report").exists()
