@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
+# pytest-xdist workers for `make test` (auto: one per core; 0 runs the suite in this process)
+TEST_WORKERS ?= auto
 # Offline CIFAR-10 builder of our CI workspace; used only when present and ./data is empty.
 LOCAL_CIFAR ?= ../shared/data/make_cifar10.py
 
@@ -30,7 +32,7 @@ train-baseline: data
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
 
 benchmark: data
 	$(BIN)/python benchmarks/throughput.py $(ARGS)

@@ -4,12 +4,17 @@ Reads run folders written by the training scripts (finished or still training) a
   headline.md    one row per run: final and best test accuracy, each with and without TTA, training time,
                  machine, the commits and the command that trained it
   headline.png   test accuracy per epoch of every run, with the notebook's reported 20-epoch accuracies
+  accuracy-vs-macs.png
+                 each finished run's final accuracy (and with TTA) against its MACs per image, beside the
+                 notebook's reported accuracies at the MACs of its model
 
 "best + TTA" needs the best checkpoint evaluated with TTA, which training does not do (TTA runs once, on the
 final weights). Write it with `python mobilenetv4_<script>.py --test-only --resume <run>/best.pt`: its default
 output folder, <run>/eval-best/, is where this script looks.
 
 The notebook published final accuracies only, so its curve cannot be drawn: its results are marked at epoch 20.
+It published no MACs either: its model (a MobileNetV2 layer table with ImageNet strides, so a 1x1 final map at
+32x32) is rebuilt here as `--variant mobilenetv2 --output-stride 32` under each script's model flags, and counted.
 
 Example:
   python headline.py results/baseline-20ep-seed0 results/enhanced-20ep-seed0 --output-dir results
@@ -27,12 +32,16 @@ import common
 
 # The notebook's reported 20-epoch test accuracies (%), on the official CIFAR-10 files.
 NOTEBOOK = common.NOTEBOOK_REPORTED
+# The notebook's model in this project's builder: its MobileNetV2 table at ImageNet strides (stride-2 stem).
+NOTEBOOK_MODEL_FLAGS = ("--variant", "mobilenetv2", "--output-stride", "32")
 # "best" is the epoch with the highest test accuracy: chosen on the test set (there is no validation split), so
 # an optimistic figure; the headline is the final epoch.
 COLUMNS = [
     "run",
     "notebook (reported)",
     "epochs",
+    "params",
+    "MACs",
     "final",
     "final + TTA",
     "best on test set (epoch)",
@@ -70,6 +79,11 @@ def read_run(folder: Path) -> dict:
     }
 
 
+def model_size(run: dict) -> dict | None:
+    """Parameters and MACs per image: summary.json's, else the model summary config.json recorded at the start."""
+    return run["summary"] or run["config"].get("model_summary")
+
+
 def acc(value) -> str:
     return f"{value:.2f}" if value is not None else "-"
 
@@ -101,10 +115,13 @@ def row_cells(run: dict) -> list[str]:
     machine = f"{config['device']} ({config['device_name']})" + (
         f" x{config['world_size']}" if config.get("world_size", 1) > 1 else ""
     )
+    size = model_size(run)
     return [
         run["folder"].name,
         acc(NOTEBOOK.get(script)),
         f"{len(rows)} / {planned}",
+        f"{size['params'] / 1e6:.2f} M" if size else "-",
+        f"{size['macs'] / 1e6:.1f} M" if size else "-",
         acc(evaluated[-1]["test_acc"]),
         final_tta,
         f"{acc(best['test_acc'])} ({int(best['epoch'])})",
@@ -159,10 +176,67 @@ def plot(path: Path, runs: list[dict]):
     common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 
+def notebook_macs() -> dict:
+    """MACs per 32x32 image of the notebook's model for each script, under that script's default model flags."""
+    import mobilenetv4_baseline
+    import mobilenetv4_enhanced
+
+    macs = {}
+    for script, module in (("baseline", mobilenetv4_baseline), ("enhanced", mobilenetv4_enhanced)):
+        args = module.build_parser().parse_args(list(NOTEBOOK_MODEL_FLAGS))
+        macs[script] = common.count_macs(common.model_from_args(args))
+    return macs
+
+
+def plot_macs(path: Path, runs: list[dict], notebook: dict):
+    """Final accuracy against MACs per image (log scale): a filled marker without TTA and a hollow one with it,
+    joined by a line, for each finished run; the notebook's reported figures as crosses."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    fig = Figure(figsize=(8, 6))
+    ax = fig.subplots()
+    finished = [run for run in runs if run["summary"]]
+    for i, run in enumerate(finished):
+        summary, color = run["summary"], f"C{i}"
+        macs = summary["macs"] / 1e6
+        ax.plot([macs, macs], [summary["test_acc"], summary["test_acc_tta"]], "-", color=color, lw=1)
+        ax.plot([macs], [summary["test_acc"]], "o", color=color, label=f"{run['folder'].name}")
+        ax.plot([macs], [summary["test_acc_tta"]], "o", mfc="none", color=color)
+    for j, (script, value) in enumerate(NOTEBOOK.items()):
+        ax.plot(
+            [notebook[script] / 1e6],
+            [value],
+            marker="x",
+            ms=10,
+            mew=2,
+            ls="none",
+            color=f"C{len(finished) + j}",
+            label=f"notebook {script}: {value:.2f}% reported (MACs of its model rebuilt here)",
+        )
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda x, _: f"{x:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("MACs per 32x32 image (millions, log scale)")
+    ax.set_ylabel("test accuracy after the last epoch (%)")
+    ax.set_title("CIFAR-10 accuracy against compute (filled: no TTA; hollow: with the run's TTA)")
+    ax.grid(alpha=0.3, which="both")
+    # below the axes: the runs cluster at a few MACs values, and a legend inside would cover some of them
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+
+
 def build_parser():
     p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run folders (the scripts' --output-dir)")
-    p.add_argument("--output-dir", type=Path, default=Path("results"), help="where headline.md and headline.png go")
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("results"),
+        help="where headline.md, headline.png and accuracy-vs-macs.png go",
+    )
     return p
 
 
@@ -179,7 +253,9 @@ def main(argv=None):
         ) from None
     common.atomic_write(args.output_dir / "headline.md", lambda f: f.write(text.encode()))
     plot(args.output_dir / "headline.png", runs)
-    print(text + f"\nwrote {args.output_dir / 'headline.md'} and {args.output_dir / 'headline.png'}")
+    plot_macs(args.output_dir / "accuracy-vs-macs.png", runs, notebook_macs())
+    written = ", ".join(str(args.output_dir / name) for name in ("headline.md", "headline.png", "accuracy-vs-macs.png"))
+    print(text + f"\nwrote {written}")
     return text
 
 

@@ -28,6 +28,7 @@ from inference_support import (
     train,
     write_pngs,
 )
+from mnv4.checkpoint import saved_model_config
 
 pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
 
@@ -93,6 +94,40 @@ def test_tta_averages_the_softmax_over_the_views(trained, tiny_cifar, model_flag
     images = common.load_cifar10(tiny_cifar, download=False).test_images[:8]
     expected = (common.predict_probs(model, images) + common.predict_probs(model, images.flip(3))) / 2
     for result, row in zip(outcome.value, expected):
+        assert {t["index"]: t["prob"] for t in result["top"]} == pytest.approx(dict(enumerate(row.tolist())), abs=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["conv_small", "mobilenetv2"])
+def test_predict_and_export_rebuild_the_final_map_the_run_trained(variant, tiny_cifar, tmp_path):
+    """--output-stride changes no weight's shape, so a checkpoint rebuilt at the default stride would load without
+    complaint and predict something else. predict.py and export.py must rebuild the variant and the 8x8 final map
+    that the run trained."""
+    # 75 steps, as the module's checkpoint: an untrained model's outputs are too flat to tell two strides apart
+    learn = ["--max-train-samples", "200", "-b", "8", "--epochs", "3"]
+    checkpoint, run_top1 = train(
+        tiny_cifar, tmp_path / "run", "enhanced", "--variant", variant, "--output-stride", "4", *learn
+    )
+    state = common.load_checkpoint(checkpoint)
+    model, _ = common.model_from_checkpoint(state)
+    assert common.model_summary(model)["feature_maps"]["stage4"][1:] == [8, 8]
+    images = common.load_cifar10(tiny_cifar, download=False).test_images
+    at_default_stride = common.mobilenetv4(**{**saved_model_config(state), "output_stride": 8})
+    at_default_stride.load_state_dict(model.state_dict())  # loads: the shapes do not tell the strides apart
+    rebuilt_probs = common.predict_probs(model, images)
+    assert (rebuilt_probs - common.predict_probs(at_default_stride.eval(), images)).abs().max() > 0.05
+    assert torch.equal(rebuilt_probs.argmax(1), run_top1)
+
+    pngs = write_pngs(images, tmp_path / "pngs")
+    outcome = classify("--checkpoint", checkpoint, "--device", "cpu", "--top-k", 10, *pngs)
+    assert outcome.code == 0, outcome.err
+    for result, row in zip(outcome.value, rebuilt_probs):
+        assert {t["index"]: t["prob"] for t in result["top"]} == pytest.approx(dict(enumerate(row.tolist())), abs=1e-5)
+    onnx_file = tmp_path / "model.onnx"
+    outcome = call(export.main, ["--checkpoint", checkpoint, "--output", onnx_file, "--num-images", 8])
+    assert outcome.code == 0, outcome.err
+    via_onnx = classify("--onnx", onnx_file, "--top-k", 10, *pngs)
+    assert via_onnx.code == 0, via_onnx.err
+    for result, row in zip(via_onnx.value, rebuilt_probs):
         assert {t["index"]: t["prob"] for t in result["top"]} == pytest.approx(dict(enumerate(row.tolist())), abs=1e-5)
 
 

@@ -204,6 +204,7 @@ def test_rows_quote_the_runs_files(learned, enh_learned, tiny_cifar, tmp_path):
     assert code == 0, err
     rows = cells((tmp_path / "report" / "headline.md").read_text())
     assert (tmp_path / "report" / "headline.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "report" / "accuracy-vs-macs.png").read_bytes()[:4] == b"\x89PNG"
     for row, folder, notebook in ((rows[0], base, "70.09"), (rows[1], enh, "83.28")):
         summary = json.loads((folder / "summary.json").read_text())
         metrics = read_metrics(folder / "metrics.csv")
@@ -213,6 +214,7 @@ def test_rows_quote_the_runs_files(learned, enh_learned, tiny_cifar, tmp_path):
         assert row["final + TTA"] == f"{summary['test_acc_tta']:.2f} ({summary['tta']})"
         assert row["best on test set (epoch)"] == f"{float(best['test_acc']):.2f} ({best['epoch']})"
         assert row["epochs"] == f"{len(metrics)} / {len(metrics)}"
+        assert row["params"] == f"{summary['params'] / 1e6:.2f} M" and row["MACs"] == f"{summary['macs'] / 1e6:.1f} M"
         config = json.loads((folder / "config.json").read_text())
         # the command that replays the run, whatever the defaults have become since
         assert row["replay"] == f"`python mobilenetv4_{config['script']}.py --config {folder / 'config.json'}`"
@@ -224,6 +226,18 @@ def test_rows_quote_the_runs_files(learned, enh_learned, tiny_cifar, tmp_path):
     assert rows[0]["best on test set + TTA"] == "-"  # never evaluated: not invented
 
 
+def test_the_notebooks_point_is_torchvisions_mobilenet_v2_at_32x32():
+    """The chart places the notebook's baseline at the MACs of its model: torchvision's MobileNetV2 table, ImageNet
+    strides. The rebuild must count what torchvision's own model counts; the enhanced one adds this project's
+    SE, SiLU, width 1.2 and MLP head to that table, so it costs more."""
+    import torchvision
+
+    reference = torchvision.models.mobilenet_v2(num_classes=10)
+    macs = headline.notebook_macs()
+    assert macs["baseline"] == common.count_macs(reference)
+    assert macs["enhanced"] > macs["baseline"]
+
+
 def test_a_run_still_training_shows_its_last_epoch(learned, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(learned[0], run, ignore=shutil.ignore_patterns("eval-*"))
@@ -232,6 +246,8 @@ def test_a_run_still_training_shows_its_last_epoch(learned, tmp_path):
     assert code == 0, err
     row = cells(out)[0]
     assert row["final + TTA"] == "in progress"
+    config = json.loads((run / "config.json").read_text())  # sizes from the model summary recorded at the start
+    assert row["MACs"] == f"{config['model_summary']['macs'] / 1e6:.1f} M"
     assert row["final"] == f"{float(read_metrics(run / 'metrics.csv')[-1]['test_acc']):.2f}"
 
 
