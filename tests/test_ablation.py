@@ -882,8 +882,8 @@ def test_preset_fills_the_budget_and_explicit_flags_win():
 
 def test_dry_run_on_the_committed_proxy_folder(monkeypatch, capsys):
     """The architecture screen's own command, as a dry run on the committed folder: the reference's runs are
-    done (read, not trained), MobileNetV2's seed 0 resumes from its last.pt (where this checkout has it), and
-    nothing under results/ changes."""
+    done (read, not trained), MobileNetV2's seed 0 is read if finished or resumes from its last.pt (where this
+    checkout has it), and nothing under results/ changes."""
     if not (PROXY / "v2_no_crop" / "seed0" / "summary.json").is_file():
         pytest.skip("no committed proxy study in this checkout")
     monkeypatch.chdir(ROOT)
@@ -911,7 +911,9 @@ def test_dry_run_on_the_committed_proxy_folder(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "[ablation 1/2] project (default) | seed 0 | done"
     mobilenetv2 = "results/ablation-proxy-5k/mobilenetv2/seed0"
-    if (ROOT / mobilenetv2 / "last.pt").is_file():
+    if (ROOT / mobilenetv2 / "summary.json").is_file():  # finished: read, not trained again (its last.pt may stay)
+        assert lines[2] == "[ablation 2/2] MobileNetV2 (4x4 map) | seed 0 | done"
+    elif (ROOT / mobilenetv2 / "last.pt").is_file():
         assert lines[2] == "[ablation 2/2] MobileNetV2 (4x4 map) | seed 0 | resume"
         assert lines[3].endswith(
             f"--variant mobilenetv2 --no-tta-table --epochs 20 --max-train-samples 5000 "
