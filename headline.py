@@ -200,9 +200,10 @@ def plot_macs(path: Path, runs: list[dict], notebook: dict):
     for i, run in enumerate(finished):
         summary, color = run["summary"], f"C{i}"
         macs = summary["macs"] / 1e6
-        ax.plot([macs, macs], [summary["test_acc"], summary["test_acc_tta"]], "-", color=color, lw=1)
         ax.plot([macs], [summary["test_acc"]], "o", color=color, label=f"{run['folder'].name}")
-        ax.plot([macs], [summary["test_acc_tta"]], "o", mfc="none", color=color)
+        if summary.get("test_acc_tta") is not None:
+            ax.plot([macs, macs], [summary["test_acc"], summary["test_acc_tta"]], "-", color=color, lw=1)
+            ax.plot([macs], [summary["test_acc_tta"]], "o", mfc="none", color=color)
     for j, (script, value) in enumerate(NOTEBOOK.items()):
         ax.plot(
             [notebook[script] / 1e6],
