@@ -140,6 +140,21 @@ def markdown(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mark_notebook(ax, x_of: dict, first_color: int, where: str):
+    """The notebook's reported accuracies as crosses at x_of[script], in colours after the runs' own."""
+    for j, (script, value) in enumerate(NOTEBOOK.items()):
+        ax.plot(
+            [x_of[script]],
+            [value],
+            marker="x",
+            ms=10,
+            mew=2,
+            ls="none",
+            color=f"C{first_color + j}",
+            label=f"notebook {script}: {value:.2f}% reported {where}",
+        )
+
+
 def plot(path: Path, runs: list[dict]):
     from matplotlib.figure import Figure  # the object API: no pyplot global state, no GUI backend
     from matplotlib.ticker import MaxNLocator
@@ -156,17 +171,7 @@ def plot(path: Path, runs: list[dict]):
             color=f"C{i}",
             label=f"{run['folder'].name} (this project)",
         )
-    for j, (script, value) in enumerate(NOTEBOOK.items()):
-        ax.plot(
-            [20],
-            [value],
-            marker="x",
-            ms=10,
-            mew=2,
-            ls="none",
-            color=f"C{len(runs) + j}",
-            label=f"notebook {script}: {value:.2f}% reported at epoch 20 (no curve published)",
-        )
+    mark_notebook(ax, {script: 20 for script in NOTEBOOK}, len(runs), "at epoch 20 (no curve published)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%), no TTA")
@@ -204,17 +209,8 @@ def plot_macs(path: Path, runs: list[dict], notebook: dict):
         if summary.get("test_acc_tta") is not None:
             ax.plot([macs, macs], [summary["test_acc"], summary["test_acc_tta"]], "-", color=color, lw=1)
             ax.plot([macs], [summary["test_acc_tta"]], "o", mfc="none", color=color)
-    for j, (script, value) in enumerate(NOTEBOOK.items()):
-        ax.plot(
-            [notebook[script] / 1e6],
-            [value],
-            marker="x",
-            ms=10,
-            mew=2,
-            ls="none",
-            color=f"C{len(finished) + j}",
-            label=f"notebook {script}: {value:.2f}% reported (MACs of its model rebuilt here)",
-        )
+    macs = {script: value / 1e6 for script, value in notebook.items()}
+    mark_notebook(ax, macs, len(finished), "(MACs of its model rebuilt here)")
     ax.set_xscale("log")
     plain = FuncFormatter(lambda x, _: f"{x:g}")
     ax.xaxis.set_major_formatter(plain)
