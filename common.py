@@ -54,7 +54,7 @@ from mnv4.device import (
 from mnv4.distributed import Distributed
 from mnv4.errors import Interrupted, NonFiniteLoss, UserError
 from mnv4.evaluation import evaluate, predict_probs, tta_table
-from mnv4.files import atomic_write, current_umask, write_json
+from mnv4.files import atomic_write, current_umask, save_figure, write_json
 from mnv4.model import (
     BLOCK_TABLES,
     OUTPUT_STRIDES,

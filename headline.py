@@ -178,7 +178,7 @@ def plot(path: Path, runs: list[dict]):
     ax.set_title("CIFAR-10 test accuracy per epoch")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    common.save_figure(fig, path)
 
 
 def notebook_macs() -> dict:
@@ -209,8 +209,8 @@ def plot_macs(path: Path, runs: list[dict], notebook: dict):
         if summary.get("test_acc_tta") is not None:
             ax.plot([macs, macs], [summary["test_acc"], summary["test_acc_tta"]], "-", color=color, lw=1)
             ax.plot([macs], [summary["test_acc_tta"]], "o", mfc="none", color=color)
-    macs = {script: value / 1e6 for script, value in notebook.items()}
-    mark_notebook(ax, macs, len(finished), "(MACs of its model rebuilt here)")
+    notebook_mmacs = {script: value / 1e6 for script, value in notebook.items()}
+    mark_notebook(ax, notebook_mmacs, len(finished), "(MACs of its model rebuilt here)")
     ax.set_xscale("log")
     plain = FuncFormatter(lambda x, _: f"{x:g}")
     ax.xaxis.set_major_formatter(plain)
@@ -222,7 +222,7 @@ def plot_macs(path: Path, runs: list[dict], notebook: dict):
     ax.grid(alpha=0.3, which="both")
     # below the axes: the runs cluster at a few MACs values, and a legend inside would cover some of them
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-    common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    common.save_figure(fig, path)
 
 
 def build_parser():

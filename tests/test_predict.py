@@ -55,6 +55,17 @@ def top1(results) -> torch.Tensor:
     return torch.tensor([r["top"][0]["index"] for r in results])
 
 
+def top_probs(result) -> dict:
+    """{class index: probability} of one image's printed top-k."""
+    return {t["index"]: t["prob"] for t in result["top"]}
+
+
+def assert_probs(results, expected: torch.Tensor):
+    """Each image's top-10 probabilities equal its row of `expected` ([N, 10] softmax)."""
+    for result, row in zip(results, expected):
+        assert top_probs(result) == pytest.approx(dict(enumerate(row.tolist())), abs=1e-5)
+
+
 # ---- Against the training script's own evaluation --------------------------------------------------------------
 def test_top1_equals_the_training_runs_evaluation_image_by_image(trained, tiny_cifar):
     checkpoint, run_top1, pngs, _ = trained
@@ -78,9 +89,7 @@ def test_onnx_gives_the_same_top1_and_probabilities(trained):
     assert via_onnx.code == 0 and via_torch.code == 0, via_onnx.err + via_torch.err
     assert torch.equal(top1(via_onnx.value), run_top1)
     for a, b in zip(via_onnx.value, via_torch.value):
-        probs_a = {t["index"]: t["prob"] for t in a["top"]}
-        probs_b = {t["index"]: t["prob"] for t in b["top"]}
-        assert probs_a == pytest.approx(probs_b, abs=1e-5)
+        assert top_probs(a) == pytest.approx(top_probs(b), abs=1e-5)
     assert via_onnx.out.splitlines()[0].split(":")[0] == via_torch.out.splitlines()[0].split(":")[0]
 
 
@@ -93,8 +102,7 @@ def test_tta_averages_the_softmax_over_the_views(trained, tiny_cifar, model_flag
     model, _ = common.model_from_checkpoint(common.load_checkpoint(checkpoint))
     images = common.load_cifar10(tiny_cifar, download=False).test_images[:8]
     expected = (common.predict_probs(model, images) + common.predict_probs(model, images.flip(3))) / 2
-    for result, row in zip(outcome.value, expected):
-        assert {t["index"]: t["prob"] for t in result["top"]} == pytest.approx(dict(enumerate(row.tolist())), abs=1e-5)
+    assert_probs(outcome.value, expected)
 
 
 @pytest.mark.parametrize("variant", ["conv_small", "mobilenetv2"])
@@ -120,15 +128,13 @@ def test_predict_and_export_rebuild_the_final_map_the_run_trained(variant, tiny_
     pngs = write_pngs(images, tmp_path / "pngs")
     outcome = classify("--checkpoint", checkpoint, "--device", "cpu", "--top-k", 10, *pngs)
     assert outcome.code == 0, outcome.err
-    for result, row in zip(outcome.value, rebuilt_probs):
-        assert {t["index"]: t["prob"] for t in result["top"]} == pytest.approx(dict(enumerate(row.tolist())), abs=1e-5)
+    assert_probs(outcome.value, rebuilt_probs)
     onnx_file = tmp_path / "model.onnx"
     outcome = call(export.main, ["--checkpoint", checkpoint, "--output", onnx_file, "--num-images", 8])
     assert outcome.code == 0, outcome.err
     via_onnx = classify("--onnx", onnx_file, "--top-k", 10, *pngs)
     assert via_onnx.code == 0, via_onnx.err
-    for result, row in zip(via_onnx.value, rebuilt_probs):
-        assert {t["index"]: t["prob"] for t in result["top"]} == pytest.approx(dict(enumerate(row.tolist())), abs=1e-5)
+    assert_probs(via_onnx.value, rebuilt_probs)
 
 
 # ---- Output -------------------------------------------------------------------------------------------------
