@@ -24,6 +24,10 @@ class AugmentConfig:
     hue: float = 0.1
     translate: float = 0.1
     cutout: int = 0  # side of a square filled with the mean after everything else (0: off)
+    flip_mode: str = "random"  # random: each draw independent; alternate: see `alternating_flips`
+
+
+FLIP_MODES = ("random", "alternate")
 
 
 def sample_augment_params(n: int, size: int, cfg: AugmentConfig, gen: torch.Generator, device) -> dict:
@@ -127,8 +131,19 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, hu
     return x
 
 
-def augment(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig = AugmentConfig()) -> torch.Tensor:
+def alternating_flips(first_epoch_flips: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Alternating flip (Jordan 2024, airbench): image i is flipped in epoch e iff its first-epoch coin
+    `first_epoch_flips[i]` differs from e's parity, so every image is seen flipped in every other epoch instead of
+    at random. Over any two consecutive epochs each image shows both orientations once."""
+    return first_epoch_flips[indices] ^ bool(epoch % 2)
+
+
+def augment(
+    images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig = AugmentConfig(), flips: torch.Tensor | None = None
+) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> augmented float [B, 3, H, W] in [0, 1], per-sample random parameters.
+    `flips` ([B] bool), when given, replaces the random flip draw (the draw is still made, so every other
+    parameter is the same as without it).
 
     Colour jitter runs after all geometry; in torchvision it runs before the translation. So the translated-in
     border is re-blackened after jitter (as torchvision leaves it), and contrast's mean grey is taken over the
@@ -136,6 +151,8 @@ def augment(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig = Aug
     0.02 on the [0, 1] scale, on translated samples only.
     """
     params = sample_augment_params(images.shape[0], images.shape[-1], cfg, gen, images.device)
+    if flips is not None:
+        params["flip"] = flips
     x, in_view = geometric_transform(images.float().mul_(1 / 255), params)
     if any((cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)):  # with all four at 0 it is the identity
         x = color_jitter(x, params["jitter"], params["jitter_order"], hue=cfg.hue > 0) * in_view
@@ -157,7 +174,7 @@ def cutout(x: torch.Tensor, side: int, gen: torch.Generator) -> torch.Tensor:
     return torch.where(inside.unsqueeze(1), mean, x)
 
 
-AUGMENT_OPS = ("crop_padding", "hflip", "rotation", "color_jitter", "translate", "cutout")  # their flags
+AUGMENT_OPS = ("crop_padding", "hflip", "hflip_mode", "rotation", "color_jitter", "translate", "cutout")  # their flags
 
 
 def augment_config(args) -> AugmentConfig:
@@ -173,6 +190,7 @@ def augment_config(args) -> AugmentConfig:
         hue=hue,
         translate=args.translate,
         cutout=args.cutout,
+        flip_mode=args.hflip_mode,
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .augment import AugmentConfig, augment
+from .augment import AugmentConfig, alternating_flips, augment
 from .data import Cifar10, batch_seed, epoch_order, load_cifar10, normalize
 from .errors import UserError
 
@@ -38,12 +38,18 @@ def train_batches_for_epoch(
     order = order.view(steps, world_size, batch_size)[:, rank]  # [steps, B]: this rank's shard
     per_chunk = max(1, chunk_images // batch_size)
     gen = torch.Generator(device=device)
+    first_epoch_flips = None
+    if augment_cfg is not None and augment_cfg.flip_mode == "alternate":
+        # One coin per image for the whole run (the same on every rank: indices are global).
+        gen.manual_seed(batch_seed(seed, -1, -3))
+        first_epoch_flips = torch.rand(data.train_images.shape[0], generator=gen, device=device) < 0.5
     for chunk_start in range(start_step - start_step % per_chunk, steps, per_chunk):
         idx = order[chunk_start : chunk_start + per_chunk].reshape(-1)
         images = data.train_images[idx]
         if augment_cfg is not None:
             gen.manual_seed(batch_seed(seed, epoch, chunk_start, rank))
-            images = augment(images, gen, augment_cfg)
+            flips = None if first_epoch_flips is None else alternating_flips(first_epoch_flips, idx, epoch)
+            images = augment(images, gen, augment_cfg, flips)
         images, labels = normalize(images), data.train_labels[idx]
         for step in range(max(chunk_start, start_step), min(chunk_start + per_chunk, steps)):
             rows = slice((step - chunk_start) * batch_size, (step - chunk_start + 1) * batch_size)

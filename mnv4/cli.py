@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .augment import AUGMENT_OPS, TTA_VIEWS, AugmentConfig, augment_config
+from .augment import AUGMENT_OPS, FLIP_MODES, TTA_VIEWS, AugmentConfig, augment_config
 from .device import AMP_MODES, DEVICES
 from .errors import Interrupted, NonFiniteLoss, UserError
 from .model import ACTIVATIONS, HEADS, OUTPUT_STRIDES, VARIANTS
@@ -101,6 +101,12 @@ def build_parser(recipes: dict, name: str, description: str) -> argparse.Argumen
     m.add_argument("--act", default=recipe["act"], choices=tuple(ACTIVATIONS), help="activation function")
     m.add_argument("--se", action=bool_flag, default=recipe["se"], help="squeeze-and-excitation in every UIB")
     m.add_argument("--drop-path", type=float, default=recipe["drop_path"], help="stochastic depth rate (max)")
+    m.add_argument(
+        "--zero-init-last",
+        action=bool_flag,
+        default=recipe.get("zero_init_last", False),
+        help="start every residual UIB's last BatchNorm scale at zero, so each block starts as the identity",
+    )
     m.add_argument("--head", default=recipe["head"], choices=HEADS, help="classifier after the 1280-wide 1x1 conv")
     m.add_argument(
         "--dropout",
@@ -133,6 +139,13 @@ def build_parser(recipes: dict, name: str, description: str) -> argparse.Argumen
     aug = AugmentConfig()
     a.add_argument("--crop-padding", type=int, default=aug.crop_padding, help="RandomCrop(32, padding)")
     a.add_argument("--hflip", type=float, default=aug.flip_prob, help="horizontal flip probability")
+    a.add_argument(
+        "--hflip-mode",
+        default=recipe.get("hflip_mode", aug.flip_mode),
+        choices=FLIP_MODES,
+        help="random: each image flipped with probability --hflip in every epoch; alternate: each image flipped "
+        "in every other epoch (a random half in the first), --hflip 0.5 only",
+    )
     a.add_argument("--rotation", type=float, default=aug.rotation, help="RandomRotation degrees (0: off)")
     a.add_argument(
         "--color-jitter",
@@ -285,8 +298,13 @@ def parse_args(parser: argparse.ArgumentParser, argv=None, limits=()) -> argpars
     defaults = argparse.Namespace(**{k: parser.get_default(k) for k in AUGMENT_OPS})
     if not args.augment and augment_config(args) != augment_config(defaults):
         parser.error(
-            "augmentation flags (--crop-padding, --hflip, --rotation, --color-jitter, --translate, "
+            "augmentation flags (--crop-padding, --hflip, --hflip-mode, --rotation, --color-jitter, --translate, "
             "--cutout) only act with --augment: add --augment"
+        )
+    if args.hflip_mode == "alternate" and args.hflip != 0.5:
+        parser.error(
+            f"--hflip-mode alternate flips each image in every other epoch, i.e. half the time; --hflip "
+            f"{args.hflip} does not fit it: drop --hflip or use --hflip-mode random"
         )
     args.argv = argv  # the command line as given: saved in config.json, repeated in the resume hint
     if args.test_only and not args.resume:

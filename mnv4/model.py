@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .blocks import BlockSpec, build_block, conv, conv_bn, fused_ib, make_divisible, mqa, uib
+from .blocks import BlockSpec, Residual, build_block, conv, conv_bn, fused_ib, make_divisible, mqa, uib
 
 # The paper's block tables (MNV4_SPEC.md section 4). Stage 4 is the 1x1 conv to 960 channels; `head_width` is the
 # 1x1 conv after the global pool (MobileNetV4 only). Strides are the ImageNet ones: see `output_stride`.
@@ -200,6 +200,19 @@ def init_weights(m):
         nn.init.zeros_(m.bias)
 
 
+def zero_init_last_norms(model: nn.Module) -> int:
+    """Zero the scale of the last BatchNorm in every residual UIB branch, so the block starts as the identity and
+    the signal first flows through the shortcuts (Goyal et al. 2017; timm's `zero_init_last`). Attention blocks
+    are left alone: the hybrid models already start them near zero through LayerScale. Returns how many."""
+    zeroed = 0
+    for module in model.modules():
+        if isinstance(module, Residual) and module.use_residual and isinstance(module.branch, nn.Sequential):
+            last_norm = module.branch[-1][1]  # the projection: Conv2dNormActivation(conv, BN)
+            nn.init.zeros_(last_norm.weight)
+            zeroed += 1
+    return zeroed
+
+
 def mobilenetv4(
     variant="conv_small",
     num_classes=10,
@@ -236,8 +249,8 @@ def mobilenetv4(
 
 
 def model_from_args(args) -> MobileNetV4:
-    """The model the command-line flags describe (10 classes)."""
-    return mobilenetv4(
+    """The model the command-line flags describe (10 classes), initialised as they say."""
+    model = mobilenetv4(
         args.variant,
         10,
         width_mult=args.width_mult,
@@ -248,6 +261,9 @@ def model_from_args(args) -> MobileNetV4:
         head=args.head,
         dropout=args.dropout,
     )
+    if args.zero_init_last:
+        zero_init_last_norms(model)
+    return model
 
 
 def count_params(model: nn.Module) -> int:
