@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import common
 
+from . import finished
 from .rows import NOTES, architecture, cumulative, leave_one_out
 
 DEFAULT_SEEDS = (0, 1, 2)
-STUDIES = {"cumulative": cumulative(), "leave-one-out": leave_one_out(), "architecture": architecture()}
-STUDY_NOTES = dict(NOTES)
+STUDIES = {
+    "cumulative": cumulative(),
+    "leave-one-out": leave_one_out(),
+    "architecture": architecture(),
+    # Finished: their runs are committed (results/ablation-proxy-5k), their tables rewritten by --report-only.
+    "candidates": finished.candidates(),
+    "leave-one-out-v1": finished.leave_one_out_v1(),
+    "tuning": finished.tuning(),
+    "tuning-2": finished.tuning_2(),
+}
+STUDY_NOTES = {**NOTES, **finished.NOTES}
 # Named budgets (--preset). proxy-5k / proxy-10k: 20 epochs on the first 5,000 / 10,000 training images (a tenth /
 # a fifth of a full run's training), the full test set; docs/ABLATION.md checks their ranking against full runs.
 # Proxy budgets evaluate once, after the last epoch (the table reads the final accuracy): at 5,000 training

@@ -24,7 +24,13 @@ Studies (--study):
                  Gain = row minus the default (negative: the ingredient helps).
   architecture   the same reference runs, then one change of architecture each: Conv-S with an 8x8 final map,
                  Conv-M at width 1.0, MobileNetV2 (4x4 and 8x8 final maps).
-The finished candidates, tuning and tuning-2 studies ran with an earlier ablation.py (docs/ABLATION.md).
+Finished studies of the enhanced default's earlier versions (v1: the notebook's recipe without decay on norm /
+bias; v2: v1 with SGD + one-cycle and flip + crop + translate only), their runs committed in
+results/ablation-proxy-5k (--report-only rewrites their tables; a row given to --configs trains again):
+  candidates        changes to v1 one at a time, and the two that helped stacked (v2)
+  leave-one-out-v1  each ingredient of v1 switched off alone, and its TTA views
+  tuning            changes to v2: EMA, label smoothing 0.2, no stochastic depth, no random crop (today's default)
+  tuning-2          the default's peak lr (0.2, 0.05) and batch 128
 
 Beyond noise: a row's gain is tested on a rows x seeds additive model (row effect + seed effect + noise), with
 one family-wise 5% level over the study's rows (Dunnett's many-to-one test, generalised to any reference),

@@ -742,8 +742,8 @@ def test_bad_passthrough_flags_stop_before_training(tmp_path, stub, extra):
 
 
 def test_an_earlier_definition_of_a_studys_table_is_not_replaced(tmp_path, stub, capsys):
-    """results/ablation-proxy-5k/leave-one-out.json is the table of the study's earlier rows: a run of today's
-    leave-one-out into that folder would replace it. Refused before any training, in a dry run too."""
+    """A <study>.json whose rows this study lacks is the table of an earlier definition of the study: a run of
+    today's study into that folder would replace it. Refused before any training, in a dry run too."""
     (tmp_path / "leave-one-out.json").write_text(
         json.dumps({"rows": [{"key": "v2_no_crop"}, {"key": "full"}, {"key": "no_se"}]})
     )

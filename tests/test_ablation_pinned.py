@@ -11,6 +11,7 @@ import pytest
 import ablation
 from helpers import ROOT
 
+FINISHED = ("candidates", "leave-one-out-v1", "tuning", "tuning-2")  # studies whose every run is committed
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "ablation"
 PROXY = "results/ablation-proxy-5k"
 BUDGET = ["--preset", "proxy-5k", "--seeds", "0", "1", "--data-dir", "data", "--output-dir", PROXY, "--report-only"]
@@ -22,6 +23,7 @@ PINNED = {
         ["--study", "architecture", "--preset", "proxy-5k", "--configs", "conv_s_8x8", "conv_m_w1.0", "mobilenetv2"]
         + ["--seeds", "0", "1", "--data-dir", "data", "--output-dir", PROXY, "--report-only"],
     ),
+    **{f"proxy-5k-{study}": (PROXY, ["--study", study, *BUDGET]) for study in FINISHED},
 }
 
 
@@ -42,4 +44,5 @@ def test_report_only_rewrites_the_pinned_table(name, tmp_path, monkeypatch):
     ablation.main(argv)
     written = (tmp_path / folder / f"{study}.md").read_text()
     assert written == (FIXTURES / f"{name}.md").read_text()
+    assert written == (ROOT / folder / f"{study}.md").read_text()  # the committed table is today's
     assert (tmp_path / folder / f"{study}.png").stat().st_size > 0

@@ -35,7 +35,7 @@ LAYERS = [
     "run",
 ]
 # The study tool behind ablation.py, in the same order: a module may import only modules listed before it.
-STUDY_LAYERS = ["rows", "catalog", "stats", "plan", "runner", "results", "report", "cli"]
+STUDY_LAYERS = ["rows", "finished", "catalog", "stats", "plan", "runner", "results", "report", "cli"]
 PACKAGES = {"mnv4": LAYERS, "studies": STUDY_LAYERS}
 MODULES = [(package, name) for package, layers in PACKAGES.items() for name in layers]
 MAX_MODULE_LINES = 400
@@ -50,7 +50,9 @@ def modules(package="mnv4") -> dict:
 def imported_siblings(tree, package="mnv4") -> set:
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module is None:  # from . import x
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 1:
             found.add(node.module.split(".")[0])
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(f"{package}."):
             found.add(node.module.split(".")[1])
