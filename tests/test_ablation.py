@@ -1,7 +1,8 @@
-"""Tests for ablation.py: the studies' rows, the plan (fresh / resume / skip / refuse), each run as a process of its
-own (log, failures, signals), the table and chart, and the beyond-noise test with its null simulation.
+"""Tests for ablation.py and its studies package: the studies' rows, the plan (fresh / resume / skip / refuse),
+each run as a process of its own (log, failures, signals), the table and chart, and the beyond-noise test with its
+null simulation.
 
-Most tests point ablation.SCRIPT_PATHS at a stub script that writes config.json and summary.json with the
+Most tests point studies.plan.SCRIPT_PATHS at a stub script that writes config.json and summary.json with the
 accuracy the test chose for its row and seed (a process that starts in tens of milliseconds, and gains known
 exactly); one test trains for real, as the real scripts' processes, on the tiny CIFAR fixture with a tiny model.
 """
@@ -20,6 +21,9 @@ from scipy import stats
 import ablation
 import mobilenetv4_enhanced
 from helpers import ROOT, SCRIPTS
+from studies import catalog, cli, plan
+from studies import results as study_results
+from studies import stats as study_stats
 
 PROXY = ROOT / "results" / "ablation-proxy-5k"  # the committed proxy study (read only)
 ABLATION_TINY = ["--epochs", "1", "--max-train-samples", "32", "--max-test-samples", "16", "--seeds", "0"]
@@ -139,7 +143,7 @@ def stub_scripts(tmp_path_factory) -> dict:
 def stub(tmp_path, monkeypatch, stub_scripts) -> Stub:
     """Every run of ablation.main() in the test starts the stub script instead of a training script."""
     spec = Stub(tmp_path / "stub")
-    monkeypatch.setattr(ablation, "SCRIPT_PATHS", dict(stub_scripts))
+    monkeypatch.setattr(plan, "SCRIPT_PATHS", dict(stub_scripts))
     monkeypatch.setenv("ABLATION_STUB_SPEC", str(spec.path))
     return spec
 
@@ -158,8 +162,8 @@ def run_ablation(*argv):
 
 def settings(script, flags):
     """A row's settings as config.json holds them, run-time keys left out."""
-    args = ablation.as_saved(SCRIPTS[script].parse_args(list(flags)))
-    return {k: v for k, v in args.items() if k not in ablation.RUNTIME_KEYS}
+    args = plan.as_saved(SCRIPTS[script].parse_args(list(flags)))
+    return {k: v for k, v in args.items() if k not in plan.RUNTIME_KEYS}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,7 +172,7 @@ def settings(script, flags):
 def test_leave_one_out_switches_off_one_ingredient_of_the_default_each():
     """The reference is the enhanced default (the script without flags), spelled as flags on a recipe that never
     moves; every other row changes the settings its label names, nothing more."""
-    ref, *others = ablation.STUDIES["leave-one-out"]
+    ref, *others = catalog.STUDIES["leave-one-out"]
     assert settings("enhanced", ref.flags) == settings("enhanced", [])
     assert "project" not in " ".join(ref.flags)  # not a recipe name that moves with the default
     expected = {
@@ -206,8 +210,8 @@ def test_leave_one_out_switches_off_one_ingredient_of_the_default_each():
 def test_the_architecture_screen_keeps_its_rows_and_shares_the_reference():
     """Runs of the architecture screen are in progress: its keys and reference stay, every row is the reference
     plus one change of architecture."""
-    ref = ablation.STUDIES["leave-one-out"][0]
-    rows = ablation.STUDIES["architecture"]
+    ref = catalog.STUDIES["leave-one-out"][0]
+    rows = catalog.STUDIES["architecture"]
     assert ref.key == "v2_no_crop" and rows[0] == ref
     assert [c.key for c in rows] == ["v2_no_crop", "conv_s_8x8", "conv_m_w1.0", "mobilenetv2", "mobilenetv2_8x8"]
     changes = {c.key: c.flags[len(ref.flags) :] for c in rows[1:]}
@@ -220,13 +224,13 @@ def test_the_architecture_screen_keeps_its_rows_and_shares_the_reference():
     assert all(c.flags[: len(ref.flags)] == ref.flags and c.reference == ref.key for c in rows[1:])
 
 
-@pytest.mark.parametrize("study", list(ablation.STUDIES))
+@pytest.mark.parametrize("study", list(catalog.STUDIES))
 def test_committed_runs_match_the_rows_that_name_their_folders(study):
     """A key is a folder name under results/ablation-proxy-5k: where one holds a run, the row's flags must still
     parse to the settings that run recorded, so the plan reuses it (and a new row never takes the folder of an
     earlier study's row with other settings, which the plan would refuse)."""
     checked = 0
-    for cfg in ablation.STUDIES[study]:
+    for cfg in catalog.STUDIES[study]:
         if cfg.script is None:
             continue
         for path in sorted((PROXY / cfg.key).glob("seed*/config.json")):
@@ -235,7 +239,7 @@ def test_committed_runs_match_the_rows_that_name_their_folders(study):
             if saved["max_train_samples"]:
                 budget += ["--max-train-samples", str(saved["max_train_samples"])]
             expected = SCRIPTS[cfg.script].parse_args([*cfg.flags, *budget])
-            assert ablation.settings_diff(saved, expected) == [], path
+            assert plan.settings_diff(saved, expected) == [], path
             checked += 1
     if PROXY.is_dir():
         assert checked, f"no committed run of the {study} study found"
@@ -244,18 +248,18 @@ def test_committed_runs_match_the_rows_that_name_their_folders(study):
 def test_cumulative_training_row_is_the_notebooks_recipe():
     """'+ training optimizations' reproduces the notebook README's row: the notebook's enhanced recipe, whatever
     the project's defaults become (a default changed by the study must not move this row)."""
-    row = {c.key: c for c in ablation.STUDIES["cumulative"]}["train_opts"]
+    row = {c.key: c for c in catalog.STUDIES["cumulative"]}["train_opts"]
     args = vars(mobilenetv4_enhanced.parse_args(list(row.flags)))
     notebook = mobilenetv4_enhanced.RECIPES["notebook"]
     assert {k: args[k] for k in notebook} == notebook
     assert args["recipe"] == "notebook"
 
 
-@pytest.mark.parametrize("study", list(ablation.STUDIES))
+@pytest.mark.parametrize("study", list(catalog.STUDIES))
 def test_every_row_is_a_valid_command_line(study):
     """Each training row's flags parse with its script and really change a setting of the row it is compared
     with (a row that changes nothing would measure noise)."""
-    rows = {c.key: c for c in ablation.STUDIES[study]}
+    rows = {c.key: c for c in catalog.STUDIES[study]}
     for cfg in rows.values():
         if cfg.script is None:
             continue
@@ -269,7 +273,7 @@ def test_every_row_is_a_valid_command_line(study):
 def test_a_key_names_one_configuration_in_every_study():
     """Studies sharing an --output-dir share the runs of equal keys: a key must mean the same run everywhere."""
     seen = {}
-    for study, rows in ablation.STUDIES.items():
+    for study, rows in catalog.STUDIES.items():
         for c in rows:
             what = (c.script, c.flags, c.source, c.tta)
             assert seen.setdefault(c.key, (study, what))[1] == what, (c.key, study, seen[c.key][0])
@@ -286,7 +290,7 @@ def test_additive_fit_of_a_complete_layout_is_the_two_way_anova():
     rows, seeds = 5, 3
     y = 3 * rng.standard_normal((rows, seeds)) + np.arange(rows)[:, None] + 10 * rng.standard_normal(seeds)
     cells = [(i, s) for i in range(rows) for s in range(seeds)]
-    fit = ablation.additive_fit(cells, rows, seeds, [(i, 0) for i in range(1, rows)], y.reshape(1, -1))
+    fit = study_stats.additive_fit(cells, rows, seeds, [(i, 0) for i in range(1, rows)], y.reshape(1, -1))
     resid = y - y.mean(axis=1, keepdims=True) - y.mean(axis=0, keepdims=True) + y.mean()
     df = (rows - 1) * (seeds - 1)
     assert fit["df"] == df and fit["estimable"].all()
@@ -306,10 +310,10 @@ def test_family_wise_p_values_are_scipys_dunnett():
     res = stats.dunnett(*samples, control=control)  # its own random integration points: agreement within 2e-3
     corr = np.full((k, k), 0.5) + 0.5 * np.eye(k)
     df = (k + 1) * (n - 1)
-    ours = [1 - ablation.max_abs_t_cdf(abs(t), corr, df) for t in res.statistic]
+    ours = [1 - study_stats.max_abs_t_cdf(abs(t), corr, df) for t in res.statistic]
     assert ours == pytest.approx(res.pvalue, abs=2e-3)
-    crit = ablation.max_abs_t_quantile(corr, df)
-    assert 1 - ablation.max_abs_t_cdf(crit, corr, df) == pytest.approx(0.05, abs=1e-3)
+    crit = study_stats.max_abs_t_quantile(corr, df)
+    assert 1 - study_stats.max_abs_t_cdf(crit, corr, df) == pytest.approx(0.05, abs=1e-3)
     assert stats.t.ppf(0.975, df) < crit < stats.t.ppf(1 - 0.025 / k, df)  # above one test's, below Bonferroni's
 
 
@@ -318,7 +322,7 @@ def test_family_test_with_missing_runs_and_single_seeds():
     nothing else shares cannot be, and adds no df; with one seed everywhere there is no noise estimate yet."""
     contrasts = {"a": ("A", "R"), "b": ("B", "R"), "c": ("C", "R"), "lone": ("L", "R")}
     values = {"R": {0: 60.0, 1: 58.0}, "A": {0: 65.0, 1: 63.2}, "B": {0: 60.5, 1: 57.9}, "C": {0: 61.0}, "L": {2: 70.0}}
-    family, verdicts = ablation.family_test(contrasts, values)
+    family, verdicts = study_stats.family_test(contrasts, values)
     table = np.array([[60.0, 58.0], [65.0, 63.2], [60.5, 57.9]])  # R, A, B: the complete part
     resid = table - table.mean(axis=1, keepdims=True) - table.mean(axis=0, keepdims=True) + table.mean()
     assert family["df"] == 2 and family["rows"] == 3  # (3 - 1)(2 - 1); C and L add none
@@ -331,7 +335,7 @@ def test_family_test_with_missing_runs_and_single_seeds():
     assert verdicts["c"]["gain_se"] > verdicts["b"]["gain_se"]
     assert verdicts["a"]["threshold"] == pytest.approx(family["critical_t"] * verdicts["a"]["gain_se"])
     assert 0 <= verdicts["a"]["p_adjusted"] < 0.05 < verdicts["b"]["p_adjusted"] <= 1
-    family, verdicts = ablation.family_test(contrasts, {k: {0: v[0]} for k, v in values.items() if 0 in v})
+    family, verdicts = study_stats.family_test(contrasts, {k: {0: v[0]} for k, v in values.items() if 0 in v})
     assert family["df"] == 0 and family["critical_t"] is None
     assert all(v["beyond_noise"] is None for v in verdicts.values())
 
@@ -342,8 +346,8 @@ def test_the_test_calls_some_row_of_a_null_study_in_five_percent_of_studies(stud
     the new test calls any row in 5% of them (within 2 points: about 4 binomial standard errors), where the
     per-row rule it replaced called a row far more often, and each row more than its nominal 5% (the rows
     share their reference's runs)."""
-    n_series, contrasts = ablation.study_layout(ablation.STUDIES[study])
-    sim = ablation.simulate(n_series, contrasts, seeds, studies=2000, seed=0)
+    n_series, contrasts = study_stats.study_layout(catalog.STUDIES[study])
+    sim = study_stats.simulate(n_series, contrasts, seeds, studies=2000, seed=0)
     assert sim["rows"] == len(contrasts) and sim["df"] == (n_series - 1) * (seeds - 1)
     new, old = sim["rules"]["max-|t| (additive)"], sim["rules"]["per-row t (paired)"]
     assert abs(new["any_row"] - 0.05) < 0.02
@@ -355,10 +359,10 @@ def test_the_test_calls_some_row_of_a_null_study_in_five_percent_of_studies(stud
 def test_the_test_still_detects_a_large_effect():
     """A row 6 noise standard deviations better than the reference is called in most simulated studies with two
     seeds, and the other rows, with no effect, stay within the family-wise rate."""
-    n_series, contrasts = ablation.study_layout(ablation.STUDIES["leave-one-out"])
+    n_series, contrasts = study_stats.study_layout(catalog.STUDIES["leave-one-out"])
     effects = np.zeros(n_series)
     effects[contrasts[0][0]] = 6.0
-    sim = ablation.simulate(n_series, contrasts, 2, studies=500, seed=1, effects=effects)
+    sim = study_stats.simulate(n_series, contrasts, 2, studies=500, seed=1, effects=effects)
     per_row = sim["rules"]["max-|t| (additive)"]["per_contrast"]
     assert per_row[0] > 0.85
     assert np.mean(per_row[1:]) < 0.02
@@ -382,7 +386,7 @@ def test_cumulative_table_claims_and_gains(tmp_path, stub):
     res = run_ablation("--study", "cumulative", "--seeds", "0", "1", "--epochs", "1", "--output-dir", str(out))
     assert (out / "cumulative.md").is_file() and (out / "cumulative.png").stat().st_size > 1000
     rows = table_rows(out / "cumulative.md")
-    assert list(rows) == [c.label for c in ablation.STUDIES["cumulative"]]
+    assert list(rows) == [c.label for c in catalog.STUDIES["cumulative"]]
     assert {"claimed gain", "measured gain (% points)", "test acc (%)"} <= set(rows["baseline"])
     for label, claim in NOTEBOOK_CLAIMS.items():
         assert rows[label]["claimed gain"] == claim
@@ -404,7 +408,7 @@ def test_cumulative_table_claims_and_gains(tmp_path, stub):
     # process of its own, started in the repository root.
     calls = stub.calls()
     assert [c["script"] for c in calls].count("baseline") == 12 and [c["script"] for c in calls].count("enhanced") == 2
-    assert {c["cwd"] for c in calls} == {str(ablation.ROOT)}
+    assert {c["cwd"] for c in calls} == {str(plan.ROOT)}
     mlp_head_argv = next(c["argv"] for c in calls if c["key"] == "mlp_head")
     assert mlp_head_argv[:9] == ["--se", "--drop-path", "0.1", "--act", "silu", "--width-mult", "1.2", "--head", "mlp"]
     # No run needs the full TTA table here: + TTA reads flip, the enhanced script's own --tta under --recipe notebook.
@@ -467,7 +471,7 @@ def test_the_table_names_the_test_and_judges_each_family(tmp_path, stub):
     }
     assert rows["no TTA (against flip_shift)"]["measured gain (% points)"] == f"{-TTA_ACC['flip_shift']:+.2f} ± 0.00"
     notes = (out / "leave-one-out.md").read_text().split("Notes:")[1]
-    assert ablation.TEST_NAME in notes and f"sigma = {train['sigma']:.2f} points (9 runs, 4 residual df)" in notes
+    assert study_stats.TEST_NAME in notes and f"sigma = {train['sigma']:.2f} points (9 runs, 4 residual df)" in notes
     assert res["test"]["tta"]["rows"] == 1
     no_se = next(r for r in res["rows"] if r["key"] == "nocrop_no_se")
     assert no_se["threshold"] == pytest.approx(train["critical_t"] * no_se["gain_se"])
@@ -499,7 +503,7 @@ def test_report_only_tabulates_finished_runs_and_trains_nothing(tmp_path, stub):
     res = run_ablation("--study", "architecture", "--seeds", "0", "1", "--report-only", "--output-dir", str(tmp_path))
     assert len(stub.calls()) == n == 2
     rows = table_rows(tmp_path / "architecture.md")
-    assert list(rows) == [c.label for c in ablation.STUDIES["architecture"]]
+    assert list(rows) == [c.label for c in catalog.STUDIES["architecture"]]
     assert rows["MobileNetV2 (4x4 map)"]["seeds"] == "1/2"
     assert rows["MobileNetV2 (4x4 map)"]["measured gain (% points)"] == "+0.00"
     assert rows["Conv-M, width 1.0 (4x4 map)"]["test acc (%)"] == "pending"
@@ -683,7 +687,7 @@ def test_settings_are_compared_by_value_not_by_recipe_name(tmp_path, stub, capsy
     budget = ["--epochs", "1", "--seed", "0"]
 
     def finished(*flags):
-        args = ablation.as_saved(mobilenetv4_enhanced.parse_args([*flags, *budget]))
+        args = plan.as_saved(mobilenetv4_enhanced.parse_args([*flags, *budget]))
         assert args["recipe"] == "project"
         (run_dir / "summary.json").write_text(
             json.dumps({"test_acc": 50.0, "epochs_completed": 1, "config": {"args": args}, "tta_table": {"none": {}}})
@@ -725,9 +729,9 @@ def test_settings_check_ignores_what_changes_per_invocation(script):
         ["--epochs", "1", "--seed", "0", "--output-dir", "elsewhere", "--device", "cpu", "--data-dir", "d"],
         planned + ["--eval-every", "20"],
     ):  # evaluating less often trains the same weights
-        assert ablation.settings_diff(ablation.as_saved(parse(ran)), expected) == []
-    saved = ablation.as_saved(parse(planned + ["--lr", "0.5"]))
-    assert ablation.settings_diff(saved, expected) == [f"--lr 0.5 (now {expected.lr})"]
+        assert plan.settings_diff(plan.as_saved(parse(ran)), expected) == []
+    saved = plan.as_saved(parse(planned + ["--lr", "0.5"]))
+    assert plan.settings_diff(saved, expected) == [f"--lr 0.5 (now {expected.lr})"]
 
 
 @pytest.mark.parametrize("extra", [["--seed", "3"], ["--output-dir=x"], ["--no-such-flag"], ["--epochs", "0"]])
@@ -738,8 +742,8 @@ def test_bad_passthrough_flags_stop_before_training(tmp_path, stub, extra):
 
 
 def test_an_earlier_definition_of_a_studys_table_is_not_replaced(tmp_path, stub, capsys):
-    """results/ablation-proxy-5k/leave-one-out.json is the table of the study's earlier rows: a run of today's
-    leave-one-out into that folder would replace it. Refused before any training, in a dry run too."""
+    """A <study>.json whose rows this study lacks is the table of an earlier definition of the study: a run of
+    today's study into that folder would replace it. Refused before any training, in a dry run too."""
     (tmp_path / "leave-one-out.json").write_text(
         json.dumps({"rows": [{"key": "v2_no_crop"}, {"key": "full"}, {"key": "no_se"}]})
     )
@@ -809,11 +813,11 @@ def test_studies_in_one_folder_share_their_common_runs(tmp_path, stub):
 
 
 def test_select_configs_adds_references_and_sources():
-    assert [c.key for c in ablation.select_configs("leave-one-out", ["nocrop_tta_flip"])] == [
+    assert [c.key for c in catalog.select_configs("leave-one-out", ["nocrop_tta_flip"])] == [
         "v2_no_crop",
         "nocrop_tta_flip",
     ]
-    assert [c.key for c in ablation.select_configs("cumulative", ["silu", "tta"])] == [
+    assert [c.key for c in catalog.select_configs("cumulative", ["silu", "tta"])] == [
         "drop_path",
         "silu",
         "train_opts",
@@ -825,15 +829,15 @@ def test_paths_mean_the_same_to_the_ablation_and_its_runs(tmp_path, monkeypatch)
     """Runs start in the repository root: from there a path is passed as given (as the committed commands spell
     it), from elsewhere as an absolute path, so both processes read the same folder."""
     monkeypatch.chdir(ROOT)
-    assert ablation.shared_path("results/x") == "results/x"
+    assert plan.shared_path("results/x") == "results/x"
     monkeypatch.chdir(tmp_path)
-    assert ablation.shared_path("results/x") == str(tmp_path / "results" / "x")
+    assert plan.shared_path("results/x") == str(tmp_path / "results" / "x")
 
 
 def test_run_argv_order():
-    job_argv = ablation.run_argv(
-        ablation.STUDIES["cumulative"][1],
-        ablation.build_parser().parse_args(["--epochs", "3", "--data-dir", "d"]),
+    job_argv = plan.run_argv(
+        catalog.STUDIES["cumulative"][1],
+        cli.build_parser().parse_args(["--epochs", "3", "--data-dir", "d"]),
         ["--width-mult", "0.5"],
         2,
         Path("o/se/seed2"),
@@ -855,13 +859,13 @@ def test_run_argv_order():
 
 
 def test_preset_fills_the_budget_and_explicit_flags_win():
-    parse = ablation.build_parser().parse_args
-    ref = ablation.STUDIES["architecture"][0]
-    args = ablation.apply_preset(parse(["--preset", "proxy-10k"]))
+    parse = cli.build_parser().parse_args
+    ref = catalog.STUDIES["architecture"][0]
+    args = cli.apply_preset(parse(["--preset", "proxy-10k"]))
     assert (args.epochs, args.max_train_samples, args.max_test_samples) == (20, 10_000, None)
-    args = ablation.apply_preset(parse(["--preset", "proxy-5k"]))
+    args = cli.apply_preset(parse(["--preset", "proxy-5k"]))
     assert (args.epochs, args.max_train_samples, args.max_test_samples, args.eval_every) == (20, 5_000, None, 20)
-    job_argv = ablation.run_argv(ref, args, [], 0, Path("o"))
+    job_argv = plan.run_argv(ref, args, [], 0, Path("o"))
     assert job_argv[len(ref.flags) : len(ref.flags) + 6] == [
         "--epochs",
         "20",
@@ -870,9 +874,9 @@ def test_preset_fills_the_budget_and_explicit_flags_win():
         "--eval-every",
         "20",
     ]
-    args = ablation.apply_preset(parse(["--preset", "proxy-10k", "--epochs", "5", "--max-train-samples", "500"]))
+    args = cli.apply_preset(parse(["--preset", "proxy-10k", "--epochs", "5", "--max-train-samples", "500"]))
     assert (args.epochs, args.max_train_samples) == (5, 500)
-    assert ablation.run_argv(ref, args, [], 0, Path("o"))[len(ref.flags) : len(ref.flags) + 4] == [
+    assert plan.run_argv(ref, args, [], 0, Path("o"))[len(ref.flags) : len(ref.flags) + 4] == [
         "--epochs",
         "5",
         "--max-train-samples",
@@ -955,7 +959,8 @@ def test_real_run_on_tiny_cifar(tmp_path, tiny_cifar):
     summary = json.loads((out / "v2_no_crop" / "seed0" / "summary.json").read_text())
     assert res["rows"][0]["values"] == {0: summary["test_acc"]} and 0 <= summary["test_acc"] <= 100
     assert "--no-tta-table" in res["runs"][0]["argv"] and set(summary["tta_table"]) == {"none", "flip"}
-    assert ablation.metric(summary, "none") == summary["test_acc"] and 0 <= ablation.metric(summary, "flip") <= 100
+    assert study_results.metric(summary, "none") == summary["test_acc"]
+    assert 0 <= study_results.metric(summary, "flip") <= 100
     log = (out / "v2_no_crop" / "seed0" / "train.log").read_text()
     assert log.count("==> ") == 1 and "mobilenetv4_enhanced.py --recipe notebook" in log
     assert len(log.split("==> ", 1)[1].splitlines()) > 5  # the script's own report, not on the ablation's console

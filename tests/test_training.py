@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-import ablation
 import common
 import mnv4.checkpoint
 import mnv4.evaluation
@@ -37,6 +36,7 @@ from helpers import (
     run_main,
     train,
 )
+from studies import plan as study_plan
 
 pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
 
@@ -455,7 +455,7 @@ def test_recipes_are_what_their_committed_runs_trained(recipe, run):
     budget = ["--max-train-samples", str(saved["max_train_samples"])] if saved["max_train_samples"] else []
     seed = ["--seed", str(saved["seed"])]  # a run's seed is its own, not its recipe's
     args = mobilenetv4_enhanced.parse_args(["--recipe", recipe, *budget, *seed])
-    assert ablation.settings_diff(saved, args) == []
+    assert study_plan.settings_diff(saved, args) == []
     # A study reads every TTA from one table; a full run's headline TTA is its recipe's
     if not budget:
         assert saved["tta"] == args.tta
