@@ -65,7 +65,7 @@ def print_tta_table(tta: dict, headline: str, model: str):
     print(f"\nTest-time augmentation ({model}):")
     print(f"  {'tta':<11} {'views':>5} {'test acc':>9}")
     for name, row in tta.items():
-        mark = "  <- headline (--tta)" if name == headline else ""
+        mark = "  <- --tta (the summary's TTA figure)" if name == headline else ""
         print(f"  {name:<11} {row['views']:>5d} {row['test_acc']:>8.2f}%{mark}")
 
 
@@ -87,7 +87,7 @@ def print_summary(summary: dict, out_dir: Path, test_only: bool):
             f"train time {summary['train_time_s']:.1f} s | {memory}"
         )
         files = "config.json, metrics.csv, summary.json, curves.png, confusion.png, last.pt, best.pt"
-    print("per-class acc: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["per_class_acc"].items()))
+    print("per-class acc (no TTA): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["per_class_acc"].items()))
     print(f"files: {out_dir}/{{{files}}}")
 
 
@@ -128,19 +128,25 @@ def plot_curves(path: Path, history: list, title: str, notebook: float | None = 
     save_figure(fig, path)
 
 
-def plot_confusion(path: Path, labels, preds, classes, title: str):
+def confusion_matrix(labels, preds, num_classes: int) -> torch.Tensor:
+    """Counts [true class, predicted class] (int64, CPU)."""
+    k = num_classes
+    return torch.bincount(labels.cpu() * k + preds.cpu(), minlength=k * k).view(k, k)
+
+
+def plot_confusion(path: Path, matrix: torch.Tensor, classes, title: str):
+    """`matrix`: `confusion_matrix`'s counts, drawn with each cell's count written in it."""
     from matplotlib.figure import Figure
 
     k = len(classes)
-    matrix = torch.bincount(labels.cpu() * k + preds.cpu(), minlength=k * k).view(k, k)  # [true, predicted]
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
     ax.set_title(title, fontsize=10)
     im = ax.imshow(matrix.numpy(), cmap="Blues")
     ax.set_xticks(range(k), classes, rotation=45, ha="right")
     ax.set_yticks(range(k), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
     for i in range(k):
         for j in range(k):
             ax.text(
@@ -152,5 +158,5 @@ def plot_confusion(path: Path, labels, preds, classes, title: str):
                 fontsize=7,
                 color="white" if matrix[i, j] > matrix.max() / 2 else "black",
             )
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label="test images")
     save_figure(fig, path)

@@ -84,6 +84,23 @@ def test_end_to_end_outputs(script, base3, enh2):
         assert losses[-1] < losses[0] - 0.3, losses
 
 
+def test_confusion_and_per_class_accuracy_show_the_headlines_predictions(tiny_cifar, tmp_path):
+    """summary.json's confusion matrix (what confusion.png draws) and per-class accuracy come from the headline's
+    predictions, the final model without TTA: the diagonal sums to test_acc, not to the TTA figure."""
+    flags = ["--data-dir", tiny_cifar, "--output-dir", tmp_path / "run", "--epochs", 3, "--deterministic"]
+    res = run_main("baseline", [*LEARN, *flags, "--no-tta-table", "--tta", "flip_rot90"])  # a model that learned
+    assert res.code == 0, res.err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test_acc_tta"] != summary["test_acc"]  # else this test could not tell the two apart
+    matrix = torch.tensor(summary["confusion"])
+    assert matrix.shape == (10, 10) and matrix.sum().item() == summary["test_images"]
+    assert matrix.trace().item() * 100 / summary["test_images"] == pytest.approx(summary["test_acc"])
+    rows = matrix.sum(1).clamp_min(1).tolist()
+    expected = {name: hits * 100 / n for name, hits, n in zip(common.CIFAR10_CLASSES, matrix.diag().tolist(), rows)}
+    assert summary["per_class_acc"] == pytest.approx(expected)
+    assert "per-class acc (no TTA)" in res.out
+
+
 def test_outputs_get_umask_permissions(base3):
     out, _ = base3
     umask = os.umask(0)
