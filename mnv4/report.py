@@ -102,26 +102,23 @@ def plot_curves(path: Path, history: list, title: str, notebook: float | None = 
     epochs = [r["epoch"] for r in history]
     fig = Figure(figsize=(10, 4.3))
     ax_loss, ax_acc = fig.subplots(1, 2)
-    panels = ((ax_loss, "loss", "cross-entropy loss (train: with label smoothing)"), (ax_acc, "acc", "accuracy (%)"))
+    panels = (
+        (ax_loss, "loss", "loss (train: the training criterion; test: cross-entropy)"),
+        (ax_acc, "acc", "accuracy (%)"),
+    )
     for ax, key, label in panels:
-        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", ms=3, label="train (augmented, during the epoch)")
+        ax.plot(
+            epochs, [r[f"train_{key}"] for r in history], "o-", ms=3, label="train (training mode, during the epoch)"
+        )
         tested = [(r["epoch"], r[f"test_{key}"]) for r in history if not math.isnan(r[f"test_{key}"])]
-        ax.plot(*zip(*tested), "o-", ms=3, label="test (end of epoch, no TTA)") if tested else None
+        final = f"; last {tested[-1][1]:.2f}%" if tested and key == "acc" else ""  # in the legend: never on a curve
+        ax.plot(*zip(*tested), "o-", ms=3, label=f"test (end of epoch, no TTA{final})") if tested else None
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+        ax.margins(y=0.08)
     if notebook is not None:
         ax_acc.axhline(notebook, color="grey", ls="--", lw=1, label=f"notebook, reported at epoch 20: {notebook:.2f}%")
-    last = history[-1]
-    if not math.isnan(last["test_acc"]):
-        ax_acc.annotate(
-            f"{last['test_acc']:.2f}%",
-            (last["epoch"], last["test_acc"]),
-            textcoords="offset points",
-            xytext=(0, 8),
-            ha="center",
-            fontsize=9,
-        )
     ax_loss.legend(fontsize=8)
     ax_acc.legend(fontsize=8, loc="best")
     fig.suptitle(title, fontsize=11)

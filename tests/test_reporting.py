@@ -20,6 +20,7 @@ from helpers import (
     MD5_WARNING,
     METRIC_COLUMNS,
     OUTPUT_FILES,
+    ROOT,
     SUMMARY_KEYS,
     TINY,
     assert_one_error_line,
@@ -273,3 +274,24 @@ def test_a_folder_without_a_run_is_one_error_line(tmp_path):
     assert code == 2
     assert_one_error_line(err, str(tmp_path), "holds no training run")
     assert not (tmp_path / "report").exists()
+
+
+def test_charts_name_each_run_by_its_recipe_and_mark_the_default():
+    """headline.png's and accuracy-vs-macs.png's legends: the recipe a committed run equals today, or the nearest
+    one and the flags that differ (its `--config` replay's flags), and its seed."""
+    expected = {
+        "baseline-20ep-seed0": "baseline project (the default), seed 0",
+        "enhanced-20ep-seed0": "enhanced notebook + --norm-weight-decay 0.0, seed 0",
+        "enhanced-sgd-lightaug-20ep-seed0": "enhanced project + --crop-padding 4, seed 0",
+        "enhanced-nocrop-20ep-seed1": "enhanced project (the default), seed 1",
+        "enhanced-lr0.2-20ep-seed0": "enhanced project + --lr 0.2, seed 0",
+    }
+    for run, label in expected.items():
+        config = json.loads((ROOT / "results" / run / "config.json").read_text())
+        assert headline.recipe_label(config) == label
+
+
+def test_points_sharing_macs_are_fanned_out_around_them():
+    x = headline.spread([84.33, 58.5, 84.33, 84.33])
+    assert x[1] == 58.5 and len(set(x)) == 4
+    assert x[2] == pytest.approx(84.33) and x[0] < x[2] < x[3]
