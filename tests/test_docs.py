@@ -84,6 +84,7 @@ def test_readme_verify_command_parses_and_evaluates_the_shipped_file_without_tta
     args = mobilenetv4_enhanced.parse_args(argv)
     assert args.test_only and (ROOT / args.resume).resolve() == SHIPPED_WEIGHTS
     assert args.tta == "none" and not args.tta_table  # the headline is the no-TTA figure; one pass over the images
+    assert args.device == "cpu"  # fp32, as the run evaluated: a GPU's --amp auto would not reproduce it exactly
 
 
 # ---- Python version ---------------------------------------------------------------------------------------------
