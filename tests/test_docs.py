@@ -45,6 +45,18 @@ def test_docs_quote_only_recipes_the_scripts_accept():
     assert not wrong, f"recipes the CLI rejects (it accepts {sorted(accepted)}):\n" + "\n".join(wrong)
 
 
+def github_anchor(heading: str) -> str:
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", [d.name for d in DOCS if d.parent.name == "docs"])
+def test_each_docs_contents_list_every_section_with_its_anchor(doc):
+    text = (ROOT / "docs" / doc).read_text()
+    headings = re.findall(r"^## (.+)$", text, re.M)
+    contents = re.findall(r"^- \[(.+)\]\(#([^)]+)\)$", text.split("\n## ", 1)[0], re.M)
+    assert contents == [(h, github_anchor(h)) for h in headings]
+
+
 # ---- The README's first screen ---------------------------------------------------------------------------------
 def headline_rows() -> dict:
     """{script: (final %, TTA %)} of the README table's "this project" rows."""
