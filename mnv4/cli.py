@@ -143,12 +143,9 @@ def build_parser(recipes: dict, name: str, description: str) -> argparse.Argumen
         jitter_help = "ColorJitter brightness contrast saturation hue, each in [0, 0.5] (0 0 0 0: off)"
     else:  # the values only act with --augment: say so, rather than present them as if they were on
         a = p.add_argument_group("augmentation (off in this recipe: add --augment to apply these ops)")
-        shown = {k: f"{text} (default: not applied; {value} with --augment)" for k, (_, value, text) in ops.items()}
-        jitter_help = (
-            "ColorJitter brightness contrast saturation hue, each in [0, 0.5] (default: not applied; "
-            + " ".join(f"{v:g}" for v in jitter)
-            + " with --augment)"
-        )
+        off = "applies only with --augment, which this recipe leaves off"
+        shown = {k: f"{text}; {off} (default: {value})" for k, (_, value, text) in ops.items()}
+        jitter_help = f"ColorJitter brightness contrast saturation hue, each in [0, 0.5]; {off} (default: {jitter})"
     a.add_argument("--crop-padding", type=int, default=aug.crop_padding, help=shown["crop_padding"])
     a.add_argument("--hflip", type=float, default=aug.flip_prob, help=shown["hflip"])
     a.add_argument("--rotation", type=float, default=aug.rotation, help=shown["rotation"])
