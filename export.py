@@ -1,12 +1,19 @@
-"""Export a trained checkpoint to ONNX and check the file against PyTorch with onnxruntime, in one command.
+"""Export a trained model to ONNX and check the file against PyTorch with onnxruntime, in one command; or write
+a run's checkpoint as the shipped weights file.
 
-    python export.py --checkpoint runs/X/best.pt --output model.onnx [--opset N] [--data-dir data]
+    python export.py --output model.onnx [--checkpoint runs/X/best.pt] [--opset N] [--data-dir data]
+    python export.py --checkpoint runs/X/last.pt --weights [OUT.pt] [--run-name NAME]
 
-Exports the weights the run evaluated (the EMA when the checkpoint has one) with a dynamic batch axis, runs the
-onnx checker, then compares onnxruntime's logits with PyTorch's at two batch sizes on CIFAR-10 test images
-(--data-dir) or, without data, on random images. The file appears only if max |diff| <= 1e-4; otherwise the
-command exits 1 and leaves no file. Run the result with `python predict.py --onnx model.onnx IMAGE ...`.
-Needs the export extras: pip install -r requirements-export.txt
+ONNX: exports the weights the run evaluated (the EMA when the checkpoint has one; without --checkpoint, the shipped
+weights) with a dynamic batch axis, runs the onnx checker, then compares onnxruntime's logits with PyTorch's at
+two batch sizes on CIFAR-10 test images (--data-dir) or, without data, on random images. The file appears only if
+max |diff| <= 1e-4; otherwise the command exits 1 and leaves no file. Run the result with
+`python predict.py --onnx model.onnx IMAGE ...`. Needs the export extras: pip install -r requirements-export.txt
+
+--weights: writes the evaluated weights in fp32 with the model settings, the run's name, its final test accuracy
+(no TTA) and the commit that trained it, atomically, to OUT.pt (default: the shipped file,
+weights/mobilenetv4_conv_small_enhanced_cifar10.pt); it loads with torch.load(weights_only=True), and predict.py,
+export.py and --test-only --resume read it like a checkpoint. Needs no export extras.
 """
 
 import os
@@ -18,6 +25,7 @@ import torch
 
 import common
 import predict
+from mnv4.checkpoint import SHIPPED_WEIGHTS, shipped_state
 
 TOLERANCE = 1e-4  # max |logit difference| accepted between onnxruntime and PyTorch
 EXAMPLE_BATCH = 2  # torch.export specialises sizes 0 and 1, so the traced example batch must be larger
@@ -124,8 +132,28 @@ def export_checked(model, output: Path, images, opset=None) -> dict:
 
 def build_parser():
     p = common.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=common.HelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="PT", help="a last.pt / best.pt of the training scripts")
-    p.add_argument("--output", required=True, metavar="MODEL.onnx", help="the ONNX file to write")
+    p.add_argument(
+        "--checkpoint",
+        metavar="PT",
+        help="a last.pt / best.pt of the training scripts, or a weights file (default: the shipped weights, "
+        f"{SHIPPED_WEIGHTS.parent.name}/{SHIPPED_WEIGHTS.name}; --weights needs a run's checkpoint)",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--output", metavar="MODEL.onnx", help="the ONNX file to write (this or --weights)")
+    what.add_argument(
+        "--weights",
+        metavar="OUT.pt",
+        nargs="?",
+        const=SHIPPED_WEIGHTS,
+        help="instead of ONNX, write --checkpoint as a weights file: fp32 evaluated weights, model settings, "
+        f"run name, final accuracy, commit (no OUT.pt: the shipped {SHIPPED_WEIGHTS.parent.name}/"
+        f"{SHIPPED_WEIGHTS.name})",
+    )
+    p.add_argument(
+        "--run-name",
+        default=None,
+        help="with --weights: the run recorded in the file (default: the checkpoint's folder name)",
+    )
     p.add_argument(
         "--opset",
         type=int,
@@ -148,26 +176,65 @@ def parse_args(argv):
         parser.error(f"--opset {args.opset} is out of range: the dynamo exporter writes opset 18 or newer")
     if not 1 <= args.num_images <= 10_000:
         parser.error(f"--num-images {args.num_images} is out of range: use 1 to 10000")
+    if args.weights is not None and args.checkpoint is None:
+        parser.error("--weights writes a run's checkpoint as a weights file: add --checkpoint RUN/last.pt")
+    if args.run_name is not None and args.weights is None:
+        parser.error("--run-name is recorded only in a weights file: add --weights, or drop --run-name")
     return args
+
+
+def writable_file(flag: str, path: Path, kind: str) -> Path:
+    """`path` expanded, or a UserError if its folder is missing or unwritable or it names a folder."""
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():
+        raise common.UserError(f"{flag} {path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise common.UserError(f"{flag} {path} is a folder: name the {kind} file to write")
+    if not os.access(path.parent, os.W_OK):
+        raise common.UserError(f"{flag} {path}: folder {path.parent} is not writable")
+    return path
+
+
+def write_weights(args) -> dict:
+    """--weights: the checkpoint as a weights file (mnv4.checkpoint.shipped_state), written atomically, read back
+    and rebuilt before the command reports success."""
+    if Path(args.weights).expanduser().resolve() == SHIPPED_WEIGHTS:
+        SHIPPED_WEIGHTS.parent.mkdir(exist_ok=True)
+    output = writable_file("--weights", args.weights, ".pt")
+    checkpoint = Path(args.checkpoint).expanduser()
+    state = common.load_checkpoint(checkpoint)
+    if output.resolve() == SHIPPED_WEIGHTS and state.get("script") != "enhanced":
+        raise common.UserError(
+            f"{checkpoint} is a {state.get('script')} run's: the shipped file holds the enhanced model; "
+            "name another OUT.pt after --weights"
+        )
+    state = shipped_state(state, args.run_name or checkpoint.resolve().parent.name)
+    common.save_checkpoint(output, state)
+    model, _ = common.model_from_checkpoint(common.load_checkpoint(output))  # what readers will do, checked now
+    shipped, cfg = state["shipped"], model.config
+    print(
+        f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB): {cfg['variant']} width {cfg['width_mult']}, "
+        f"run {shipped['run']}, epoch {shipped['epoch']}, test acc {shipped['test_acc']:.2f}% without TTA "
+        f"({shipped['evaluated']} weights, commit {shipped['git_commit']})"
+    )
+    return {"output": str(output), "shipped": shipped}
 
 
 @common.command_line
 def main(argv=None):
-    """Returns {"output", "which", "diffs": {batch size: max |diff|}, "compared": what the inputs were}."""
+    """ONNX: returns {"output", "which", "diffs": {batch size: max |diff|}, "compared": what the inputs were};
+    --weights: {"output", "shipped": what the file records}."""
     args = parse_args(argv)
+    if args.weights is not None:
+        return write_weights(args)
     for package in ("onnx", "onnxscript", "onnxruntime"):
         predict.import_export_package(package)
-    output = Path(args.output).expanduser()
-    if not output.parent.is_dir():
-        raise common.UserError(f"--output {output}: folder {output.parent} does not exist")
-    if output.is_dir():
-        raise common.UserError(f"--output {output} is a folder: name the .onnx file to write")
-    if not os.access(output.parent, os.W_OK):
-        raise common.UserError(f"--output {output}: folder {output.parent} is not writable")
-    model, which = common.model_from_checkpoint(common.load_checkpoint(args.checkpoint))
+    output = writable_file("--output", args.output, ".onnx")
+    checkpoint = args.checkpoint or predict.shipped_weights()
+    model, which = common.model_from_checkpoint(common.load_checkpoint(checkpoint))
     images, compared = comparison_images(args.data_dir, args.num_images)
     cfg = model.config
-    print(f"exporting {cfg['variant']} width {cfg['width_mult']} ({which} weights) from {args.checkpoint}")
+    print(f"exporting {cfg['variant']} width {cfg['width_mult']} ({which} weights) from {checkpoint}")
     try:
         diffs = export_checked(model, output, images, args.opset)
     except CheckFailed as exc:

@@ -12,6 +12,9 @@ Reads run folders written by the training scripts (finished or still training) a
 final weights). Write it with `python mobilenetv4_<script>.py --test-only --resume <run>/best.pt`: its default
 output folder, <run>/eval-best/, is where this script looks.
 
+--curves also redraws each run folder's curves.png from its metrics.csv with today's plotting code (the
+training scripts draw it the same way at every epoch).
+
 The notebook published final accuracies only, so its curve cannot be drawn: its results are marked at epoch 20.
 It published no MACs either: its model (a MobileNetV2 layer table with ImageNet strides, so a 1x1 final map at
 32x32) is rebuilt here as `--variant mobilenetv2 --output-stride 32` under each script's model flags, and counted.
@@ -22,6 +25,7 @@ Example:
 
 import argparse
 import csv
+import importlib
 import json
 import math
 import shlex
@@ -29,6 +33,7 @@ import statistics
 from pathlib import Path
 
 import common
+from mnv4.report import plot_curves
 
 # The notebook's reported 20-epoch test accuracies (%), on the official CIFAR-10 files.
 NOTEBOOK = common.NOTEBOOK_REPORTED
@@ -77,6 +82,39 @@ def read_run(folder: Path) -> dict:
         "summary": summary(folder / "summary.json"),
         "best_eval": summary(folder / "eval-best" / "summary.json"),
     }
+
+
+# Flags that say where and how a run went, not what it trained: left out when naming its recipe.
+NOT_RECIPE = {
+    "recipe", "argv", "config", "data_dir", "download", "output_dir", "overwrite", "resume", "test_only", "seed",
+    "deterministic", "device", "amp", "channels_last", "compile", "sync_bn", "eval_batch_size", "eval_every",
+    "tta_table", "max_test_samples", "skip_nonfinite",
+}  # fmt: skip
+
+
+def comparable(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def recipe_label(config: dict) -> str:
+    """A run named by what it trained: the script's recipe it equals (`project`, the default, or `notebook`), or the
+    nearest one and the flags that differ from it today, then its seed. Flags the run predates are not compared:
+    their defaults are what it trained (as --config replays it)."""
+    script, args = config["script"], config["args"]
+    module = importlib.import_module(f"mobilenetv4_{script}")
+    candidates = []
+    for name in module.RECIPES:
+        defaults = vars(module.build_parser(name).parse_args([]))
+        differ = [
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+            for k, v in args.items()
+            if k in defaults and k not in NOT_RECIPE and comparable(v) != comparable(defaults[k])
+        ]
+        candidates.append((len(differ), name, differ))
+    _, name, differ = min(candidates, key=lambda c: c[0])  # the first recipe wins a tie: the default
+    default = name == next(iter(module.RECIPES))
+    label = f"{script} {name}" + (" (the default)" if default and not differ else "")
+    return f"{label}{' + ' + ' '.join(differ) if differ else ''}, seed {args.get('seed', 0)}"
 
 
 def model_size(run: dict) -> dict | None:
@@ -159,25 +197,28 @@ def plot(path: Path, runs: list[dict]):
     from matplotlib.figure import Figure  # the object API: no pyplot global state, no GUI backend
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(8, 4.8))
+    fig = Figure(figsize=(8, 5.2))
     ax = fig.subplots()
     for i, run in enumerate(runs):
         rows = [r for r in run["rows"] if not math.isnan(r["test_acc"])]
+        label = recipe_label(run["config"])
         ax.plot(
             [r["epoch"] for r in rows],
             [r["test_acc"] for r in rows],
             "o-",
             ms=3,
+            lw=2.2 if "(the default)" in label else 1.2,  # the default's runs stand out
             color=f"C{i}",
-            label=f"{run['folder'].name} (this project)",
+            label=label,
         )
     mark_notebook(ax, {script: 20 for script in NOTEBOOK}, len(runs), "at epoch 20 (no curve published)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%), no TTA")
-    ax.set_title("CIFAR-10 test accuracy per epoch")
+    ax.set_title("CIFAR-10 test accuracy per epoch, this project's full runs (thick: the default recipe)")
+    ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7.5, loc="lower right")
     common.save_figure(fig, path)
 
 
@@ -193,36 +234,68 @@ def notebook_macs() -> dict:
     return macs
 
 
+def spread(values: list[float], factor: float = 1.09) -> list[float]:
+    """x positions on a log axis for points that share one: each group of equal values fanned out by `factor`
+    around its value, so no point hides another."""
+    groups: dict[float, list[int]] = {}
+    for i, value in enumerate(values):
+        groups.setdefault(value, []).append(i)
+    x = list(values)
+    for value, members in groups.items():
+        for k, i in enumerate(members):
+            x[i] = value * factor ** (k - (len(members) - 1) / 2)
+    return x
+
+
 def plot_macs(path: Path, runs: list[dict], notebook: dict):
     """Final accuracy against MACs per image (log scale): a filled marker without TTA and a hollow one with it,
-    joined by a line, for each finished run; the notebook's reported figures as crosses."""
+    joined by a line, for each finished run; the notebook's reported figures as crosses. Runs of one model share
+    its MACs: they are fanned out sideways around it."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, NullLocator
 
-    fig = Figure(figsize=(8, 6))
+    fig = Figure(figsize=(8, 6.4))
     ax = fig.subplots()
     finished = [run for run in runs if run["summary"]]
-    for i, run in enumerate(finished):
+    xs = spread([run["summary"]["macs"] / 1e6 for run in finished])
+    for i, (run, x) in enumerate(zip(finished, xs)):
         summary, color = run["summary"], f"C{i}"
-        macs = summary["macs"] / 1e6
-        ax.plot([macs], [summary["test_acc"]], "o", color=color, label=f"{run['folder'].name}")
+        ax.plot([x], [summary["test_acc"]], "o", ms=7, color=color, label=recipe_label(run["config"]))
         if summary.get("test_acc_tta") is not None:
-            ax.plot([macs, macs], [summary["test_acc"], summary["test_acc_tta"]], "-", color=color, lw=1)
-            ax.plot([macs], [summary["test_acc_tta"]], "o", mfc="none", color=color)
+            ax.plot([x, x], [summary["test_acc"], summary["test_acc_tta"]], "-", color=color, lw=1)
+            ax.plot([x], [summary["test_acc_tta"]], "o", ms=7, mfc="white", color=color)
+    for macs in {run["summary"]["macs"] for run in finished}:  # each group's true MACs, under its points
+        low = min(run["summary"]["test_acc"] for run in finished if run["summary"]["macs"] == macs)
+        ax.annotate(f"{macs / 1e6:.2f} M", (macs / 1e6, low), textcoords="offset points", xytext=(0, -16), ha="center")
     notebook_mmacs = {script: value / 1e6 for script, value in notebook.items()}
     mark_notebook(ax, notebook_mmacs, len(finished), "(MACs of its model rebuilt here)")
     ax.set_xscale("log")
-    plain = FuncFormatter(lambda x, _: f"{x:g}")
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
-    ax.tick_params(axis="x", which="minor", labelsize=7)
-    ax.set_xlabel("MACs per 32x32 image (millions, log scale)")
+    ax.set_xlim(4, 150)
+    ticks = [5, 10, 20, 50, 100]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x:g}")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.margins(y=0.08)  # no marker clipped at the top or bottom
+    ax.set_xlabel("MACs per 32x32 image (millions, log scale); runs of one model are spread sideways")
     ax.set_ylabel("test accuracy after the last epoch (%)")
-    ax.set_title("CIFAR-10 accuracy against compute (filled: no TTA; hollow: with the run's TTA)")
-    ax.grid(alpha=0.3, which="both")
+    ax.set_title("CIFAR-10 accuracy against compute (filled: no TTA; hollow: with the run's TTA)", fontsize=10)
+    ax.grid(alpha=0.3)
     # below the axes: the runs cluster at a few MACs values, and a legend inside would cover some of them
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     common.save_figure(fig, path)
+
+
+def redraw_curves(run: dict) -> Path:
+    """The run's curves.png from its metrics.csv, titled as the training script titles it."""
+    config, path = run["config"], run["folder"] / "curves.png"
+    model, images = config["model"], config["train_images"]
+    title = (
+        f"mobilenetv4_{config['script']}.py: {model['variant']}, width {model['width_mult']}, {images:,} training "
+        f"images, seed {config['args']['seed']}"
+    )
+    history = [{**row, "epoch": int(row["epoch"])} for row in run["rows"]]
+    plot_curves(path, history, title, NOTEBOOK.get(config["script"]) if images == 50_000 else None)
+    return path
 
 
 def build_parser():
@@ -234,6 +307,7 @@ def build_parser():
         default=Path("results"),
         help="where headline.md, headline.png and accuracy-vs-macs.png go",
     )
+    p.add_argument("--curves", action="store_true", help="also redraw each run's curves.png from its metrics.csv")
     return p
 
 
@@ -251,7 +325,9 @@ def main(argv=None):
     common.atomic_write(args.output_dir / "headline.md", lambda f: f.write(text.encode()))
     plot(args.output_dir / "headline.png", runs)
     plot_macs(args.output_dir / "accuracy-vs-macs.png", runs, notebook_macs())
-    written = ", ".join(str(args.output_dir / name) for name in ("headline.md", "headline.png", "accuracy-vs-macs.png"))
+    written = [str(args.output_dir / name) for name in ("headline.md", "headline.png", "accuracy-vs-macs.png")]
+    written += [str(redraw_curves(run)) for run in runs] if args.curves else []
+    written = ", ".join(written)
     print(text + f"\nwrote {written}")
     return text
 

@@ -1,7 +1,6 @@
 """MobileNetV4 on CIFAR-10, baseline recipe: the public notebook's plain training, on the real architecture.
 
 Conv-S with the CIFAR stem, ReLU6, linear head, no augmentation, cross-entropy, Adam + StepLR.
-Run `python mobilenetv4_baseline.py --help` for every flag.
 """
 
 import torch

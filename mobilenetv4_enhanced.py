@@ -4,7 +4,6 @@ SGD with a one-cycle schedule (AdamW + cosine: --opt adamw --sched cosine, or th
 --recipe notebook), gradient clipping, TTA (flip and 2-pixel shifts).
 
 Options beyond the notebook: weight EMA (--model-ema) and linear warm-up (--warmup-epochs).
-Run `python mobilenetv4_enhanced.py --help` for every flag.
 """
 
 import math

@@ -1,11 +1,13 @@
-"""Classify images with a trained MobileNetV4: a checkpoint in PyTorch, or an exported ONNX model in onnxruntime.
+"""Classify images with a trained MobileNetV4: the shipped weights, a checkpoint, or an exported ONNX model.
 
-    python predict.py --checkpoint runs/X/best.pt [--top-k 3] [--tta flip] [--json OUT] PATH [PATH ...]
+    python predict.py [--top-k 3] [--tta flip] [--json OUT] PATH [PATH ...]   # the shipped enhanced model
+    python predict.py --checkpoint runs/X/best.pt PATH [PATH ...]               # a run's own checkpoint
     python predict.py --onnx model.onnx PATH [PATH ...]          # same output, no PyTorch model code involved
 
 A PATH is an image (PNG, JPEG, BMP, WebP) or a folder searched recursively for them. Every image is converted
 to RGB, resized to 32x32 and normalised exactly as in training; one line per image gives its top-k classes.
-The model is rebuilt from the checkpoint's own saved configuration: no model flags to repeat.
+Without --checkpoint or --onnx the model is weights/mobilenetv4_conv_small_enhanced_cifar10.pt, the enhanced
+default's trained weights. The model is rebuilt from the file's own saved configuration: no model flags to repeat.
 Also the shared helpers of export.py: image reading and the onnxruntime session.
 """
 
@@ -19,6 +21,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
 import common
+from mnv4.checkpoint import SHIPPED_WEIGHTS
 
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # PIL format names; anything else is "not an image" here
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -145,6 +148,16 @@ def onnx_logits(session, normalized: torch.Tensor) -> torch.Tensor:
 
 
 # ---- Classifiers: (uint8 images, view) -> softmax probabilities -------------------------------------------------
+def shipped_weights() -> Path:
+    """The shipped weights file, or a UserError naming what to do if it is not there."""
+    if not SHIPPED_WEIGHTS.is_file():
+        raise common.UserError(
+            f"the shipped weights {SHIPPED_WEIGHTS} are missing (restore them with git checkout -- weights/); "
+            "or name a model with --checkpoint PT or --onnx MODEL.onnx"
+        )
+    return SHIPPED_WEIGHTS
+
+
 def checkpoint_classifier(path, device_name: str, batch_size: int):
     state = common.load_checkpoint(path)
     model, which = common.model_from_checkpoint(state)
@@ -158,7 +171,9 @@ def checkpoint_classifier(path, device_name: str, batch_size: int):
             model, images.to(device), view, batch_size=batch_size, channels_last=channels_last
         ).cpu()
 
-    return classify, f"{cfg['variant']} width {cfg['width_mult']} ({which} weights) from {path} on {device}"
+    shipped = state.get("shipped")
+    source = f"run {shipped['run']}, test acc {shipped['test_acc']:.2f}%, " if shipped else ""
+    return classify, f"{cfg['variant']} width {cfg['width_mult']} ({source}{which} weights) from {path} on {device}"
 
 
 def onnx_classifier(path, batch_size: int):
@@ -189,14 +204,15 @@ def format_line(path, top: list[dict]) -> str:
 # ---- Command line ----------------------------------------------------------------------------------------------
 def build_parser():
     p = common.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=common.HelpFormatter)
-    model = p.add_mutually_exclusive_group(required=True)
+    model = p.add_mutually_exclusive_group()
     model.add_argument(
-        "--checkpoint", metavar="PT", help="a last.pt / best.pt of the training scripts (this or --onnx is required)"
+        "--checkpoint",
+        metavar="PT",
+        help="a last.pt / best.pt of the training scripts, or a weights file written by export.py --weights "
+        f"(default: the shipped weights, {SHIPPED_WEIGHTS.parent.name}/{SHIPPED_WEIGHTS.name})",
     )
     model.add_argument(
-        "--onnx",
-        metavar="MODEL.onnx",
-        help="a model written by export.py, run with onnxruntime (this or --checkpoint is required)",
+        "--onnx", metavar="MODEL.onnx", help="a model written by export.py, run with onnxruntime (default: none)"
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders of images")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per image")
@@ -241,7 +257,8 @@ def main(argv=None):
     if args.onnx:
         classify, described = onnx_classifier(args.onnx, args.batch_size)
     else:
-        classify, described = checkpoint_classifier(args.checkpoint, args.device, args.batch_size)
+        checkpoint = args.checkpoint or shipped_weights()
+        classify, described = checkpoint_classifier(checkpoint, args.device, args.batch_size)
     read, images, failed = read_images(paths)
     if failed and len(paths) == 1:  # a single unreadable image is a plain user error
         raise common.UserError(f"{failed[0][0]}: {failed[0][1]}")

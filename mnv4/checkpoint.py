@@ -1,7 +1,9 @@
-"""Checkpoints: atomic save, a safe load, the weights a run evaluates, and the resume compatibility check."""
+"""Checkpoints: atomic save, a safe load, the weights a run evaluates, the shipped weights file, and the resume
+compatibility check."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -15,6 +17,10 @@ from .files import atomic_write
 from .model import MobileNetV4, mobilenetv4
 
 CHECKPOINT_VERSION = 2  # 2: SE on every UIB's expanded channels (new module layout), per-rank RNG states
+
+# The enhanced default's trained weights, in the repository: what predict.py and export.py use when no checkpoint
+# is named. Written by `python export.py --checkpoint RUN/last.pt --weights` (see `shipped_state`).
+SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "mobilenetv4_conv_small_enhanced_cifar10.pt"
 
 
 MODEL_KEYS = ("variant", "width_mult", "act", "se", "head", "output_stride", "num_classes")
@@ -90,6 +96,38 @@ def model_from_checkpoint(state: dict) -> tuple[MobileNetV4, str]:
             f"{str(exc).splitlines()[0][:200]})"
         ) from None
     return model.eval(), which
+
+
+def shipped_state(state: dict, run: str) -> dict:
+    """A run's checkpoint reduced to what ships: the weights its run evaluated (the EMA when it kept one) in fp32,
+    the model settings, the run's flags, and `shipped` (the run's name, its final test accuracy without TTA,
+    that epoch, which weights and the commit that trained it). It stays a checkpoint: `load_checkpoint`,
+    `model_from_checkpoint` and `--test-only --resume` read it, with torch.load(weights_only=True)."""
+    history = state.get("history") or []
+    if state.get("step") or not history or math.isnan(history[-1]["test_acc"]):
+        raise UserError(
+            "the checkpoint is not an evaluated epoch end (stopped mid-epoch, or its last epoch was not "
+            "evaluated): pass a finished run's last.pt or best.pt"
+        )
+    weights, which = eval_weights(state)
+    segments = state.get("segments") or [{}]
+    return {
+        "version": CHECKPOINT_VERSION,
+        "script": state.get("script"),
+        "epoch": state["epoch"],
+        "step": 0,
+        "model": {k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
+        "ema": None,
+        "model_config": saved_model_config(state),
+        "config": state.get("config") or {},
+        "shipped": {
+            "run": run,
+            "test_acc": history[-1]["test_acc"],
+            "epoch": history[-1]["epoch"],
+            "evaluated": which,
+            "git_commit": segments[-1].get("git_commit"),
+        },
+    }
 
 
 def changed_setting(keys, saved: dict, mine: dict):

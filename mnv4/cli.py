@@ -133,30 +133,46 @@ def build_parser(recipes: dict, name: str, description: str) -> argparse.Argumen
         default=recipe["augment"],
         help="crop, flip, rotation, colour jitter, translation (batched on the device)",
     )
-    a = p.add_argument_group(
-        "augmentation (with --augment; defaults: the recipe's ops, else the notebook's enhanced list)"
-    )
     aug = AugmentConfig()
-    a.add_argument("--crop-padding", type=int, default=aug.crop_padding, help="RandomCrop(32, padding)")
-    a.add_argument("--hflip", type=float, default=aug.flip_prob, help="horizontal flip probability")
+    ops = {  # flag -> (type, default, help); a recipe may set its own op defaults (set_defaults below)
+        "crop_padding": (int, aug.crop_padding, "RandomCrop(32, padding); 0: off"),
+        "hflip": (float, aug.flip_prob, "horizontal flip probability; 0: off"),
+        "rotation": (float, aug.rotation, "RandomRotation degrees; 0: off"),
+        "translate": (float, aug.translate, "RandomAffine translate fraction; 0: off"),
+        "cutout": (int, aug.cutout, "cutout square side in pixels; 0: off"),
+    }
+    ops = {k: (kind, recipe.get(k, value), text) for k, (kind, value, text) in ops.items()}
+    jitter = tuple(recipe.get("color_jitter", (aug.brightness, aug.contrast, aug.saturation, aug.hue)))
+    if recipe["augment"]:
+        a = p.add_argument_group("augmentation (on in this recipe; the defaults are the ops it applies)")
+        shown = {k: text for k, (_, _, text) in ops.items()}
+        jitter_help = "ColorJitter brightness contrast saturation hue, each in [0, 0.5] (0 0 0 0: off)"
+    else:  # the values only act with --augment: say so, rather than present them as if they were on
+        a = p.add_argument_group("augmentation (off in this recipe: add --augment to apply these ops)")
+        off = "applies only with --augment, which this recipe leaves off"
+        shown = {k: f"{text}; {off} (default: {value})" for k, (_, value, text) in ops.items()}
+        jitter_help = f"ColorJitter brightness contrast saturation hue, each in [0, 0.5]; {off} (default: {jitter})"
+    a.add_argument("--crop-padding", type=int, default=aug.crop_padding, help=shown["crop_padding"])
+    a.add_argument("--hflip", type=float, default=aug.flip_prob, help=shown["hflip"])
     a.add_argument(
         "--hflip-mode",
         default=recipe.get("hflip_mode", aug.flip_mode),
         choices=FLIP_MODES,
         help="random: each image flipped with probability --hflip in every epoch; alternate: each image flipped "
-        "in every other epoch (a random half in the first), --hflip 0.5 only",
+        "in every other epoch (a random half in the first), --hflip 0.5 only"
+        + ("" if recipe["augment"] else f"; {off}"),
     )
-    a.add_argument("--rotation", type=float, default=aug.rotation, help="RandomRotation degrees (0: off)")
+    a.add_argument("--rotation", type=float, default=aug.rotation, help=shown["rotation"])
     a.add_argument(
         "--color-jitter",
         type=float,
         nargs=4,
         metavar=("B", "C", "S", "H"),
         default=(aug.brightness, aug.contrast, aug.saturation, aug.hue),
-        help="ColorJitter brightness contrast saturation hue, each in [0, 0.5] (0 0 0 0: off)",
+        help=jitter_help,
     )
-    a.add_argument("--translate", type=float, default=aug.translate, help="RandomAffine translate fraction")
-    a.add_argument("--cutout", type=int, default=aug.cutout, help="cutout square side in pixels (0: off)")
+    a.add_argument("--translate", type=float, default=aug.translate, help=shown["translate"])
+    a.add_argument("--cutout", type=int, default=aug.cutout, help=shown["cutout"])
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=recipe["epochs"], help="training epochs")
     t.add_argument(
@@ -200,7 +216,12 @@ def build_parser(recipes: dict, name: str, description: str) -> argparse.Argumen
     )
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", choices=DEVICES, help="auto: mps, then cuda, then cpu")
-    r.add_argument("--amp", default="auto", choices=AMP_MODES, help="auto: bf16 on CUDA, fp32 elsewhere")
+    r.add_argument(
+        "--amp",
+        default="auto",
+        choices=AMP_MODES,
+        help="mixed precision; auto: on CUDA bf16 from compute capability 8.0, fp16 below it; fp32 on the CPU and MPS",
+    )
     r.add_argument(
         "--channels-last",
         action=bool_flag,
@@ -224,22 +245,30 @@ def build_parser(recipes: dict, name: str, description: str) -> argparse.Argumen
         help="where files go (default: runs/<script>-<timestamp>; with --resume, the checkpoint's folder)",
     )
     o.add_argument("--overwrite", action="store_true", help="allow an output dir that holds another run")
-    o.add_argument(
+    e = p.add_argument_group("resume, replay and evaluation")
+    e.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH",
+        help="continue (or --test-only) from a checkpoint (default: none, start from scratch)",
+    )
+    e.add_argument(
+        "--test-only", action="store_true", help="evaluate --resume PATH (a checkpoint or a weights file), no training"
+    )
+    e.add_argument(
         "--config",
         default=None,
         metavar="CONFIG.json",
         help="replay a run: the flags its config.json recorded are used unless given here; where "
         "files go and --resume stay this command's (default: none)",
     )
-    o.add_argument(
-        "--resume",
-        default=None,
-        metavar="PATH",
-        help="continue (or --test-only) from a checkpoint (default: none, start from scratch)",
+    e.add_argument(
+        "--tta",
+        default=recipe["tta"],
+        choices=tuple(TTA_VIEWS),
+        help="test-time augmentation of the TTA figure the summary reports (test_acc_tta)",
     )
-    o.add_argument("--test-only", action="store_true", help="evaluate --resume PATH (with TTA), no training")
-    o.add_argument("--tta", default=recipe["tta"], choices=tuple(TTA_VIEWS), help="headline TTA")
-    o.add_argument(
+    e.add_argument(
         "--tta-table",
         action=bool_flag,
         default=True,

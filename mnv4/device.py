@@ -85,9 +85,9 @@ def device_warnings(device: torch.device, args) -> list[str]:
 
 
 def default_channels_last(device: torch.device) -> bool:
-    """channels_last: measured 1.38x faster for a Conv-S training step on a 2-core CPU (oneDNN), and the layout
-    cuDNN prefers for depthwise and 1x1 convs; off on MPS, where PyTorch's convolution backward is much slower with
-    it (docs/PERFORMANCE.md)."""
+    """channels_last: faster for a Conv-S training step on the CPU (oneDNN; docs/PERFORMANCE.md, model training
+    step), and the layout cuDNN prefers for depthwise and 1x1 convs; off on MPS, where PyTorch's convolution
+    backward is much slower with it."""
     return device.type in ("cuda", "cpu")
 
 

@@ -65,7 +65,7 @@ def print_tta_table(tta: dict, headline: str, model: str):
     print(f"\nTest-time augmentation ({model}):")
     print(f"  {'tta':<11} {'views':>5} {'test acc':>9}")
     for name, row in tta.items():
-        mark = "  <- headline (--tta)" if name == headline else ""
+        mark = "  <- --tta (the summary's TTA figure)" if name == headline else ""
         print(f"  {name:<11} {row['views']:>5d} {row['test_acc']:>8.2f}%{mark}")
 
 
@@ -87,7 +87,7 @@ def print_summary(summary: dict, out_dir: Path, test_only: bool):
             f"train time {summary['train_time_s']:.1f} s | {memory}"
         )
         files = "config.json, metrics.csv, summary.json, curves.png, confusion.png, last.pt, best.pt"
-    print("per-class acc: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["per_class_acc"].items()))
+    print("per-class acc (no TTA): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["per_class_acc"].items()))
     print(f"files: {out_dir}/{{{files}}}")
 
 
@@ -102,45 +102,48 @@ def plot_curves(path: Path, history: list, title: str, notebook: float | None = 
     epochs = [r["epoch"] for r in history]
     fig = Figure(figsize=(10, 4.3))
     ax_loss, ax_acc = fig.subplots(1, 2)
-    panels = ((ax_loss, "loss", "cross-entropy loss (train: with label smoothing)"), (ax_acc, "acc", "accuracy (%)"))
+    panels = (
+        (ax_loss, "loss", "loss (train: the training criterion; test: cross-entropy)"),
+        (ax_acc, "acc", "accuracy (%)"),
+    )
     for ax, key, label in panels:
-        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", ms=3, label="train (augmented, during the epoch)")
+        ax.plot(
+            epochs, [r[f"train_{key}"] for r in history], "o-", ms=3, label="train (training mode, during the epoch)"
+        )
         tested = [(r["epoch"], r[f"test_{key}"]) for r in history if not math.isnan(r[f"test_{key}"])]
-        ax.plot(*zip(*tested), "o-", ms=3, label="test (end of epoch, no TTA)") if tested else None
+        final = f"; last {tested[-1][1]:.2f}%" if tested and key == "acc" else ""  # in the legend: never on a curve
+        ax.plot(*zip(*tested), "o-", ms=3, label=f"test (end of epoch, no TTA{final})") if tested else None
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+        ax.margins(y=0.08)
     if notebook is not None:
         ax_acc.axhline(notebook, color="grey", ls="--", lw=1, label=f"notebook, reported at epoch 20: {notebook:.2f}%")
-    last = history[-1]
-    if not math.isnan(last["test_acc"]):
-        ax_acc.annotate(
-            f"{last['test_acc']:.2f}%",
-            (last["epoch"], last["test_acc"]),
-            textcoords="offset points",
-            xytext=(0, 8),
-            ha="center",
-            fontsize=9,
-        )
     ax_loss.legend(fontsize=8)
     ax_acc.legend(fontsize=8, loc="best")
     fig.suptitle(title, fontsize=11)
     save_figure(fig, path)
 
 
-def plot_confusion(path: Path, labels, preds, classes, title: str):
+def confusion_matrix(labels, preds, num_classes: int) -> torch.Tensor:
+    """Counts [true class, predicted class] (int64, CPU)."""
+    k = num_classes
+    return torch.bincount(labels.cpu() * k + preds.cpu(), minlength=k * k).view(k, k)
+
+
+def plot_confusion(path: Path, matrix: torch.Tensor, classes, title: str):
+    """`matrix`: `confusion_matrix`'s counts, drawn with each cell's count written in it."""
     from matplotlib.figure import Figure
 
     k = len(classes)
-    matrix = torch.bincount(labels.cpu() * k + preds.cpu(), minlength=k * k).view(k, k)  # [true, predicted]
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
     ax.set_title(title, fontsize=10)
     im = ax.imshow(matrix.numpy(), cmap="Blues")
     ax.set_xticks(range(k), classes, rotation=45, ha="right")
     ax.set_yticks(range(k), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
     for i in range(k):
         for j in range(k):
             ax.text(
@@ -152,5 +155,5 @@ def plot_confusion(path: Path, labels, preds, classes, title: str):
                 fontsize=7,
                 color="white" if matrix[i, j] > matrix.max() / 2 else "black",
             )
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label="test images")
     save_figure(fig, path)

@@ -33,6 +33,7 @@ from .model import model_summary
 from .provenance import git_commit, versions
 from .report import (
     NOTEBOOK_REPORTED,
+    confusion_matrix,
     eval_model_label,
     plot_confusion,
     plot_curves,
@@ -182,7 +183,7 @@ class Run:
         table = self.evaluator.tta(modes)
         summary = final_summary(self, table)
         if self.dist.is_main:
-            write_final_report(self, summary, table[args.tta][2])
+            write_final_report(self, summary)
         return summary
 
     def __enter__(self):
@@ -255,8 +256,10 @@ def curves_labels(run: Run) -> tuple[str, float | None]:
 
 
 def final_summary(run: Run, table: dict) -> dict:
-    """summary.json: the headline accuracies, the TTA table, per-class accuracy, time, size and memory."""
+    """summary.json: the headline accuracies, the TTA table, per-class accuracy and the confusion matrix (both of
+    the headline's predictions: the final model without TTA), time, size and memory."""
     args, labels = run.args, run.data.test_labels
+    headline_preds = table["none"][2]
     tta = {name: {"test_acc": acc, "views": len(TTA_VIEWS[name])} for name, (_, acc, _) in table.items()}
     tested = [r["test_acc"] for r in run.history if not math.isnan(r["test_acc"])]
     return {
@@ -274,7 +277,8 @@ def final_summary(run: Run, table: dict) -> dict:
         "device_name": device_name(run.device),
         "world_size": run.dist.world_size,
         "peak_memory_mb": peak_memory_mb(run.device),
-        "per_class_acc": per_class_accuracy(labels, table[args.tta][2], run.data.classes),
+        "per_class_acc": per_class_accuracy(labels, headline_preds, run.data.classes),
+        "confusion": confusion_matrix(labels, headline_preds, len(run.data.classes)).tolist(),
         "test_images": labels.numel(),
         "evaluated": run.eval_weights,
         "checkpoint": args.resume if args.test_only else str(run.out_dir / "last.pt"),
@@ -282,7 +286,7 @@ def final_summary(run: Run, table: dict) -> dict:
     }
 
 
-def write_final_report(run: Run, summary: dict, headline_preds: torch.Tensor):
+def write_final_report(run: Run, summary: dict):
     """Print the TTA table and the summary; write summary.json, confusion.png and curves.png."""
     args, labels = run.args, run.data.test_labels
     label = eval_model_label(summary, args.test_only)
@@ -291,11 +295,10 @@ def write_final_report(run: Run, summary: dict, headline_preds: torch.Tensor):
     write_json(run.out_dir / "summary.json", summary)
     plot_confusion(
         run.out_dir / "confusion.png",
-        labels,
-        headline_preds,
+        torch.tensor(summary["confusion"]),
         run.data.classes,
-        f"{run.config['model']['variant']}, {label}, TTA {args.tta}: "
-        f"{summary['test_acc_tta']:.2f}% of {labels.numel():,} test images",
+        f"{run.config['model']['variant']}, {label}, no TTA: {summary['test_acc']:.2f}% of "
+        f"{labels.numel():,} test images",
     )
     if run.history:
         plot_curves(run.out_dir / "curves.png", run.history, *curves_labels(run))

@@ -977,7 +977,7 @@ def test_a_recipe_sets_the_augmentation_defaults():
     cfg = common.augment_config(common.parse_args(parser, []))
     assert cfg == common.AugmentConfig(rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
     assert common.parse_args(common.build_parser(recipes, "lighter", "test"), ["--no-augment"]).augment is False
-    assert "RandomRotation degrees (0: off) (default: 0.0)" in " ".join(parser.format_help().split())
+    assert "RandomRotation degrees; 0: off (default: 0.0)" in " ".join(parser.format_help().split())
 
 
 def test_cutout_fills_one_square_per_image_with_the_mean():

@@ -1,6 +1,6 @@
 """export.py: all four variants export, pass the onnx checker and match PyTorch within 1e-4 at two batch sizes;
 the evaluated (EMA) weights are the ones exported; a failed check leaves no file; missing packages and bad input
-are one line.
+are one line; --weights writes a weights file that --test-only and predict.py read as the run's checkpoint.
 
 Checkpoints come from the enhanced script's main() (width 0.25, 4 steps, --model-ema with decay 0.5 so the EMA
 is far from the raw weights). hybrid_medium's layer scales are set to 1 before export (see
@@ -18,8 +18,10 @@ from torch import nn
 
 import common
 import export
+import mobilenetv4_enhanced
 import predict
 from inference_support import MD5_WARNING, call, error_line, onnx_for_other_input, run_script, train
+from mnv4.checkpoint import SHIPPED_WEIGHTS
 
 pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
 INSTALL = "pip install -r requirements-export.txt"
@@ -194,3 +196,57 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     proc = run_script("export", ["--checkpoint", tmp_path / "garbage.pt", "--output", tmp_path / "m.onnx"])
     assert proc.returncode == 2
     assert "garbage.pt" in error_line(proc.stderr)
+
+
+def test_weights_file_holds_the_evaluated_weights_and_reproduces_the_runs_accuracy(checkpoint_of, tiny_cifar, tmp_path):
+    """--weights keeps the weights the run evaluated (here its EMA) in fp32 with the run's record, loads with
+    weights_only=True, and --test-only on it scores exactly what the run logged for its last epoch."""
+    checkpoint = checkpoint_of("conv_small")
+    outcome = export_cli("--checkpoint", checkpoint, "--weights", tmp_path / "w.pt", "--run-name", "tiny")
+    assert outcome.code == 0, outcome.err
+    run = common.load_checkpoint(checkpoint)
+    state = torch.load(tmp_path / "w.pt", map_location="cpu", weights_only=True)
+    ema, _ = common.eval_weights(run)
+    assert state["model"].keys() == ema.keys()
+    assert all(torch.equal(state["model"][k], ema[k]) for k in ema)
+    assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
+    assert state["ema"] is None and "optimizer" not in state
+    shipped = state["shipped"]
+    assert shipped["run"] == "tiny" and shipped["evaluated"] == "ema" and shipped["epoch"] == run["epoch"]
+    assert shipped["test_acc"] == run["history"][-1]["test_acc"]
+    assert shipped["git_commit"] == run["segments"][-1]["git_commit"]
+    assert f"test acc {shipped['test_acc']:.2f}%" in outcome.out
+
+    flags = ["--recipe", "notebook", "--norm-weight-decay", "0", "--width-mult", "0.25", "--device", "cpu"]
+    evaluated = call(
+        mobilenetv4_enhanced.main,
+        [*flags, "--no-download", "--data-dir", tiny_cifar, "--test-only", "--resume", tmp_path / "w.pt"]
+        + ["--tta", "none", "--no-tta-table", "--output-dir", tmp_path / "eval"],
+    )
+    assert evaluated.code == 0, evaluated.err
+    assert evaluated.value["test_acc"] == shipped["test_acc"]
+
+
+def test_weights_bad_input_is_one_error_line(checkpoint_of, tmp_path):
+    checkpoint = checkpoint_of("conv_small")
+    mid_epoch = tmp_path / "mid.pt"
+    torch.save({**common.load_checkpoint(checkpoint), "step": 2}, mid_epoch)
+    cases = [
+        (["--weights", tmp_path / "w.pt"], "add --checkpoint"),
+        (["--checkpoint", checkpoint, "--output", tmp_path / "m.onnx", "--run-name", "x"], "--run-name"),
+        (["--checkpoint", checkpoint, "--output", tmp_path / "m.onnx", "--weights", tmp_path / "w.pt"], "not allowed"),
+        (["--checkpoint", mid_epoch, "--weights", tmp_path / "w.pt"], "mid-epoch"),
+        (["--checkpoint", checkpoint, "--weights", tmp_path / "no" / "w.pt"], "does not exist"),
+    ]
+    for argv, words in cases:
+        outcome = export_cli(*argv)
+        assert outcome.code == 2, (argv, outcome.err)
+        assert words in error_line(outcome.err), (argv, outcome.err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mid.pt"]
+
+
+def test_onnx_export_without_checkpoint_exports_the_shipped_weights(tmp_path):
+    """No --checkpoint: the shipped weights file is exported (and checked) without any training."""
+    outcome = export_cli("--output", tmp_path / "m.onnx", "--num-images", 4)
+    assert outcome.code == 0, outcome.err
+    assert str(SHIPPED_WEIGHTS) in outcome.out and (tmp_path / "m.onnx").is_file()

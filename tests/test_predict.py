@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import common
 import export
+import mobilenetv4_enhanced
 import predict
 from inference_support import (
     MD5_WARNING,
@@ -28,7 +29,7 @@ from inference_support import (
     train,
     write_pngs,
 )
-from mnv4.checkpoint import saved_model_config
+from mnv4.checkpoint import MODEL_KEYS, SHIPPED_WEIGHTS, saved_model_config
 
 pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
 
@@ -64,6 +65,37 @@ def assert_probs(results, expected: torch.Tensor):
     """Each image's top-10 probabilities equal its row of `expected` ([N, 10] softmax)."""
     for result, row in zip(results, expected):
         assert top_probs(result) == pytest.approx(dict(enumerate(row.tolist())), abs=1e-5)
+
+
+# ---- The shipped weights ---------------------------------------------------------------------------------------
+def test_the_shipped_weights_rebuild_the_enhanced_default_and_classify(tmp_path):
+    """The weights file in the repository loads with weights_only=True, rebuilds the enhanced default's model (so
+    `--test-only --resume` with the default flags evaluates it), and predict.py without a model flag classifies
+    with it: each image's probabilities are the rebuilt model's."""
+    assert SHIPPED_WEIGHTS.is_file(), (
+        f"{SHIPPED_WEIGHTS} is missing: python export.py --checkpoint RUN/last.pt --weights"
+    )
+    state = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)
+    shipped = state["shipped"]
+    assert state["script"] == "enhanced" and shipped["run"] and 0 < shipped["test_acc"] <= 100
+    assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
+    model, _ = common.model_from_checkpoint(common.load_checkpoint(SHIPPED_WEIGHTS))
+    default = common.model_from_args(mobilenetv4_enhanced.parse_args([])).config
+    assert {k: model.config[k] for k in MODEL_KEYS} == {k: default[k] for k in MODEL_KEYS}
+    images = torch.from_numpy(random_images(4)).permute(0, 3, 1, 2).contiguous()
+    pngs = write_pngs(images, tmp_path / "images")
+    outcome = classify("--device", "cpu", "--top-k", 10, *pngs)
+    assert outcome.code == 0, outcome.err
+    assert str(SHIPPED_WEIGHTS) in outcome.err and f"test acc {shipped['test_acc']:.2f}%" in outcome.err
+    assert_probs(outcome.value, common.predict_probs(model, images))
+
+
+def test_missing_shipped_weights_is_one_error_line(trained, monkeypatch, tmp_path):
+    monkeypatch.setattr(predict, "SHIPPED_WEIGHTS", tmp_path / "gone.pt")
+    outcome = classify(trained[2][0])
+    assert outcome.code == 2
+    line = error_line(outcome.err)
+    assert "gone.pt" in line and "--checkpoint" in line
 
 
 # ---- Against the training script's own evaluation --------------------------------------------------------------
@@ -165,7 +197,8 @@ def test_help_shows_every_default():
         for action in parser._actions:
             if action.option_strings and action.dest != "help":
                 text = formatter._expand_help(action)
-                expected = 0 if action.required or action.dest in ("checkpoint", "onnx") else 1
+                # export.py's --output and --weights: one of the two is required, so neither has a default
+                expected = 0 if action.required or action.dest in ("output", "weights") else 1
                 assert text.count("default") == expected, (action.option_strings, text)
 
 
@@ -241,7 +274,6 @@ def bad_inputs(trained, root):
         ),
         "top-k out of range": ([*ckpt, "--top-k", 11, pngs[0]], ["--top-k"]),
         "both model flags": ([*ckpt, "--onnx", root / "size64.onnx", pngs[0]], ["not allowed with"]),
-        "no model flag": ([pngs[0]], ["--checkpoint"]),
         "JSON into a missing folder": ([*ckpt, "--json", root / "no" / "out.json", pngs[0]], ["--json"]),
     }
 
@@ -257,7 +289,6 @@ CASES = [
     "ONNX for another input size",
     "top-k out of range",
     "both model flags",
-    "no model flag",
     "JSON into a missing folder",
 ]
 

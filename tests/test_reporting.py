@@ -20,6 +20,7 @@ from helpers import (
     MD5_WARNING,
     METRIC_COLUMNS,
     OUTPUT_FILES,
+    ROOT,
     SUMMARY_KEYS,
     TINY,
     assert_one_error_line,
@@ -82,6 +83,23 @@ def test_end_to_end_outputs(script, base3, enh2):
         # are still far off; measured 0-28 % over seeds), so learning is checked on the training loss.
         losses = [float(r["train_loss"]) for r in rows]
         assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_confusion_and_per_class_accuracy_show_the_headlines_predictions(tiny_cifar, tmp_path):
+    """summary.json's confusion matrix (what confusion.png draws) and per-class accuracy come from the headline's
+    predictions, the final model without TTA: the diagonal sums to test_acc, not to the TTA figure."""
+    flags = ["--data-dir", tiny_cifar, "--output-dir", tmp_path / "run", "--epochs", 3, "--deterministic"]
+    res = run_main("baseline", [*LEARN, *flags, "--no-tta-table", "--tta", "flip_rot90"])  # a model that learned
+    assert res.code == 0, res.err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test_acc_tta"] != summary["test_acc"]  # else this test could not tell the two apart
+    matrix = torch.tensor(summary["confusion"])
+    assert matrix.shape == (10, 10) and matrix.sum().item() == summary["test_images"]
+    assert matrix.trace().item() * 100 / summary["test_images"] == pytest.approx(summary["test_acc"])
+    rows = matrix.sum(1).clamp_min(1).tolist()
+    expected = {name: hits * 100 / n for name, hits, n in zip(common.CIFAR10_CLASSES, matrix.diag().tolist(), rows)}
+    assert summary["per_class_acc"] == pytest.approx(expected)
+    assert "per-class acc (no TTA)" in res.out
 
 
 def test_outputs_get_umask_permissions(base3):
@@ -256,3 +274,24 @@ def test_a_folder_without_a_run_is_one_error_line(tmp_path):
     assert code == 2
     assert_one_error_line(err, str(tmp_path), "holds no training run")
     assert not (tmp_path / "report").exists()
+
+
+def test_charts_name_each_run_by_its_recipe_and_mark_the_default():
+    """headline.png's and accuracy-vs-macs.png's legends: the recipe a committed run equals today, or the nearest
+    one and the flags that differ (its `--config` replay's flags), and its seed."""
+    expected = {
+        "baseline-20ep-seed0": "baseline project (the default), seed 0",
+        "enhanced-20ep-seed0": "enhanced notebook + --norm-weight-decay 0.0, seed 0",
+        "enhanced-sgd-lightaug-20ep-seed0": "enhanced project + --crop-padding 4, seed 0",
+        "enhanced-nocrop-20ep-seed1": "enhanced project (the default), seed 1",
+        "enhanced-lr0.2-20ep-seed0": "enhanced project + --lr 0.2, seed 0",
+    }
+    for run, label in expected.items():
+        config = json.loads((ROOT / "results" / run / "config.json").read_text())
+        assert headline.recipe_label(config) == label
+
+
+def test_points_sharing_macs_are_fanned_out_around_them():
+    x = headline.spread([84.33, 58.5, 84.33, 84.33])
+    assert x[1] == 58.5 and len(set(x)) == 4
+    assert x[2] == pytest.approx(84.33) and x[0] < x[2] < x[3]
