@@ -55,6 +55,8 @@ ARCHITECTURES = {
     "conv_m_w1.0": ["--variant", "conv_medium", "--width-mult", "1.0"],
     "mobilenetv2": ["--variant", "mobilenetv2"],
 }
+# Where a workspace keeps its offline CIFAR-10 builder: beside the work tree, or inside a copy of it.
+BUILDERS = (ROOT.parent / "shared" / "data" / "make_cifar10.py", ROOT / "shared" / "data" / "make_cifar10.py")
 STARTUP_S = 20  # a training process's start on a GPU machine: imports, CUDA context, data, cuDNN's autotuning
 NOTES = [
     "nccl is not exercised: the torchrun check runs two ranks over gloo on the CPU (a real process group); nccl "
@@ -486,7 +488,7 @@ def build_parser():
     parser.add_argument("--cifar-archive", help="the official cifar-10-python.tar.gz, extracted into OUTPUT/data")
     parser.add_argument(
         "--cifar-builder",
-        default=str(ROOT.parent / "shared" / "data" / "make_cifar10.py"),
+        default=str(next((p for p in BUILDERS if p.is_file()), BUILDERS[0])),
         help="a script that writes cifar-10-batches-py/ into the folder it is given (used when present)",
     )
     parser.add_argument("--output-dir", required=True)
