@@ -1,24 +1,29 @@
-"""The GPU check: every device-specific path of both training scripts, run for real, and the default recipes
-measured at full budget, in one command that writes everything to one folder.
+"""The GPU check: every device-specific path of both training scripts, run for real, and the default recipes at
+full budget, in one command that prepares its own data and writes everything under one folder.
 
-    python benchmarks/gpu_check.py --data-dir data --output-dir results/gpu-check       # a CUDA machine, < 8 min
+    python benchmarks/gpu_check.py --output-dir results/gpu-check                     # one CUDA GPU, <= 6 min
+    python benchmarks/gpu_check.py --cifar-archive cifar-10-python.tar.gz --output-dir results/gpu-check
     python benchmarks/gpu_check.py --device cpu --tiny --data-dir data --output-dir /tmp/gpu-check   # any machine
 
-Phase 1, correctness (a few at a time; a check passes when its command exits 0 and its run wrote summary.json):
-  <script>-amp-{bf16,fp16,off}, <script>-channels-last-{on,off}, <script>-compile, <script>-deterministic
-                       both scripts, one short epoch each
-  torchrun             the enhanced script under torchrun, one process (nccl on CUDA, gloo on the CPU)
-  resume, resume-on-cpu
-                       the amp-off run's last.pt continued for a second epoch on the device and on the CPU
-  predict, export      predict.py and export.py (onnxruntime comparison included) from that checkpoint
-Phase 2, speed (one at a time, nothing else running): benchmarks/model_step.py and benchmarks/throughput.py.
-Phase 3, accuracy at full budget: each script's default recipe for 20 epochs, one process per (script, seed), all
-  at once on the one device (--architectures adds the enhanced recipe on Conv-S 8x8, Conv-M and MobileNetV2);
-  whatever has not finished at the deadline is stopped with SIGTERM, which saves a resumable last.pt.
-
-Writes <output-dir>/report.md and report.json (each command, status, wall time, figures), and every run's folder.
---tiny shrinks every run (64 training images, width 0.25, 2 epochs for phase 3) so the same code runs in the
-tests on a CPU.
+Phases, in order; each has a budget (seconds, --budget PHASE=S), and what has not finished when its phase's budget
+is spent is stopped. The default budgets add up to 360 s (540 s with --architectures; --tiny: 600 s a phase):
+  data            CIFAR-10 from --data-dir if it holds cifar-10-batches-py, else built in <output-dir>/data from
+                  --cifar-archive (the official cifar-10-python.tar.gz) or by --cifar-builder (a script that takes
+                  the output folder); eight test images as PNG files for predict.py
+  correctness     one short epoch each, --jobs at a time: both scripts' defaults (AMP auto, channels_last), fp16
+                  (loss scaling) in both, fp32, contiguous layout, --deterministic, --compile, colour jitter with
+                  cutout, --recipe notebook with --model-ema; one epoch under torch.cuda.set_sync_debug_mode("warn")
+                  counting the synchronising calls; torchrun with two ranks over gloo on the CPU (a real process
+                  group; nccl needs two GPUs and is not exercised)
+  after-training  the fp32 run's last.pt resumed for a second epoch on the device and on the CPU; predict.py and
+                  export.py (onnxruntime comparison included) from it
+  speed           benchmarks/model_step.py (and benchmarks/throughput.py with --throughput, which adds its budget)
+  accuracy        each default recipe for its 20 epochs, one process per (script, seed), all at once; only the runs
+                  that the short runs' speed says can finish within the budget are started (the others are
+                  reported as skipped, with the estimate)
+report.md and report.json are rewritten after every check and every phase, so a check that is killed leaves the
+report so far. --tiny shrinks every run (64 training images, width 0.25, 2 epochs for the accuracy phase) so the
+same code runs in the tests on a CPU.
 """
 
 import argparse
@@ -29,6 +34,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -39,11 +45,24 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
 SCRIPTS = ("baseline", "enhanced")
+PHASES = ("data", "correctness", "after-training", "speed", "accuracy")
+BUDGETS_S = {"data": 40, "correctness": 110, "after-training": 40, "speed": 20, "accuracy": 150}
+ARCHITECTURES_S = 180  # --architectures: three more 20-epoch runs (and their short runs) in the accuracy phase
+THROUGHPUT_S = 300  # --throughput: benchmarks/throughput.py in the speed phase
+TINY_S = 600  # --tiny: each phase's budget (a CPU runs the same paths, tiny, far slower than a GPU runs the plan)
 ARCHITECTURES = {
     "conv_s_8x8": ["--output-stride", "4"],
     "conv_m_w1.0": ["--variant", "conv_medium", "--width-mult", "1.0"],
     "mobilenetv2": ["--variant", "mobilenetv2"],
 }
+# Where a workspace keeps its offline CIFAR-10 builder: beside the work tree, or inside a copy of it.
+BUILDERS = (ROOT.parent / "shared" / "data" / "make_cifar10.py", ROOT / "shared" / "data" / "make_cifar10.py")
+STARTUP_S = 20  # a training process's start on a GPU machine: imports, CUDA context, data, cuDNN's autotuning
+NOTES = [
+    "nccl is not exercised: the torchrun check runs two ranks over gloo on the CPU (a real process group); nccl "
+    "needs two GPUs.",
+    "sync-debug counts the calls torch.cuda.set_sync_debug_mode('warn') reports in one epoch and its evaluation.",
+]
 
 
 @dataclass
@@ -54,93 +73,100 @@ class Check:
     argv: list
     phase: str
     run_dir: str | None = None  # a training run's folder: its summary.json and metrics.csv give the figures
-    status: str = "pending"  # pending | ok | failed | timeout | stopped (phase 3's deadline) | skipped
+    status: str = "pending"  # pending | ok | failed | timeout | stopped | skipped | interrupted
     returncode: int | None = None
     wall_s: float | None = None
     figures: dict = field(default_factory=dict)
     log: str | None = None
+    speed_from: str | None = None  # accuracy runs: the short run whose images/s estimates this run's time
+    images: int = 0  # accuracy runs: training images per epoch, times epochs
+    epochs: int = 0
 
     @property
     def command(self) -> str:
-        return shlex.join(self.argv)
+        return shlex.join(map(str, self.argv))
+
+
+@dataclass
+class Phase:
+    name: str
+    budget_s: float
+    status: str = "pending"  # pending | running | done | interrupted
+    wall_s: float | None = None
 
 
 def python(script: str, *argv) -> list:
     return [sys.executable, str(ROOT / script), *map(str, argv)]
 
 
+def budgets(args) -> dict:
+    """Each phase's budget: the defaults, the optional parts' additions, then --budget's overrides."""
+    result = {name: TINY_S if args.tiny else seconds for name, seconds in BUDGETS_S.items()}
+    result["accuracy"] += ARCHITECTURES_S if args.architectures else 0
+    result["speed"] += THROUGHPUT_S if args.throughput else 0
+    for item in args.budget:
+        name, _, seconds = item.partition("=")
+        if name not in result:
+            raise SystemExit(f"--budget {item}: the phases are {', '.join(PHASES)}")
+        result[name] = float(seconds)
+    return result
+
+
 def plan(args) -> list[Check]:
-    out, data = Path(args.output_dir), ["--data-dir", args.data_dir, "--no-download"]
-    size = (
-        ["--max-train-samples", "64", "--max-test-samples", "32", "--width-mult", "0.25", "-b", "16"]
-        if args.tiny
-        else ["--max-train-samples", "10000", "--max-test-samples", "2000"]
-    )
+    out, data_dir = Path(args.output_dir), str(data_folder(args))
+    data = ["--data-dir", data_dir, "--no-download"]
+    train_images, test_images = (64, 32) if args.tiny else (5000, 1000)
+    size = ["--max-train-samples", train_images, "--max-test-samples", test_images]
+    size += ["--width-mult", "0.25", "-b", "16"] if args.tiny else []
 
     def short(device=args.device, epochs=1):
         return [*data, *size, "--device", device, "--epochs", epochs, "--no-tta-table"]
 
-    variants = {
-        "amp-bf16": ["--amp", "bf16"],
-        "amp-fp16": ["--amp", "fp16"],
-        "amp-off": ["--amp", "off"],
-        "channels-last-on": ["--channels-last"],
-        "channels-last-off": ["--no-channels-last"],
-        "compile": ["--compile"],
-        "deterministic": ["--deterministic"],
-    }
-    checks = []
-    for script in SCRIPTS:
-        for name, flags in variants.items():
-            run_dir = out / f"{script}-{name}"
-            checks.append(
-                Check(
-                    f"{script}-{name}",
-                    python(f"mobilenetv4_{script}.py", *short(), *flags, "--output-dir", run_dir),
-                    "correctness",
-                    str(run_dir),
-                )
-            )
-    torchrun_dir = out / "torchrun"
+    def training(name, script, *flags, phase="correctness", device=args.device, epochs=1):
+        run_dir = out / name
+        argv = python(f"mobilenetv4_{script}.py", *short(device, epochs), *flags, "--output-dir", run_dir)
+        return Check(name, argv, phase, str(run_dir))
+
+    checks = [
+        training("baseline-default", "baseline"),
+        training("enhanced-default", "enhanced"),
+        training("baseline-amp-fp16", "baseline", "--amp", "fp16"),
+        training("enhanced-amp-fp16", "enhanced", "--amp", "fp16"),
+        training("enhanced-amp-off", "enhanced", "--amp", "off"),
+        training("enhanced-contiguous", "enhanced", "--no-channels-last"),
+        training("enhanced-deterministic", "enhanced", "--deterministic"),
+        training("enhanced-compile", "enhanced", "--compile"),
+        training("enhanced-jitter-cutout", "enhanced", "--color-jitter", "0.2", "0.2", "0.2", "0.1", "--cutout", "8"),
+        training("enhanced-notebook-ema", "enhanced", "--recipe", "notebook", "--model-ema"),
+    ]
+    if args.architectures:
+        checks += [training(f"enhanced-{name}", "enhanced", *flags) for name, flags in ARCHITECTURES.items()]
+    sync_dir = out / "sync-debug"
     checks.append(
         Check(
-            "torchrun",
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                "1",
-                str(ROOT / "mobilenetv4_enhanced.py"),
-                *map(str, short()),
-                "--output-dir",
-                str(torchrun_dir),
-            ],
+            "sync-debug",
+            python("benchmarks/gpu_check.py", "count-syncs", sync_dir / "syncs.json", "enhanced", *short())
+            + ["--output-dir", str(sync_dir)],
+            "correctness",
+            str(sync_dir),
+        )
+    )
+    torchrun_dir = out / "torchrun-gloo"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cpu_size = ["--max-train-samples", "512", "--max-test-samples", "256", "--width-mult", "0.5", "-b", "32"]
+    checks.append(
+        Check(
+            "torchrun-gloo",
+            [*torchrun, str(ROOT / "mobilenetv4_enhanced.py"), *map(str, [*data, *cpu_size, "--device", "cpu"])]
+            + ["--epochs", "1", "--no-tta-table", "--output-dir", str(torchrun_dir)],
             "correctness",
             str(torchrun_dir),
         )
     )
     trained = out / "enhanced-amp-off" / "last.pt"
     for name, device in (("resume", args.device), ("resume-on-cpu", "cpu")):
-        run_dir = out / name
-        checks.append(
-            Check(
-                name,
-                python(
-                    "mobilenetv4_enhanced.py",
-                    *short(device, epochs=2),
-                    "--amp",
-                    "off",
-                    "--resume",
-                    trained,
-                    "--output-dir",
-                    run_dir,
-                ),
-                "after-training",
-                str(run_dir),
-            )
-        )
+        resume = ["--amp", "off", "--resume", trained]
+        checks.append(training(name, "enhanced", *resume, phase="after-training", device=device, epochs=2))
     checks.append(
         Check(
             "predict",
@@ -148,70 +174,64 @@ def plan(args) -> list[Check]:
             "after-training",
         )
     )
-    checks.append(
-        Check(
-            "export",
-            python(
-                "export.py",
-                "--checkpoint",
-                trained,
-                "--output",
-                out / "model.onnx",
-                "--data-dir",
-                args.data_dir,
-                "--num-images",
-                "64",
-            ),
-            "after-training",
-        )
-    )
-    quick = ["--quick"] if args.tiny else []
+    export = ["--checkpoint", trained, "--output", out / "model.onnx", "--data-dir", data_dir, "--num-images", 64]
+    checks.append(Check("export", python("export.py", *export), "after-training"))
+    step = ["--steps", "2", "-b", "16"] if args.tiny else []
     checks.append(
         Check(
             "model-step",
-            python(
-                "benchmarks/model_step.py",
-                "--device",
-                args.device,
-                *(["--steps", "2", "-b", "16"] if args.tiny else []),
-                "--json",
-                out / "model-step.json",
-            ),
+            python("benchmarks/model_step.py", "--device", args.device, *step, "--json", out / "model-step.json"),
             "speed",
         )
     )
-    checks.append(
-        Check(
-            "throughput",
-            python(
-                "benchmarks/throughput.py",
-                *quick,
-                "--device",
-                args.device,
-                "--data-dir",
-                args.data_dir,
-                "--json",
-                out / "throughput.json",
-            ),
-            "speed",
-        )
-    )
-    full = [*data, "--device", args.device, *(size + ["--epochs", "2"] if args.tiny else [])]
-    configs = [(script, []) for script in SCRIPTS]
-    configs += [(f"enhanced-{name}", flags) for name, flags in ARCHITECTURES.items()] if args.architectures else []
-    for config, flags in configs:
-        script = config.split("-")[0]
+    if args.throughput:
+        quick = ["--quick"] if args.tiny else []
+        throughput = ["--device", args.device, "--data-dir", data_dir, "--json", out / "throughput.json"]
+        checks.append(Check("throughput", python("benchmarks/throughput.py", *quick, *throughput), "speed"))
+    full = [*data, "--device", args.device, *([*size, "--epochs", "2"] if args.tiny else [])]
+    configs = [(script, script, f"{script}-default", []) for script in SCRIPTS]
+    if args.architectures:
+        configs += [
+            (f"enhanced-{name}", "enhanced", f"enhanced-{name}", flags) for name, flags in ARCHITECTURES.items()
+        ]
+    for config, script, speed_from, flags in configs:
         for seed in args.seeds:
             run_dir = out / f"full-{config}-seed{seed}"
-            checks.append(
-                Check(
-                    f"full-{config}-seed{seed}",
-                    python(f"mobilenetv4_{script}.py", *full, *flags, "--seed", seed, "--output-dir", run_dir),
-                    "accuracy",
-                    str(run_dir),
-                )
-            )
+            argv = python(f"mobilenetv4_{script}.py", *full, *flags, "--seed", seed, "--output-dir", run_dir)
+            check = Check(f"full-{config}-seed{seed}", argv, "accuracy", str(run_dir), speed_from=speed_from)
+            check.epochs, check.images = (2, train_images) if args.tiny else (20, 50_000)
+            checks.append(check)
     return [c for c in checks if not any(c.name == s or c.name.endswith(f"-{s}") for s in args.skip)]
+
+
+def data_folder(args) -> Path:
+    """Where the checks read CIFAR-10: --data-dir when it holds the pickles, else <output-dir>/data (prepared)."""
+    given = Path(args.data_dir)
+    return given if (given / "cifar-10-batches-py").is_dir() else Path(args.output_dir) / "data"
+
+
+def prepare_data(args, timeout_s: float) -> dict:
+    """Make data_folder(args) hold CIFAR-10 (see the module docstring); returns the figures of how."""
+    folder = data_folder(args)
+    if (folder / "cifar-10-batches-py").is_dir():
+        source = str(folder)
+    elif args.cifar_archive:
+        from torchvision.datasets.utils import extract_archive
+
+        folder.mkdir(parents=True, exist_ok=True)
+        extract_archive(args.cifar_archive, str(folder))
+        source = args.cifar_archive
+    elif args.cifar_builder and Path(args.cifar_builder).is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, args.cifar_builder, str(folder)], check=True, timeout=timeout_s)
+        source = args.cifar_builder
+    else:
+        raise RuntimeError(
+            f"no CIFAR-10: --data-dir {args.data_dir} has no cifar-10-batches-py/, and neither --cifar-archive "
+            f"nor --cifar-builder ({args.cifar_builder}) was found"
+        )
+    write_test_images(str(folder), Path(args.output_dir) / "images")
+    return {"data": str(folder), "from": source}
 
 
 def write_test_images(data_dir: str, folder: Path, n: int = 8):
@@ -225,7 +245,7 @@ def write_test_images(data_dir: str, folder: Path, n: int = 8):
 
 
 def read_figures(check: Check) -> dict:
-    """Final accuracy, TTA accuracy, epochs and images/s from a run's own files."""
+    """Final accuracy, TTA accuracy, epochs, images/s and precision from a run's own files; the sync count."""
     if check.run_dir is None:
         return {}
     run_dir = Path(check.run_dir)
@@ -241,12 +261,14 @@ def read_figures(check: Check) -> dict:
             amp=summary["config"]["amp"],
             channels_last=summary["config"]["channels_last"],
         )
+        figures.update({"world_size": summary["world_size"]} if "world_size" in summary else {})
     rows = metrics_rows(run_dir / "metrics.csv")
     if rows:
         speeds = sorted(float(r["img_per_s"]) for r in rows[1:] or rows)  # epoch 1 holds warm-up and compilation
         figures.update(
             epochs_done=len(rows), img_per_s=round(speeds[len(speeds) // 2], 1), last_test_acc=rows[-1]["test_acc"]
         )
+    figures.update(read_json(run_dir / "syncs.json") or {})
     return figures
 
 
@@ -265,118 +287,259 @@ def metrics_rows(path: Path) -> list:
         return []
 
 
-def start(check: Check, logs: Path) -> subprocess.Popen:
-    check.log = str(logs / f"{check.name}.log")
-    log = open(check.log, "w")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    check.wall_s = time.perf_counter()
-    return subprocess.Popen(check.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+def estimate_s(check: Check, checks: list) -> float | None:
+    """An accuracy run's wall time on a device it shares with no one: its images at the speed its short run
+    measured (epoch 1 of a short run, warm-up included: an underestimate of the speed), plus start-up and
+    evaluation. None without that measurement."""
+    short = next((c for c in checks if c.name == check.speed_from and c.status == "ok"), None)
+    speed = short and short.figures.get("img_per_s")
+    if not speed:
+        return None
+    return STARTUP_S + 1.2 * check.epochs * check.images / speed
 
 
-def finish(check: Check, proc: subprocess.Popen, stopped: bool = False):
-    check.returncode = proc.returncode
-    check.wall_s = round(time.perf_counter() - check.wall_s, 1)
-    ran = proc.returncode == 0 and (check.run_dir is None or (Path(check.run_dir) / "summary.json").is_file())
-    check.status = "ok" if ran else "stopped" if stopped else "failed"
-    check.figures = read_figures(check)
+def choose_runs(runs: list, checks: list, budget_s: float):
+    """Start only what can finish: the accuracy runs share the device, so their estimated times add up. Runs are
+    taken in plan order (the defaults first) while the sum fits; the others are marked skipped with the reason."""
+    total = STARTUP_S
+    for check in runs:
+        estimate = estimate_s(check, checks)
+        if estimate is not None and total + estimate - STARTUP_S <= budget_s:
+            total += estimate - STARTUP_S
+            check.figures["estimate_s"] = round(estimate)
+            continue
+        check.status = "skipped"
+        check.figures["reason"] = (
+            f"{check.speed_from} measured no speed"
+            if estimate is None
+            else f"estimated {estimate:.0f} s, {budget_s - total + STARTUP_S:.0f} s of the budget left"
+        )
 
 
-def run_one(check: Check, logs: Path, timeout: float):
-    proc = start(check, logs)
-    try:
-        proc.wait(timeout=timeout)
-        finish(check, proc)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        finish(check, proc)
-        check.status = "timeout"
+class Checker:
+    """Runs the plan phase by phase within their budgets, rewriting the report after every check."""
 
+    def __init__(self, args, checks: list, phases: list, out: Path):
+        self.args, self.checks, self.phases, self.out = args, checks, phases, out
+        self.logs = out / "logs"
+        self.provenance = None
+        self.data = None  # where the data came from (or why there is none): the data phase's result
+        self.running = {}  # check name -> its process
+        self.lock = threading.RLock()  # the signal handler runs on the main thread, which may hold it
+        self.interrupted = False
 
-def run_until(checks: list, logs: Path, deadline_s: float):
-    """Start every check at once; at the deadline send SIGTERM (the scripts save last.pt) and wait for them."""
-    procs = [(check, start(check, logs)) for check in checks]
-    end = time.monotonic() + deadline_s
-    for _, proc in procs:
+    def start(self, check: Check) -> subprocess.Popen:
+        check.log = str(self.logs / f"{check.name}.log")
+        log = open(check.log, "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        check.wall_s, check.status = time.perf_counter(), "running"
+        proc = subprocess.Popen(
+            check.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        with self.lock:
+            self.running[check.name] = proc
+        return proc
+
+    def finish(self, check: Check, proc: subprocess.Popen, cut: str | None = None):
+        with self.lock:
+            self.running.pop(check.name, None)
+        check.returncode = proc.returncode
+        check.wall_s = round(time.perf_counter() - check.wall_s, 1)
+        ran = proc.returncode == 0 and (check.run_dir is None or (Path(check.run_dir) / "summary.json").is_file())
+        check.status = "interrupted" if self.interrupted else "ok" if ran else cut or "failed"
+        check.figures.update(read_figures(check))
+        self.report()
+
+    def run_one(self, check: Check, deadline: float):
+        left = deadline - time.monotonic()
+        if self.interrupted or left <= 0:
+            check.status = "interrupted" if self.interrupted else "skipped"
+            check.figures.setdefault("reason", "the phase's budget was spent before it started")
+            return
+        proc = self.start(check)
         try:
-            proc.wait(timeout=max(0.0, end - time.monotonic()))
+            proc.wait(timeout=left)
+            self.finish(check, proc)
         except subprocess.TimeoutExpired:
-            pass
-    stopped = [proc for _, proc in procs if proc.poll() is None]
-    for proc in stopped:
-        os.killpg(proc.pid, signal.SIGTERM)
-    for check, proc in procs:
-        proc.wait()
-        finish(check, proc, stopped=proc in stopped)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            self.finish(check, proc, cut="timeout")
+
+    def run_together(self, checks: list, deadline: float):
+        """Start every check at once; at the deadline SIGTERM (the scripts save a resumable last.pt)."""
+        procs = [(check, self.start(check)) for check in checks]
+        for _, proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        stopped = [proc for _, proc in procs if proc.poll() is None]
+        for proc in stopped:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for check, proc in procs:
+            proc.wait()
+            self.finish(check, proc, cut="stopped" if proc in stopped else None)
+
+    def run_phase(self, phase: Phase):
+        phase.status, started = "running", time.monotonic()
+        self.report()
+        deadline = started + phase.budget_s
+        checks = [c for c in self.checks if c.phase == phase.name]
+        if phase.name == "data":
+            self.prepare(phase)
+        elif phase.name == "accuracy":
+            choose_runs(checks, self.checks, phase.budget_s)
+            self.run_together([c for c in checks if c.status == "pending"], deadline)
+        else:
+            jobs = self.args.jobs if phase.name != "speed" else 1  # speed: nothing else running
+            with ThreadPoolExecutor(jobs) as pool:
+                list(pool.map(lambda c: self.run_one(c, deadline), checks))
+        phase.wall_s = round(time.monotonic() - started, 1)
+        phase.status = "interrupted" if self.interrupted else "done"
+        self.report()
+
+    def prepare(self, phase: Phase):
+        try:
+            self.data = prepare_data(self.args, phase.budget_s)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            self.data = {"error": str(exc)}
+            for check in self.checks:
+                check.status, check.figures["reason"] = "skipped", "no data"
+
+    def interrupt(self, signum, frame):
+        """SIGINT / SIGTERM: stop every running check; the report keeps what finished."""
+        self.interrupted = True
+        with self.lock:
+            for proc in self.running.values():
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def report(self):
+        with self.lock:
+            write_report(self)
 
 
-def report(checks: list, args, out: Path, provenance: dict):
+def write_report(checker: Checker):
+    args, out = checker.args, checker.out
+    total = sum(p.budget_s for p in checker.phases)
     lines = [
         f"# GPU check on {args.device}{' (tiny)' if args.tiny else ''}",
+        "",
+        f"Budget: {total:.0f} s in all. {' '.join(NOTES)}",
+        "",
+        "| phase | budget s | status | wall s |",
+        "|---|---|---|---|",
+        *(f"| {p.name} | {p.budget_s:.0f} | {p.status} | {p.wall_s} |" for p in checker.phases),
         "",
         "| check | phase | status | wall s | figures | command |",
         "|---|---|---|---|---|---|",
     ]
-    for c in checks:
+    for c in checker.checks:
         figures = ", ".join(f"{k} {v}" for k, v in c.figures.items())
         lines.append(f"| {c.name} | {c.phase} | {c.status} | {c.wall_s} | {figures} | `{c.command}` |")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "report.json").write_text(
-        json.dumps(
-            {"provenance": provenance, "args": vars(args), "checks": [asdict(c) for c in checks]}, indent=2, default=str
-        )
-    )
-    print("\n".join(lines))
+    report = {
+        "provenance": checker.provenance,
+        "args": vars(args),
+        "budget_s": total,
+        "notes": NOTES,
+        "data": checker.data,
+        "phases": [asdict(p) for p in checker.phases],
+        "checks": [asdict(c) for c in checker.checks],
+    }
+    for name, text in (("report.md", "\n".join(lines) + "\n"), ("report.json", json.dumps(report, indent=2))):
+        (out / f".{name}").write_text(text)
+        os.replace(out / f".{name}", out / name)  # whole or not at all, whenever the check is killed
+
+
+def count_syncs(argv) -> int:
+    """`count-syncs JSON SCRIPT ARGS...`: one run of mobilenetv4_SCRIPT.py in this process; on CUDA under
+    torch.cuda.set_sync_debug_mode("warn"), which warns at every synchronising call. Writes the count and the
+    calls' most frequent places to JSON."""
+    import collections
+    import importlib
+    import warnings
+
+    import torch
+
+    path, script, rest = Path(argv[0]), argv[1], argv[2:]
+    module = importlib.import_module(f"mobilenetv4_{script}")
+    device = rest[rest.index("--device") + 1] if "--device" in rest else "auto"
+    on_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if on_cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            module.main(rest)
+        finally:
+            if on_cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    places = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    counted = {"syncs": len(syncs) if on_cuda else "n/a (CUDA only)", "sync_places": dict(places.most_common(5))}
+    path.write_text(json.dumps(counted))
+    return 0
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=common.DEVICES)
-    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--data-dir", default="data", help="a folder holding cifar-10-batches-py/, if prepared")
+    parser.add_argument("--cifar-archive", help="the official cifar-10-python.tar.gz, extracted into OUTPUT/data")
+    parser.add_argument(
+        "--cifar-builder",
+        default=str(next((p for p in BUILDERS if p.is_file()), BUILDERS[0])),
+        help="a script that writes cifar-10-batches-py/ into the folder it is given (used when present)",
+    )
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--tiny", action="store_true", help="tiny runs: the same code paths in seconds, on any device")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="phase 3's seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="the accuracy phase's seeds")
     parser.add_argument(
         "--architectures",
         action="store_true",
-        help="phase 3 also trains the enhanced recipe on Conv-S 8x8, Conv-M and MobileNetV2",
+        help=f"also Conv-S 8x8, Conv-M and MobileNetV2 (short runs and 20 epochs; {ARCHITECTURES_S} s more)",
     )
-    parser.add_argument("--jobs", type=int, default=4, help="phase 1 checks run at a time")
-    parser.add_argument("--check-timeout-s", type=float, default=300, help="limit for each phase 1 and 2 command")
-    parser.add_argument("--full-budget-s", type=float, default=270, help="phase 3's deadline")
+    parser.add_argument("--throughput", action="store_true", help=f"also benchmarks/throughput.py ({THROUGHPUT_S} s)")
+    parser.add_argument("--jobs", type=int, default=4, help="correctness and after-training checks run at a time")
+    parser.add_argument("--budget", nargs="*", default=[], metavar="PHASE=S", help="a phase's budget in seconds")
     parser.add_argument(
         "--skip",
         nargs="*",
         default=[],
         metavar="NAME",
-        help="checks to leave out, by name or suffix (e.g. compile, throughput)",
+        help="checks to leave out, by name or suffix (e.g. compile, model-step)",
     )
     return parser
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["count-syncs"]:
+        return count_syncs(argv[1:])
     args = build_parser().parse_args(argv)
     out = Path(args.output_dir)
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    checks = plan(args)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    phases = [Phase(name, seconds) for name, seconds in budgets(args).items()]
+    checker = Checker(args, plan(args), phases, out)
     # Read when the checks start: the code checked is what was loaded then, whatever changes meanwhile.
-    provenance = common.provenance(common.select_device(args.device))
-    write_test_images(args.data_dir, out / "images")
-    by_phase = {
-        phase: [c for c in checks if c.phase == phase]
-        for phase in ("correctness", "after-training", "speed", "accuracy")
-    }
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda c: run_one(c, logs, args.check_timeout_s), by_phase["correctness"]))
-        list(pool.map(lambda c: run_one(c, logs, args.check_timeout_s), by_phase["after-training"]))
-    for check in by_phase["speed"]:
-        run_one(check, logs, args.check_timeout_s)
-    run_until(by_phase["accuracy"], logs, args.full_budget_s)
-    report(checks, args, out, provenance)
-    failed = [c.name for c in checks if c.status in ("failed", "timeout")]
+    checker.provenance = common.provenance(common.select_device(args.device))
+    previous = {s: signal.signal(s, checker.interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for phase in phases:
+            if not checker.interrupted:
+                checker.run_phase(phase)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    checker.report()
+    print((out / "report.md").read_text())
+    if checker.interrupted:
+        return 128 + signal.SIGTERM
+    failed = [c.name for c in checker.checks if c.status in ("failed", "timeout")]
+    if "error" in (checker.data or {}):
+        failed.insert(0, "data")
     if failed:
-        print(f"failed: {' '.join(failed)} (logs in {logs})", file=sys.stderr)
+        print(f"failed: {' '.join(failed)} (logs in {out / 'logs'})", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -7,7 +7,7 @@ from functools import partial
 
 import torch
 
-from .data import CIFAR10_MEAN
+from .data import CIFAR10_MEAN, device_constant
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def _adjust_hue(x, shift):
     # Hue in sixths of a turn, up to a multiple of 6 (the mod below absorbs it); 0 for grey pixels (num = 0).
     num = torch.where(r == maxc, g - b, torch.where(g == maxc, b - r + 2 * delta, r - g + 4 * delta))
     hue6 = num / delta.clamp_min(1e-12) + (6 * shift).view(-1, 1, 1)
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue6.unsqueeze(1), 6)
+    k = torch.remainder(device_constant((5.0, 3.0, 1.0), x.device) + hue6.unsqueeze(1), 6)
     return maxc.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
@@ -170,8 +170,7 @@ def cutout(x: torch.Tensor, side: int, gen: torch.Generator) -> torch.Tensor:
     xs = torch.arange(w, device=x.device).view(1, 1, w)
     low, high = side // 2, side - side // 2  # [c - low, c + high)
     inside = (ys >= cy - low) & (ys < cy + high) & (xs >= cx - low) & (xs < cx + high)  # [B, H, W]
-    mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1)
-    return torch.where(inside.unsqueeze(1), mean, x)
+    return torch.where(inside.unsqueeze(1), device_constant(CIFAR10_MEAN, x.device), x)
 
 
 AUGMENT_OPS = ("crop_padding", "hflip", "hflip_mode", "rotation", "color_jitter", "translate", "cutout")  # their flags

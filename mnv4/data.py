@@ -152,10 +152,24 @@ def epoch_order(n: int, seed: int, epoch: int, device) -> torch.Tensor:
     return torch.randperm(n, generator=gen).to(device)
 
 
+_ON_DEVICE: dict = {}
+
+
+def device_constant(values: tuple, device) -> torch.Tensor:
+    """`values` as a float32 [1, C, 1, 1] tensor on `device`, made once per (values, device) and then reused: on a
+    GPU each tensor made from Python numbers is a blocking host-to-device copy, a wait for the queued work."""
+    key = (tuple(values), torch.device(device))
+    constant = _ON_DEVICE.get(key)
+    if constant is None:
+        constant = torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        if type(constant) is torch.Tensor:  # a tensor subclass (a FakeTensor) belongs to the mode that made it
+            _ON_DEVICE[key] = constant
+    return constant
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 or [0, 1] float images -> normalised float32, on the images' device."""
-    mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = device_constant(CIFAR10_MEAN, images.device), device_constant(CIFAR10_STD, images.device)
     if images.dtype == torch.uint8:
         return images.float().mul_(1 / 255).sub_(mean).div_(std)
     return (images - mean) / std

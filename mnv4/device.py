@@ -4,10 +4,13 @@ state and peak memory per device type; what the machine is called.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,13 +52,48 @@ def select_device(name: str = "auto", local_rank: int | None = None) -> torch.de
     return torch.device(name)
 
 
+# The first torch release (major, minor) where each MPS feature a run may use works, and why earlier ones fail.
+MPS_NEEDS = {
+    # GradScaler.unscale_ took the scale's reciprocal in float64, which MPS lacks, and the unscale kernels had no
+    # MPS version (pytorch/pytorch#142397).
+    "fp16": ((2, 8), "GradScaler cannot unscale on MPS before it"),
+    # MPS autocast arrived in 2.5 for float16 only: bf16 there is turned off with a warning and the run is fp32.
+    "bf16": ((2, 6), "MPS autocast runs bf16 as fp32 before it"),
+    # torch.mps.set_rng_state dropped the Philox offset (pytorch/pytorch#130613), so dropout and drop-path masks
+    # after a resume differed from the uninterrupted run's.
+    "resume": ((2, 5), "torch.mps.set_rng_state does not restore the Philox offset before it"),
+}
+
+
+def torch_release(version: str | None = None) -> tuple[int, int]:
+    """(major, minor) of a torch version string ("2.5.0a0+git1234" is 2.5); the running torch by default."""
+    found = re.match(r"(\d+)\.(\d+)", version or torch.__version__)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+def mps_supports(feature: str) -> tuple[bool, str]:
+    """Whether the running torch has a working MPS `feature` (a key of MPS_NEEDS), and if not, a sentence naming
+    the torch release that has it."""
+    (major, minor), why = MPS_NEEDS[feature]
+    if torch_release() >= (major, minor):
+        return True, ""
+    return False, f"needs torch {major}.{minor} or later on MPS ({why}); this is torch {torch.__version__}"
+
+
 def autocast_dtype(device: torch.device, amp: str):
     """Mixed-precision dtype for autocast, or None for fp32. auto: bf16 on GPUs that have it natively (compute
     capability 8.0 and up), fp16 on older ones, fp32 off CUDA: on the CPU autocast measured slower than fp32
     (docs/PERFORMANCE.md), and MPS autocast is unmeasured here. torch.cuda.is_bf16_supported() alone counts
-    emulation, which a T4 or V100 offers but runs far slower than fp16 (cuDNN has no bf16 convolutions there)."""
+    emulation, which a T4 or V100 offers but runs far slower than fp16 (cuDNN has no bf16 convolutions there).
+    An MPS mode the running torch (or macOS) would silently run as fp32, or fail in, is refused in one line."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
+    if device.type == "mps":
+        supported, reason = mps_supports(amp)
+        if not supported:
+            raise UserError(f"--amp {amp} {reason}: upgrade torch, or use --amp off")
+        if amp == "bf16" and not torch.backends.mps.is_macos_or_newer(14, 0):
+            raise UserError("--amp bf16 on MPS needs macOS 14 or later (torch runs it as fp32 before): use --amp off")
     if amp == "fp16":
         return torch.float16
     if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
@@ -66,6 +104,43 @@ def autocast_dtype(device: torch.device, amp: str):
             )
         return torch.float16
     return torch.bfloat16
+
+
+def precision_context(device: torch.device, dtype: torch.dtype | None):
+    """The context a forward pass runs in: autocast to `dtype`, or nothing at all for fp32. No autocast object is
+    built for fp32: before torch 2.5 `torch.autocast("mps", enabled=False)` raises in its constructor."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def check_precision(device: torch.device, dtype: torch.dtype | None):
+    """Refuse, in one line, an autocast that torch turns off with a warning: the run would be fp32 while its
+    config.json says otherwise."""
+    if dtype is None:
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with precision_context(device, dtype):
+            active = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == dtype
+    if not active:
+        said = next((str(w.message).splitlines()[0] for w in caught), "autocast stayed off")
+        raise UserError(
+            f"--amp {AMP_NAMES.get(dtype, dtype)}: torch {torch.__version__} does not autocast {device.type} to "
+            f"{dtype} ({said}); use --amp off"
+        )
+
+
+AMP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def check_exact_resume(device: torch.device):
+    """A mid-epoch checkpoint resumes exactly only where the device's random state can be restored."""
+    if device.type == "mps":
+        supported, reason = mps_supports("resume")
+        if not supported:
+            raise UserError(
+                f"resuming mid-epoch {reason}, so the rest of the epoch would not match an uninterrupted run: "
+                "upgrade torch"
+            )
 
 
 def device_warnings(device: torch.device, args) -> list[str]:
@@ -193,7 +268,9 @@ def run_device(args, dist) -> tuple[torch.device, torch.dtype | None, bool]:
         raise UserError(
             f"--sync-bn needs CUDA (SyncBatchNorm runs on CUDA devices only), not {device.type}: drop --sync-bn"
         )
+    amp_dtype = autocast_dtype(device, args.amp)
+    check_precision(device, amp_dtype)
     dist.init(device)
     reset_peak_memory(device)
     channels_last = default_channels_last(device) if args.channels_last is None else args.channels_last
-    return device, autocast_dtype(device, args.amp), channels_last
+    return device, amp_dtype, channels_last

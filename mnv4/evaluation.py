@@ -8,6 +8,7 @@ from torch import nn
 
 from .augment import TTA_VIEWS, _identity
 from .data import normalize
+from .device import precision_context
 from .distributed import Distributed
 
 
@@ -19,7 +20,7 @@ def predict_probs(model, images, view=_identity, *, batch_size=500, autocast=Non
     for start in range(0, images.shape[0], batch_size):
         x = normalize(view(images[start : start + batch_size]))
         x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        with torch.autocast(images.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        with precision_context(images.device, autocast):
             probs.append(model(x).float().softmax(1))
     return torch.cat(probs) if probs else images.new_zeros(0, 10, dtype=torch.float32)
 

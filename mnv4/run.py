@@ -24,7 +24,16 @@ from .augment import TTA_VIEWS, augment_config
 from .batches import load_run_data
 from .checkpoint import CheckpointKeeper, check_resumable, eval_weights, load_checkpoint, prepare_output_dir
 from .cli import resume_command
-from .device import device_name, device_warnings, peak_memory_mb, run_device, seed_everything, set_rng_state
+from .device import (
+    check_exact_resume,
+    device_name,
+    device_warnings,
+    peak_memory_mb,
+    precision_context,
+    run_device,
+    seed_everything,
+    set_rng_state,
+)
 from .distributed import Distributed
 from .epochs import EpochLoop
 from .evaluation import Evaluator, per_class_accuracy
@@ -58,6 +67,8 @@ class Run:
         # hold its adapted scale.
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.checkpoint = load_checkpoint(args.resume) if args.resume else None
+        if self.checkpoint is not None and self.checkpoint.get("step") and not args.test_only:
+            check_exact_resume(self.device)
         self.out_dir = self.dist.broadcast(prepare_output_dir(args, script) if self.dist.is_main else None)
         self.data = load_run_data(args, self.dist, self.device)
         self.loop = EpochLoop(
@@ -121,9 +132,7 @@ class Run:
         return self.loop.progress()
 
     def autocast(self):
-        return torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-        )
+        return precision_context(self.device, self.amp_dtype)
 
     def should_skip(self, loss) -> bool:
         return self.loop.should_skip(loss)

@@ -3,16 +3,21 @@
 - MPS has no float64 (or complex128): a dispatch mode fails every op that produces one, while both scripts
   train, evaluate, run the TTA table, stop mid-epoch and resume, evaluate with --test-only, and predict.py
   classifies. On a Mac any such op on the training device is a TypeError at the first step.
-- GPUs run asynchronously: every read of a device value on the host (`.item()`, `int(t)`, `nonzero()`) waits
-  for the queue to drain. A dispatch mode counts them; an epoch of twice the steps must not make more.
+- GPUs run asynchronously: every read of a device value on the host (`.item()`, `int(t)`, `nonzero()`) and every
+  copy from host memory to the device (`torch.tensor(list, device=...)`, `.to(device)` of a CPU tensor) waits for
+  the queue to drain. A dispatch mode counts them; an epoch of more steps and chunks must not make more.
 - FakeTensorMode builds tensors on a "cuda" device without a GPU and refuses ops that mix devices.
 - Monkeypatched capabilities check the choices made for hardware this machine does not have.
 """
 
+import collections
 import contextlib
 import io
 import signal
 import sys
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -20,12 +25,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import common
+import mnv4.data
 import mnv4.device
+import mnv4.evaluation
 import mobilenetv4_baseline
 import mobilenetv4_enhanced
 import predict
+from conftest import write_tiny_cifar
 from helpers import TINY
 
+ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
 MPS_MISSING = (torch.float64, torch.complex128)
 pytestmark = pytest.mark.filterwarnings("ignore:CIFAR-10 files")
@@ -47,16 +56,26 @@ class DtypeRecorder(TorchDispatchMode):
 
 
 class SyncCounter(TorchDispatchMode):
-    """Counts the ops that make the host wait for a GPU: reading a value (`.item()`, `int()`, `bool()`) or an
-    output whose size depends on the data. Not inside optimizer.step(): Adam(W) reads its step counters there,
-    which torch keeps on the host (CPU tensors) unless `capturable`, so on a GPU they cost no wait."""
+    """Counts what makes the host wait for a GPU: reading a value (`.item()`, `int()`, `bool()`), an output whose
+    size depends on the data, and a blocking copy from the host: a tensor made from Python data (`torch.tensor`,
+    `torch.as_tensor`: aten.lift_fresh), a copy from a CPU tensor to another device, and `.to(device)` of a CPU
+    tensor written in this project's code (a no-op on the CPU these tests run on, so `Tensor.to` is wrapped to see
+    it; torch's own calls, such as clip_grad_norm_'s on tensors already on the device, are not counted). Not inside
+    optimizer.step(): Adam(W) reads its step counters there, which torch keeps on the host (CPU tensors) unless
+    `capturable`, so on a GPU they cost no wait."""
 
-    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique")
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten.lift_fresh")
 
     def __init__(self):
         super().__init__()
         self.count, self.in_optimizer_step = 0, False
-        self.hooks = []
+        self.seen = collections.Counter()  # what was counted, by name
+        self.hooks, self.patch = [], None
+
+    def record(self, what: str):
+        if not self.in_optimizer_step:
+            self.count += 1
+            self.seen[what] += 1
 
     def __enter__(self):
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -65,17 +84,40 @@ class SyncCounter(TorchDispatchMode):
             register_optimizer_step_pre_hook(lambda *_: setattr(self, "in_optimizer_step", True)),
             register_optimizer_step_post_hook(lambda *_: setattr(self, "in_optimizer_step", False)),
         ]
+        original, counter = torch.Tensor.to, self
+
+        def to(tensor, *args, **kwargs):
+            target = kwargs.get("device", next((a for a in args if isinstance(a, (torch.device, str))), None))
+            caller = sys._getframe(1).f_code.co_filename
+            ours = caller.startswith(str(ROOT)) and "site-packages" not in caller
+            if target is not None and tensor.device.type == "cpu" and ours:
+                counter.record(f"Tensor.to({target})")
+            return original(tensor, *args, **kwargs)
+
+        self.patch = mock.patch.object(torch.Tensor, "to", to)
+        self.patch.start()
         return super().__enter__()
 
     def __exit__(self, *exc):
+        self.patch.stop()
         for hook in self.hooks:
             hook.remove()
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.in_optimizer_step and str(func).startswith(self.SYNCING):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        name = str(func)
+        if name.startswith(self.SYNCING) or self.copies_from_host(name, args, kwargs):
+            self.record(name)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def copies_from_host(name, args, kwargs) -> bool:
+        if name.startswith("aten._to_copy") and kwargs.get("device") is not None:
+            return args[0].device.type == "cpu" and torch.device(kwargs["device"]).type != "cpu"
+        if name.startswith("aten.copy_"):
+            return args[1].device.type == "cpu" and args[0].device.type != "cpu"
+        return False
 
 
 def run_main(module, argv):
@@ -191,12 +233,28 @@ def test_the_recorder_sees_float64():
 # ---------------------------------------------------------------------------------------------------
 # 2. No per-step host-device synchronisation
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", RECIPES)
-def test_an_epoch_syncs_a_fixed_number_of_times(name, tiny_cifar, tmp_path):
-    """Twice the steps, same evaluation: a GPU run that reads a device value every step would count more."""
-    script, flags = RECIPES[name]
-    counts = []
-    for images in (64, 128):  # 4 and 8 steps of 16, both below the progress bar's refresh interval
+# The enhanced default's path with cutout added; the notebook's adds colour jitter (hue included) and EMA.
+SYNC_RECIPES = {
+    "baseline": RECIPES["baseline"],
+    "enhanced-cutout": ("enhanced", ["--cutout", "8"]),
+    "enhanced-notebook-ema": RECIPES["enhanced-notebook-ema"],
+}
+
+
+@pytest.fixture(scope="module")
+def cifar_of_3000(tmp_path_factory):
+    """3,000 training images: epochs of several 1,024-image augmentation chunks."""
+    return write_tiny_cifar(tmp_path_factory.mktemp("cifar3000"), per_train_batch=600)
+
+
+@pytest.mark.parametrize("name", SYNC_RECIPES)
+def test_an_epoch_syncs_a_fixed_number_of_times(name, cifar_of_3000, tmp_path):
+    """More steps and more augmentation chunks (2 and 3 of 1,024 images, 8 and 11 steps of 256), same evaluation:
+    a GPU run that reads a device value or copies from the host every step or chunk would count more."""
+    script, flags = SYNC_RECIPES[name]
+    counters = []
+    for images in (2048, 2816):  # both below the progress bar's refresh interval
+        mnv4.data._ON_DEVICE.clear()  # each run makes its device constants once
         counter = SyncCounter()
         with counter:
             code, _, _, err = run_main(
@@ -205,9 +263,11 @@ def test_an_epoch_syncs_a_fixed_number_of_times(name, tiny_cifar, tmp_path):
                     *TINY,
                     *flags,
                     "--data-dir",
-                    tiny_cifar,
+                    cifar_of_3000,
                     "--epochs",
                     1,
+                    "-b",
+                    256,
                     "--max-train-samples",
                     images,
                     "--no-tta-table",
@@ -216,18 +276,42 @@ def test_an_epoch_syncs_a_fixed_number_of_times(name, tiny_cifar, tmp_path):
                 ],
             )
         assert code == 0, err
-        counts.append(counter.count)
-    assert counts[0] == counts[1], f"host syncs: {counts[0]} for 4 steps, {counts[1]} for 8"
+        counters.append(counter)
+    more = counters[1].seen - counters[0].seen
+    assert counters[0].count == counters[1].count, (
+        f"host syncs: {counters[0].count} for 2 chunks, {counters[1].count} for 3; the extra ones: {dict(more)}"
+    )
 
 
-def test_the_sync_counter_sees_item_and_nonzero():
+def test_the_sync_counter_sees_reads_and_copies_from_the_host():
     counter = SyncCounter()
     with counter:
         x = torch.arange(4)
         x.sum().item()
         int(x[0])
         x.nonzero()
-    assert counter.count == 3
+        torch.tensor([1.0, 2.0])  # on a GPU: a blocking copy from pageable host memory
+        x.to("cpu")  # .to(device) of a CPU tensor (here a no-op)
+        torch.zeros(2).to("meta")  # a copy from a CPU tensor to another device
+        torch.empty(2, device="meta").copy_(torch.zeros(2))
+        x.to(torch.float32)  # a dtype change is no copy from the host
+    assert counter.count == 8, counter.seen
+
+
+def test_device_constants_are_made_once_per_device():
+    """normalize, hue and cutout reuse one tensor per device for their constants: no copy from the host per chunk or
+    per evaluation batch."""
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    cfg = common.AugmentConfig(crop_padding=0, rotation=0, translate=0, cutout=4)
+    common.normalize(common.augment(images, torch.Generator().manual_seed(0), cfg))  # makes them, once
+    counter = SyncCounter()
+    with counter:
+        common.normalize(images)
+        common.augment(images, torch.Generator().manual_seed(1), cfg)
+    assert counter.count == 0, counter.seen
+    assert mnv4.data.device_constant(common.CIFAR10_MEAN, "cpu") is mnv4.data.device_constant(
+        common.CIFAR10_MEAN, torch.device("cpu")
+    )
 
 
 def test_colour_jitter_off_leaves_pixels_alone():
@@ -467,3 +551,144 @@ def test_default_channels_last_by_device():
     assert common.default_channels_last(torch.device("cpu")) is True
     assert common.default_channels_last(torch.device("cuda")) is True
     assert common.default_channels_last(torch.device("mps")) is False
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. MPS: what the running torch can do, or one line naming the torch that can
+# ---------------------------------------------------------------------------------------------------
+def stand_in_run(device: str, amp_dtype):
+    """What Run.autocast reads of a run: its device and autocast dtype."""
+    return SimpleNamespace(
+        device=torch.device(device, 0) if device == "cuda" else torch.device(device), amp_dtype=amp_dtype
+    )
+
+
+AMP_ON = {"cpu": "bf16", "cuda": "auto", "mps": "fp16"}  # the mode a user turns AMP on with, per device type
+
+
+@pytest.mark.parametrize("amp", ["off", "on"])
+@pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
+def test_the_runs_precision_context_builds_for_every_device_type(device, amp, monkeypatch):
+    """The context every training step (Run.autocast) and evaluation batch enter, with the running torch's own
+    torch.autocast. AMP off builds none: before torch 2.5 `torch.autocast("mps", enabled=False)` raises in its
+    constructor, so on the floor version (CI's second environment) this fails if one is built again. AMP on builds
+    the autocast the device's dtype names, or refuses in one line naming the torch it needs (MPS fp16: 2.8)."""
+    if device == "cuda":
+        fake_gpu(monkeypatch, (9, 0))
+    mode = AMP_ON[device] if amp == "on" else "off"
+    dev = stand_in_run(device, None).device
+    if device == "mps" and amp == "on" and mnv4.device.torch_release() < (2, 8):
+        with pytest.raises(common.UserError, match=r"^--amp fp16 needs torch 2\.8 or later on MPS") as refused:
+            common.autocast_dtype(dev, mode)
+        assert "\n" not in str(refused.value)
+        return
+    dtype = common.autocast_dtype(dev, mode)
+    assert (dtype is None) == (amp == "off")
+    with common.Run.autocast(stand_in_run(device, dtype)), mnv4.device.precision_context(dev, dtype):
+        if dtype is not None:  # (torch before 2.5 cannot even ask whether MPS autocasts)
+            assert torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == dtype
+
+
+def test_no_autocast_is_built_when_amp_is_off(monkeypatch):
+    """Neither a training step nor evaluation constructs torch.autocast for fp32, whatever the device type."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"torch.autocast{args} built for an fp32 run")
+
+    model = common.mobilenetv4("conv_small", width_mult=0.25)
+    monkeypatch.setattr(torch, "autocast", refuse)
+    for device in ("cpu", "cuda", "mps"):
+        with common.Run.autocast(stand_in_run(device, None)):
+            pass
+    probs = mnv4.evaluation.predict_probs(model, torch.zeros(4, 3, 32, 32, dtype=torch.uint8), autocast=None)
+    assert probs.shape == (4, 10)
+
+
+def with_torch(monkeypatch, version: str):
+    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
+
+
+@pytest.mark.parametrize(
+    "version, amp, needs",
+    [
+        ("2.4.1", "fp16", "2.8"),
+        ("2.7.1", "fp16", "2.8"),
+        ("2.4.1", "bf16", "2.6"),
+        ("2.5.1", "bf16", "2.6"),
+        ("2.8.0", "fp16", None),
+        ("2.6.0", "bf16", None),
+        ("2.4.1", "auto", None),
+    ],
+)
+def test_amp_on_mps_runs_what_it_records_or_names_the_torch_it_needs(version, amp, needs, monkeypatch):
+    with_torch(monkeypatch, version)
+    mps = torch.device("mps")
+    if needs is None:
+        expected = {"fp16": torch.float16, "bf16": torch.bfloat16, "auto": None}[amp]
+        assert common.autocast_dtype(mps, amp) == expected
+        return
+    with pytest.raises(common.UserError) as refused:
+        common.autocast_dtype(mps, amp)
+    message = str(refused.value)
+    assert "\n" not in message and f"--amp {amp} needs torch {needs}" in message and version in message
+    assert "--amp off" in message
+
+
+def test_bf16_on_mps_before_macos_14_is_refused(monkeypatch):
+    with_torch(monkeypatch, "2.6.0")
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: major < 14)
+    with pytest.raises(common.UserError, match=r"^--amp bf16 on MPS needs macOS 14"):
+        common.autocast_dtype(torch.device("mps"), "bf16")
+
+
+def test_an_autocast_torch_turns_off_is_refused_rather_than_recorded():
+    """torch disables autocast with a warning where it cannot run it (here CUDA autocast with no GPU): the run would
+    be fp32 while config.json says bf16, so it is refused in one line."""
+    with pytest.raises(common.UserError) as refused:
+        mnv4.device.check_precision(torch.device("cuda", 0), torch.bfloat16)
+    assert "\n" not in str(refused.value) and "--amp bf16" in str(refused.value) and "--amp off" in str(refused.value)
+    mnv4.device.check_precision(torch.device("cpu"), torch.bfloat16)  # one torch runs: no refusal
+    mnv4.device.check_precision(torch.device("mps"), None)
+
+
+@pytest.mark.parametrize("version, exact", [("2.4.1", False), ("2.5.0", True), ("2.10.0+cpu", True)])
+def test_mid_epoch_resume_on_mps_is_exact_or_refused(version, exact, monkeypatch):
+    with_torch(monkeypatch, version)
+    mnv4.device.check_exact_resume(torch.device("cpu"))  # the CPU's generator always restores
+    if exact:
+        mnv4.device.check_exact_resume(torch.device("mps"))
+        return
+    with pytest.raises(common.UserError) as refused:
+        mnv4.device.check_exact_resume(torch.device("mps"))
+    assert "\n" not in str(refused.value) and "torch 2.5" in str(refused.value) and "Philox" in str(refused.value)
+
+
+def test_a_mid_epoch_checkpoint_on_mps_before_torch_2_5_is_refused_in_one_line(tiny_cifar, tmp_path, monkeypatch):
+    """Through the script: the refusal comes before any output is written (the run never starts)."""
+    out = tmp_path / "run"
+    original, steps = common.Run.step_done, [0]
+
+    def stop_after_step_2(self, loss, logits, labels):
+        steps[0] += 1
+        if steps[0] == 2:
+            self.stop.signum = signal.SIGINT
+        return original(self, loss, logits, labels)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(common.Run, "step_done", stop_after_step_2)
+        code, _, _, err = run_main(mobilenetv4_baseline, [*TINY, "--data-dir", tiny_cifar, "--output-dir", out])
+    assert code == 128 + signal.SIGINT, err
+    fake_mps(monkeypatch)
+    with_torch(monkeypatch, "2.4.1")
+    resumed = tmp_path / "resumed"
+    argv = [*TINY, "--device", "mps", "--data-dir", tiny_cifar, "--resume", out / "last.pt", "--output-dir", resumed]
+    code, _, _, err = run_main(mobilenetv4_baseline, argv)
+    assert code == 2 and err.count("\n") == 1 and "torch 2.5" in err and "mid-epoch" in err, err
+    assert not resumed.exists()
+
+
+def test_torch_release_reads_major_and_minor():
+    assert mnv4.device.torch_release("2.4.1+cu121") == (2, 4)
+    assert mnv4.device.torch_release("2.10.0a0+git1234") == (2, 10)
+    assert mnv4.device.torch_release("2.5") == (2, 5)
