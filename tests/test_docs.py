@@ -115,3 +115,10 @@ def test_baseline_help_does_not_present_augmentation_as_on():
 def test_amp_help_says_what_auto_picks():
     text = " ".join(mobilenetv4_enhanced.build_parser().format_help().split())
     assert "bf16 from compute capability 8.0, fp16 below it; fp32 on the CPU and MPS" in text
+
+
+def test_pyproject_dependencies_are_requirements_txt():
+    """pyproject.toml's dependencies repeat requirements.txt (whose torch bounds are the floor CI installs)."""
+    required = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    block = re.search(r"^dependencies = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.M | re.S).group(1)
+    assert re.findall(r'"([^"]+)"', block) == [r for r in required if r]
