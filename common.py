@@ -46,6 +46,7 @@ from mnv4.device import (
     device_name,
     device_warnings,
     peak_memory_mb,
+    precision_context,
     rng_state,
     select_device,
     set_rng_state,

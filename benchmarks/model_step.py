@@ -37,7 +37,7 @@ def step_time(variant, config, batch_size, steps, device, channels_last, amp_dty
     for i in range(steps + 2):  # two warm-up steps
         common.synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with common.precision_context(device, amp_dtype):
             loss = nn.functional.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -149,7 +149,7 @@ def bench_augmentation(data, device, n_images, repeats, recipe):
 
 def train_step_fn(model, optimizer, criterion, clip_grad_norm, autocast_dtype, device):
     def step(images, labels):
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with common.precision_context(device, autocast_dtype):
             loss = criterion(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
