@@ -96,9 +96,9 @@ def throughput_run(tiny_cifar, tmp_path_factory):
 
     real_augment, real_git_commit = common.augment, mnv4.provenance.git_commit
 
-    def recording_augment(images, gen, cfg):
+    def recording_augment(images, gen, cfg, *flips):
         used.setdefault((running[-1], "ours"), set()).add(cfg)
-        return real_augment(images, gen, cfg)
+        return real_augment(images, gen, cfg, *flips)
 
     class RecordingPilCifar(throughput.PilCifar):
         def __init__(self, images, labels, cfg):

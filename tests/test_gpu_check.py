@@ -17,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
+import gpu_plan  # noqa: E402
 
 import mobilenetv4_baseline  # noqa: E402
 import mobilenetv4_enhanced  # noqa: E402
@@ -33,7 +34,7 @@ def parse(*argv):
 
 
 def plan_for(*argv):
-    return gpu_check.plan(parse(*argv))
+    return gpu_plan.plan(parse(*argv))
 
 
 def test_plan_covers_every_device_path():
@@ -78,10 +79,10 @@ def test_plan_covers_every_device_path():
 
 def test_default_plan_fits_six_minutes_and_architectures_nine():
     """The budgets are the plan's wall time on a GPU: what runs over its phase's budget is stopped."""
-    assert sum(gpu_check.budgets(parse()).values()) <= 6 * 60
-    assert sum(gpu_check.budgets(parse("--architectures")).values()) <= 9 * 60
+    assert sum(gpu_plan.budgets(parse()).values()) <= 6 * 60
+    assert sum(gpu_plan.budgets(parse("--architectures")).values()) <= 9 * 60
     assert [c.name for c in plan_for() if c.phase == "accuracy"] == ["full-baseline-seed0", "full-enhanced-seed0"]
-    assert gpu_check.budgets(parse("--budget", "speed=5"))["speed"] == 5
+    assert gpu_plan.budgets(parse("--budget", "speed=5"))["speed"] == 5
 
 
 def test_skip_leaves_checks_out():
@@ -91,7 +92,7 @@ def test_skip_leaves_checks_out():
 
 
 def short_run(name, img_per_s):
-    check = gpu_check.Check(name, [], "correctness", status="ok")
+    check = gpu_plan.Check(name, [], "correctness", status="ok")
     check.figures["img_per_s"] = img_per_s
     return check
 
@@ -101,14 +102,14 @@ def test_the_accuracy_phase_starts_only_what_can_finish():
     checks = plan_for("--seeds", "0", "1")
     checks += [short_run("baseline-default", 25_000.0), short_run("enhanced-default", 25_000.0)]
     runs = [c for c in checks if c.phase == "accuracy"]
-    one = gpu_check.estimate_s(runs[0], checks)
-    assert one == pytest.approx(gpu_check.STARTUP_S + 1.2 * 20 * 50_000 / 25_000)
-    gpu_check.choose_runs(runs, checks, budget_s=one + 2 * (one - gpu_check.STARTUP_S) + 1)
+    one = gpu_plan.estimate_s(runs[0], checks)
+    assert one == pytest.approx(gpu_plan.STARTUP_S + 1.2 * 20 * 50_000 / 25_000)
+    gpu_plan.choose_runs(runs, checks, budget_s=one + 2 * (one - gpu_plan.STARTUP_S) + 1)
     assert [c.status for c in runs] == ["pending", "pending", "pending", "skipped"]
     assert "estimated" in runs[3].figures["reason"]
     unmeasured = plan_for("--architectures")
     run = next(c for c in unmeasured if c.name == "full-enhanced-mobilenetv2-seed0")
-    gpu_check.choose_runs([run], unmeasured, budget_s=1e9)
+    gpu_plan.choose_runs([run], unmeasured, budget_s=1e9)
     assert run.status == "skipped" and "no speed" in run.figures["reason"]
 
 
@@ -258,7 +259,7 @@ def test_a_killed_check_leaves_the_report_of_the_phases_before(tiny_cifar, tmp_p
     )
     before, deadline = None, time.monotonic() + 240
     while before is None and time.monotonic() < deadline and proc.poll() is None:
-        report = gpu_check.read_json(out / "report.json") or {"phases": []}
+        report = gpu_plan.read_json(out / "report.json") or {"phases": []}
         phases = {p["name"]: p["status"] for p in report["phases"]}
         before = report if phases.get("correctness") == "done" else None
         time.sleep(0.1)
@@ -295,7 +296,7 @@ def test_data_is_prepared_from_the_archive_or_the_builder(tiny_cifar, tmp_path):
         assert figures == {"data": str(out / "data"), "from": str(source)}
         assert (out / "data" / "cifar-10-batches-py" / "test_batch").is_file()
         assert len(list((out / "images").glob("*.png"))) == 8
-        assert gpu_check.data_folder(args) == out / "data"
+        assert gpu_plan.data_folder(args) == out / "data"
     args = parse("--data-dir", str(tmp_path / "none"), "--cifar-builder", str(tmp_path / "missing.py"))
     args.output_dir = str(tmp_path / "nothing")
     with pytest.raises(RuntimeError, match="no CIFAR-10"):
