@@ -187,28 +187,37 @@ def test_kill9_then_resume(wrapper, tiny_cifar, base3, tmp_path):
     assert_same_run(out, base3[0], res.summary, base3[1].summary)
 
 
-def test_crash_between_checkpoint_writes(tiny_cifar, tmp_path, monkeypatch):
-    """Die right after the first checkpoint file of epoch 1 is in place: whatever is on disk must be consistent
-    (a last.pt recording a best accuracy comes with the best.pt holding it), and resuming ends with a best.pt."""
+@pytest.mark.parametrize("dies_after", [1, 2, 3])
+def test_crash_between_checkpoint_writes(dies_after, base3, tiny_cifar, tmp_path, monkeypatch):
+    """Die right after the n-th checkpoint file of a 3-epoch run is in place (epoch 1 writes best.pt, then last.pt;
+    epoch 2 starts with whichever it writes first): what is on disk is consistent (a last.pt recording a best
+    accuracy comes with a best.pt at least that good), and a resume from last.pt ends where 3 epochs straight do."""
     out = tmp_path / "run"
     save, written = common.save_checkpoint, []
 
     def save_then_die(path, state):
         save(path, state)
         written.append(Path(path).name)
-        raise _Crash
+        if len(written) == dies_after:
+            raise _Crash
 
     monkeypatch.setattr(mnv4.checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(_Crash):
-        run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 2])
+        run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 3, "--deterministic"])
     monkeypatch.undo()
-    if (out / "last.pt").exists():
-        last = load(out / "last.pt")
-        assert (out / "best.pt").exists(), f"only {written} written: last.pt records best_acc {last['best_acc']}"
-        assert load(out / "best.pt")["history"][-1]["test_acc"] == last["best_acc"]
-        res = run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--epochs", 2, "--resume", out / "last.pt"])
-        assert res.code == 0, res.err
-        assert (out / "best.pt").exists()
+    assert written[:2] == ["best.pt", "last.pt"][:dies_after]
+    if dies_after == 1:
+        assert not (out / "last.pt").exists()  # nothing to resume: the run starts again
+        return
+    last = load(out / "last.pt")
+    assert last["epoch"] == written.count("last.pt"), written
+    assert max(r["test_acc"] for r in load(out / "best.pt")["history"]) >= last["best_acc"]
+    res = run_main(
+        "baseline", [*TINY, "--data-dir", tiny_cifar, "--epochs", 3, "--deterministic", "--resume", out / "last.pt"]
+    )
+    assert res.code == 0, res.err
+    assert "resumed from" in res.out
+    assert_same_run(out, base3[0], res.summary, base3[1].summary)
 
 
 def test_failed_save_keeps_previous_checkpoint(base1, tiny_cifar, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import torch
 
 import common
 import headline
+import mnv4.evaluation
 from helpers import (
     CHECKPOINT_KEYS,
     LEARN,
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
 
 
 @pytest.mark.parametrize("script", ["baseline", "enhanced"])
-def test_end_to_end_outputs(script, base3, enh2):
+def test_end_to_end_outputs(script, base3, enh2, tiny_cifar):
     out, res = base3 if script == "baseline" else enh2
     epochs = 3 if script == "baseline" else 2
     for name in OUTPUT_FILES:
@@ -54,7 +55,11 @@ def test_end_to_end_outputs(script, base3, enh2):
     assert set(summary["tta_table"]) == {"none", "flip", "flip_rot90", "flip_shift"}
     assert summary["tta"] == "flip" and summary["test_acc_tta"] == summary["tta_table"]["flip"]["test_acc"]
     assert summary["test_acc"] == summary["tta_table"]["none"]["test_acc"]
-    assert set(summary["per_class_acc"]) == set(common.CIFAR10_CLASSES)
+    assert list(summary["per_class_acc"]) == list(common.CIFAR10_CLASSES)
+    # per-class accuracies weighted by each class's share of the 32 test images give the headline accuracy
+    counts = torch.bincount(common.load_cifar10(tiny_cifar, download=False).test_labels[:32], minlength=10)
+    weighted = sum(summary["per_class_acc"][c] * int(n) for c, n in zip(common.CIFAR10_CLASSES, counts)) / 32
+    assert weighted == pytest.approx(summary["test_acc_tta"])
     assert res.summary["test_acc"] == summary["test_acc"]  # main() returns what it wrote
     json.loads((out / "config.json").read_text())
 
@@ -82,6 +87,14 @@ def test_end_to_end_outputs(script, base3, enh2):
         # are still far off; measured 0-28 % over seeds), so learning is checked on the training loss.
         losses = [float(r["train_loss"]) for r in rows]
         assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_per_class_accuracy_by_hand():
+    """Class a: 1 of 2 right, b: 2 of 3, c: 1 of 1, d: no test image (0, not a division by zero)."""
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    preds = torch.tensor([0, 1, 1, 1, 0, 2])
+    accuracy = mnv4.evaluation.per_class_accuracy(labels, preds, ("a", "b", "c", "d"))
+    assert accuracy == pytest.approx({"a": 50.0, "b": 200 / 3, "c": 100.0, "d": 0.0})
 
 
 def test_outputs_get_umask_permissions(base3):
