@@ -115,13 +115,7 @@ def test_logs_when_not_a_tty(tiny_cifar, tmp_path):
     header, rows = epoch_log(proc.stdout)
     assert [int(r.split()[0]) for r in rows] == [1, 2, 3]  # once per epoch
     assert len(header.split()) == 8
-    assert len({tuple(field_ends(r)) for r in rows}) == 1, rows  # fixed columns from row to row
-
-
-def test_epoch_log_columns_align_with_header(base3):
-    header, rows = epoch_log(base3[1].out)
-    assert len(rows) == 3
-    for row in rows:
+    for row in rows:  # every column right-aligned under its header, in every row
         assert field_ends(row) == field_ends(header), f"\n{header}\n{row}"
 
 
