@@ -57,6 +57,7 @@ def test_onecycle_is_torchs_onecycle_lr():
     expected = torch_lrs(reference, total)
     ours = [lr * mobilenetv4_enhanced.lr_factor(args, k / steps_per_epoch) for k in range(total + 1)]
     assert ours == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert lr * mobilenetv4_enhanced.lr_factor(args, epochs * 1.5) == pytest.approx(min_lr)  # stays at the floor
     # a quarter of the way up, by hand: 1 - (1 - 1/25) (1 + cos(pi / 4)) / 2
     assert ours[15] / lr == pytest.approx(1 - 0.96 * (1 + 2**-0.5) / 2, rel=1e-12)
 
@@ -77,6 +78,7 @@ def test_cosine_after_warm_up_is_torchs_linear_then_cosine_annealing():
     expected = torch_lrs(rise, warmup * steps_per_epoch)[:-1] + torch_lrs(fall, (epochs - warmup) * steps_per_epoch)
     ours = [lr * mobilenetv4_enhanced.lr_factor(args, k / steps_per_epoch) for k in range(epochs * steps_per_epoch + 1)]
     assert ours == pytest.approx(expected, rel=1e-9)
+    assert lr * mobilenetv4_enhanced.lr_factor(args, epochs + 1.5) == pytest.approx(min_lr)  # stays at the floor
 
 
 def test_constant_schedule_is_flat_after_its_warm_up():
