@@ -9,7 +9,7 @@ TEST_WORKERS ?= auto
 # Offline CIFAR-10 builder of our CI workspace; used only when present and ./data is empty.
 LOCAL_CIFAR ?= ../shared/data/make_cifar10.py
 
-.PHONY: install train train-baseline data test benchmark benchmark-inference clean
+.PHONY: install train train-baseline data test mutants benchmark benchmark-inference clean
 
 # requirements-dev.txt includes requirements-export.txt (onnx, onnxscript, onnxruntime): the export tests need them.
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-export.txt
@@ -33,6 +33,12 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
+
+# Mutation testing of the schedules, optimizer, evaluation, augmentation, checkpoint and epoch-loop code against a
+# fast test selection per module (tools/mutants.py); survivors go to results/mutants.md. Too slow for CI.
+MUTANT_ARGS ?= --sample 30 --sample-heavy 15
+mutants: install
+	nice -n 5 $(BIN)/python tools/mutants.py $(MUTANT_ARGS) --report results/mutants.md
 
 benchmark: data
 	$(BIN)/python benchmarks/throughput.py $(ARGS)

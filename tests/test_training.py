@@ -367,12 +367,15 @@ def test_ema_equals_averaged_model_with_the_warm_up_and_keeps_its_checkpoint_lay
         opt.zero_grad()
         ema.update_parameters(model)
         reference.update_parameters(model)
+        assert ema.state_dict().keys() == reference.state_dict().keys()
+        for key, value in reference.state_dict().items():  # after every update, the first (a copy) included
+            assert torch.equal(ema.state_dict()[key], value), (step, key)
         if step == 14:  # resume half-way from a checkpoint of each kind
             ema = common.ModelEma(model, 0.99)
-            ema.load_state_dict(reference.state_dict())
-    assert ema.state_dict().keys() == reference.state_dict().keys()
-    for key, value in reference.state_dict().items():
-        assert torch.equal(ema.state_dict()[key], value), key
+            ema.load_state_dict({k: v.clone() for k, v in reference.state_dict().items()})
+    partial = {k: v for k, v in reference.state_dict().items() if k != "n_averaged"}
+    with pytest.raises(RuntimeError, match="n_averaged"):  # a state missing a key is refused, not half-loaded
+        common.ModelEma(model, 0.99).load_state_dict(partial)
 
 
 def test_ema_of_a_short_run_scores_like_the_raw_weights(enh_learned, tiny_cifar):

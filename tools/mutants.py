@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # run in seconds, in one pytest session per mutant (so the session fixtures' tiny runs are trained once): unit
 # tests against independent references, and the few tiny runs that reach the module's behaviour. A file that
 # does not exist in the revision tested is dropped.
+HEAVY = {"mnv4/checkpoint.py", "mnv4/epochs.py", "mnv4/meter.py"}  # their selections train (and resume) tiny runs
 SCHEDULES = {"cosine_between": None, "lr_factor": None, "make_optimizer": None}
 TARGETS = {
     "mobilenetv4_enhanced.py": (
@@ -66,7 +67,7 @@ TARGETS = {
     "mnv4/checkpoint.py": (
         None,
         ["tests/test_schedules.py", "tests/test_bad_input.py", "tests/test_training.py", "tests/test_faults.py"],
-        "format_1 or cifar_stem or resume_unusable or checkpoint_of_another or checkpoint_of_the_other "
+        "format_1 or cifar_stem or steplr or resume_unusable or checkpoint_of_another or checkpoint_of_the_other "
         "or baseline_resume_equals or crash_between or failed_save or output_dir_of_another",
     ),
     "mnv4/epochs.py": (
@@ -309,6 +310,7 @@ def main(argv=None):
     parser.add_argument(
         "--sample", type=int, default=0, help="at most this many mutants per module, drawn with a fixed seed (0: all)"
     )
+    parser.add_argument("--sample-heavy", type=int, default=0, help="--sample for the modules in HEAVY")
     args = parser.parse_args(argv)
     import matplotlib
 
@@ -334,8 +336,9 @@ def main(argv=None):
             pool.run(None, module, runs, 1800, baseline_done)
             pool.drain(baseline_done)
             found = mutants(module, (source_root / module).read_text())
-            if args.sample and len(found) > args.sample:
-                found = sorted(random.Random(0).sample(found, args.sample), key=lambda m: (m.line, m.kind, m.after))
+            cap = args.sample_heavy if module in HEAVY and args.sample_heavy else args.sample
+            if cap and len(found) > cap:
+                found = sorted(random.Random(0).sample(found, cap), key=lambda m: (m.line, m.kind, m.after))
             print(f"{module}: {len(found)} mutants, selection {entry['baseline_s']:.0f} s", flush=True)
 
             def done(mutant, passed, timed_out, seconds, entry=entry):
