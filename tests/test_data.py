@@ -9,6 +9,7 @@ Everything runs on CPU; the whole file is meant to finish in well under a minute
 
 import hashlib
 import io
+import math
 import os
 import pickle
 import shutil
@@ -28,6 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import common
 import mnv4.data
+import mnv4.evaluation
 import mobilenetv4_enhanced
 from conftest import BATCH_FILES
 from helpers import MD5_WARNING, SCRIPTS, load, train
@@ -914,6 +916,17 @@ def manual_eval(model, images, labels, views):
     preds = probs.argmax(1)
     loss = F.nll_loss(probs.log(), labels).item()
     return loss, (preds == labels).double().mean().item() * 100, preds
+
+
+def test_score_of_one_and_of_no_image_by_hand():
+    """One image, right with probability 0.8: loss -ln 0.8, accuracy 100%. A rank whose shard is empty predicts a
+    [0, 10] block (nothing to add to the gathered predictions)."""
+    probs = torch.full((1, 10), 0.2 / 9)
+    probs[0, 3] = 0.8
+    loss, accuracy, preds = mnv4.evaluation.score(probs, torch.tensor([3]))
+    assert loss == pytest.approx(-math.log(0.8), rel=1e-6) and accuracy == 100.0 and preds.tolist() == [3]
+    model = common.mobilenetv4("conv_small", 10, width_mult=0.25)
+    assert common.predict_probs(model, torch.zeros(0, 3, 32, 32, dtype=torch.uint8)).shape == (0, 10)
 
 
 @pytest.mark.parametrize("view_name", ["none", "flip", "flip_shift"])

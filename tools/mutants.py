@@ -56,7 +56,7 @@ TARGETS = {
     "mnv4/evaluation.py": (
         None,
         ["tests/test_data.py", "tests/test_reporting.py", "tests/test_schedules.py"],
-        "tta_table or evaluate or per_class_accuracy_by_hand or eval_batch_size",
+        "tta_table or evaluate or per_class_accuracy_by_hand or eval_batch_size or score_of_one",
     ),
     "mnv4/augment.py": (
         None,
