@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import common
 import mnv4.checkpoint
@@ -294,10 +295,17 @@ def test_nan_loss_stops_with_exit_3(script, tiny_cifar, tmp_path, monkeypatch):
 def test_skip_nonfinite_completes(script, tiny_cifar, tmp_path, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setattr(torch.nn, "CrossEntropyLoss", nan_criterion_at(STEPS_PER_EPOCH + 3))
-    res = run_main(script, [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 2, "--skip-nonfinite"])
+    steps = []  # every optimizer step taken: all but the NaN one
+    hook = register_optimizer_step_post_hook(lambda *_: steps.append(1))
+    try:
+        res = run_main(
+            script, [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 2, "--skip-nonfinite"]
+        )
+    finally:
+        hook.remove()
     monkeypatch.undo()
     assert res.code == 0, res.err
-    assert res.summary["epochs_completed"] == 2
+    assert res.summary["epochs_completed"] == 2 and len(steps) == 2 * STEPS_PER_EPOCH - 1
     assert [int(r["skipped_steps"]) for r in read_metrics(out / "metrics.csv")] == [0, 1]
     ckpt = load(out / "last.pt")
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())

@@ -73,7 +73,7 @@ TARGETS = {
     "mnv4/epochs.py": (
         None,
         ["tests/test_training.py", "tests/test_faults.py"],
-        "baseline_resume_equals or skipped_step or sigint_mid_epoch or nan_loss_stops",
+        "baseline_resume_equals or skipped_step or sigint_mid_epoch or nan_loss_stops or skip_nonfinite",
     ),
     "mnv4/meter.py": (
         None,
