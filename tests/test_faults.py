@@ -291,6 +291,15 @@ def test_nan_loss_stops_with_exit_3(script, tiny_cifar, tmp_path, monkeypatch):
     assert len(read_metrics(out / "metrics.csv")) == 1
 
 
+def test_nan_loss_at_an_epochs_first_step_stops_too(tiny_cifar, tmp_path, monkeypatch):
+    """Step 1 of epoch 2 is the meter's slot 0: a NaN there stops the run as one anywhere else does."""
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", nan_criterion_at(STEPS_PER_EPOCH + 1))
+    res = run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path / "run", "--epochs", 2])
+    monkeypatch.undo()
+    assert res.code == 3, res.err
+    assert_one_error_line(res.err, "epoch 2, step 1")
+
+
 @pytest.mark.parametrize("script", ["baseline", "enhanced"])
 def test_skip_nonfinite_completes(script, tiny_cifar, tmp_path, monkeypatch):
     out = tmp_path / "run"

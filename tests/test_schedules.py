@@ -217,6 +217,11 @@ def test_label_smoothing_and_gradient_clipping_in_the_loop(script, smoothing, cl
             "--no-tta-table",
         )
     assert len(steps) == STEPS_PER_EPOCH
+    # metrics.csv's training figures are those of the steps (equal batches: the mean loss, correct over seen)
+    row = read_metrics(tmp_path / "r" / "metrics.csv")[0]
+    correct = sum(int((logits.argmax(1) == labels).sum()) for _, logits, labels, _ in steps)
+    assert float(row["train_acc"]) == pytest.approx(100 * correct / (16 * STEPS_PER_EPOCH))
+    assert float(row["train_loss"]) == pytest.approx(sum(float(loss) for loss, *_ in steps) / STEPS_PER_EPOCH)
     for loss, logits, labels, norm in steps:
         torch.testing.assert_close(loss, nn.CrossEntropyLoss(label_smoothing=smoothing)(logits, labels))
         if smoothing:

@@ -72,8 +72,9 @@ TARGETS = {
     ),
     "mnv4/epochs.py": (
         None,
-        ["tests/test_training.py", "tests/test_faults.py"],
-        "baseline_resume_equals or skipped_step or sigint_mid_epoch or nan_loss_stops or skip_nonfinite",
+        ["tests/test_training.py", "tests/test_faults.py", "tests/test_schedules.py"],
+        "baseline_resume_equals or skipped_step or sigint_mid_epoch or nan_loss or skip_nonfinite "
+        "or (label_smoothing and baseline)",
     ),
     "mnv4/meter.py": (
         None,
