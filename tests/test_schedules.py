@@ -4,6 +4,7 @@ the baseline's StepLR decay (--lr-step-size, --lr-gamma) through a resume, label
 nn.CrossEntropyLoss and gradient clipping against the gradients' own norm, and --eval-batch-size."""
 
 import shutil
+import time
 
 import pytest
 import torch
@@ -203,6 +204,7 @@ def record_steps(patch):
 def test_label_smoothing_and_gradient_clipping_in_the_loop(script, smoothing, clip, tiny_cifar, tmp_path):
     """The loss each step trains on is nn.CrossEntropyLoss(label_smoothing=...) of its logits, and the gradients
     the optimizer steps with have norm --clip-grad-norm (far below their own: clipped) or, with 0, are left alone."""
+    started = time.perf_counter()
     with pytest.MonkeyPatch.context() as patch:
         steps = record_steps(patch)
         train(
@@ -222,6 +224,8 @@ def test_label_smoothing_and_gradient_clipping_in_the_loop(script, smoothing, cl
     correct = sum(int((logits.argmax(1) == labels).sum()) for _, logits, labels, _ in steps)
     assert float(row["train_acc"]) == pytest.approx(100 * correct / (16 * STEPS_PER_EPOCH))
     assert float(row["train_loss"]) == pytest.approx(sum(float(loss) for loss, *_ in steps) / STEPS_PER_EPOCH)
+    assert 0 < float(row["epoch_time_s"]) < time.perf_counter() - started  # the epoch's share of the run
+    assert float(row["img_per_s"]) == pytest.approx(16 * STEPS_PER_EPOCH / float(row["epoch_time_s"]), rel=1e-3)
     for loss, logits, labels, norm in steps:
         torch.testing.assert_close(loss, nn.CrossEntropyLoss(label_smoothing=smoothing)(logits, labels))
         if smoothing:

@@ -78,8 +78,8 @@ TARGETS = {
     ),
     "mnv4/meter.py": (
         None,
-        ["tests/test_faults.py", "tests/test_reporting.py"],
-        "sigint_mid_epoch or nan_loss_stops or end_to_end",
+        ["tests/test_faults.py", "tests/test_reporting.py", "tests/test_schedules.py"],
+        "sigint_mid_epoch or nan_loss_stops or end_to_end or (label_smoothing and baseline)",
     ),
 }
 
