@@ -36,7 +36,7 @@ test: install
 
 # Mutation testing of the schedules, optimizer, evaluation, augmentation, checkpoint and epoch-loop code against a
 # fast test selection per module (tools/mutants.py); survivors go to results/mutants.md. Too slow for CI.
-MUTANT_ARGS ?= --sample 30 --sample-heavy 15
+MUTANT_ARGS ?= --sample 30 --sample-heavy 10
 mutants: install
 	nice -n 5 $(BIN)/python tools/mutants.py $(MUTANT_ARGS) --report results/mutants.md
 
