@@ -11,7 +11,7 @@ TEST_WORKERS ?= auto
 # and ./data is empty (otherwise the scripts download the official archive).
 LOCAL_CIFAR ?= ../shared/data/make_cifar10.py
 
-.PHONY: install install-dev train train-baseline data test test-floor benchmark benchmark-inference clean
+.PHONY: install install-dev train train-baseline data test test-floor mutants benchmark benchmark-inference clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,12 @@ $(FLOOR_VENV)/.installed: requirements.txt
 
 test-floor: $(FLOOR_VENV)/.installed
 	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
+
+# Mutation testing of the schedules, optimizer, evaluation, augmentation, checkpoint and epoch-loop code against a
+# fast test selection per module (tools/mutants.py); survivors go to results/mutants.md. Too slow for CI.
+MUTANT_ARGS ?= --sample 30 --sample-heavy 10
+mutants: install-dev
+	nice -n 5 $(BIN)/python tools/mutants.py $(MUTANT_ARGS) --report results/mutants.md
 
 benchmark: data
 	$(BIN)/python benchmarks/throughput.py $(ARGS)

@@ -7,6 +7,7 @@ import inspect
 import io
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -142,11 +143,8 @@ def test_throughput_main_measures_both_recipes_and_the_machine_load(throughput_r
     for name, recipe in saved["recipes"].items():
         aug, train = recipe["results"]["augmentation img/s"], recipe["results"]["training img/s"]
         assert aug and train and all(v > 0 for v in (*aug.values(), *train.values()))
-        assert recipe["aug_speedup"] == pytest.approx(
-            aug["ours (batched, on device)"] / aug["torchvision PIL, 0 workers"]
-        )
-        notebook = max(v for k, v in train.items() if k.startswith("notebook"))
-        assert recipe["train_speedup"] == pytest.approx(train[throughput.DEFAULTS_NAME] / notebook)
+        # the saved ratios are those of the saved figures (their arithmetic: test_speedups_are_the_ratios_...)
+        assert {k: recipe[k] for k in throughput.speedups(recipe["results"])} == throughput.speedups(recipe["results"])
         cfg = script_augmentation(name)
         assert recipe["settings"]["augmentation"] == json.loads(json.dumps(dataclasses.asdict(cfg)))
         assert used[name, "ours"] == used[name, "torchvision"] == {cfg}, name
@@ -244,13 +242,7 @@ def test_inference_benchmark_reports_both_runtimes(tmp_path, tiny_inference):
     runtimes = saved["results"]["baseline"]["runtimes"]
     assert set(runtimes) == {"pytorch (channels_last)", "pytorch (contiguous)", "onnxruntime"}
     assert all(v > 0 for row in runtimes.values() for v in row.values())
-    ratio = saved["onnxruntime_speedup"]["baseline"]
-    assert ratio["latency"] == pytest.approx(
-        runtimes["pytorch (channels_last)"]["latency_ms_batch1"] / runtimes["onnxruntime"]["latency_ms_batch1"]
-    )
-    assert ratio["throughput"] == pytest.approx(
-        runtimes["onnxruntime"]["img_per_s_batch8"] / runtimes["pytorch (channels_last)"]["img_per_s_batch8"]
-    )
+    assert saved["onnxruntime_speedup"]["baseline"] == inference.speedup(runtimes)  # by hand: test_speedups_...
     assert saved["results"]["baseline"]["max_abs_diff"] <= 1e-4
     assert saved["threads"] == 1 and saved["onnxruntime"]
 
@@ -316,10 +308,62 @@ def test_inference_benchmark_models_are_the_scripts_defaults():
 
 
 def test_provenance_names_the_code_the_libraries_and_the_machine():
+    """Each field against its own source: git, the imported libraries, the platform and /proc/cpuinfo."""
+    import platform
+
+    import numpy
+    import torchvision
+
     record = common.provenance(torch.device("cpu"))
-    assert record["git_commit"] == common.git_commit() and record["versions"] == common.versions()
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *argv: subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "*.py")
+    assert record["git_commit"] == git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
+    assert record["versions"] == {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }
     machine = record["machine"]
-    assert machine["device"] == "cpu" and machine["cpu_count"] >= 1 and machine["cpu"]
+    assert machine["device"] == "cpu" and machine["cpu_count"] == os.cpu_count()
+    assert machine["device_name"] == (platform.processor() or platform.machine())
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("model name")
+    ]
+    assert machine["cpu"] == (names[0] if names else platform.processor() or platform.machine())
+
+
+def test_speedups_are_the_ratios_of_the_figures():
+    """By hand: ours 300 img/s against PIL's 100 (0 workers) and 150 (the best loader); training 200 with the
+    script defaults and 240 at best against the notebook loop's best 80; onnxruntime 2 ms against PyTorch's 5,
+    400 img/s against 100."""
+    results = {
+        "augmentation img/s": {
+            "ours (batched, on device)": 300.0,
+            "torchvision PIL, 0 workers": 100.0,
+            "torchvision PIL, 2 workers": 150.0,
+        },
+        "training img/s": {
+            "notebook (PIL, 0 workers)": 50.0,
+            "notebook (PIL, 2 workers)": 80.0,
+            throughput.DEFAULTS_NAME: 200.0,
+            "ours + channels_last": 240.0,
+        },
+    }
+    assert throughput.speedups(results) == pytest.approx(
+        {"aug_speedup": 3.0, "aug_speedup_vs_best_loader": 2.0, "train_speedup": 2.5, "train_speedup_best_option": 3.0}
+    )
+    big = f"img_per_s_batch{inference.BIG_BATCH}"
+    runtimes = {
+        "pytorch (channels_last)": {"latency_ms_batch1": 5.0, big: 100.0},
+        "pytorch (contiguous)": {"latency_ms_batch1": 9.0, big: 50.0},
+        "onnxruntime": {"latency_ms_batch1": 2.0, big: 400.0},
+    }
+    assert inference.speedup(runtimes) == pytest.approx({"latency": 2.5, "throughput": 4.0})
 
 
 def test_every_benchmark_saves_the_same_provenance_record(

@@ -7,13 +7,17 @@ RandomAffine(translate)) for known parameters. Batching, TTA views, evaluate, de
 Everything runs on CPU; the whole file is meant to finish in well under a minute on two cores.
 """
 
+import hashlib
 import io
+import math
+import os
 import pickle
 import shutil
 import tarfile
 import urllib.error
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +28,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 import common
+import mnv4.data
+import mnv4.evaluation
 import mobilenetv4_enhanced
 from conftest import BATCH_FILES
 from helpers import MD5_WARNING, SCRIPTS, load, train
@@ -323,6 +329,64 @@ def test_corrupt_archive_is_user_error(tmp_path):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not an archive" * 10)
     with pytest.raises(common.UserError, match="cifar-10-python.tar.gz"):
         load_quietly(tmp_path, download=False)
+
+
+def tar_gz(folder: Path, arcname: str) -> bytes:
+    blob = io.BytesIO()
+    with tarfile.open(fileobj=blob, mode="w:gz") as tar:
+        tar.add(folder, arcname=arcname)
+    return blob.getvalue()
+
+
+def md5(blob: bytes) -> str:
+    return hashlib.md5(blob).hexdigest()
+
+
+def test_files_matching_the_release_md5_load_without_a_warning(tiny_cifar, tmp_path, monkeypatch):
+    """With md5 sums that the tiny files match (hashlib's, as if they were the release), the download, the
+    extraction and the load warn about nothing."""
+    import torchvision.datasets.utils as tv_utils
+
+    folder = tiny_cifar / "cifar-10-batches-py"
+    blob = tar_gz(folder, "cifar-10-batches-py")
+    official = mnv4.data._cifar_release()
+    release = SimpleNamespace(
+        base_folder=official.base_folder,
+        filename=official.filename,
+        url=official.url,
+        tgz_md5=md5(blob),
+        train_list=[[name, md5((folder / name).read_bytes())] for name, _ in official.train_list],
+        test_list=[[name, md5((folder / name).read_bytes())] for name, _ in official.test_list],
+    )
+    monkeypatch.setattr(mnv4.data, "_cifar_release", lambda: release)
+    monkeypatch.setattr(
+        tv_utils, "download_url", lambda url, root, filename, md5: Path(root, filename).write_bytes(blob)
+    )
+    root = tmp_path / "fresh"
+    root.mkdir()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = common.load_cifar10(root)
+    assert [str(w.message) for w in caught] == []
+    assert torch.equal(data.test_images, load_quietly(tiny_cifar).test_images)
+
+
+def test_a_data_dir_that_is_not_writable_is_refused_before_downloading(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == tmp_path else access(path, mode))
+    monkeypatch.setattr(tv_utils, "download_url", lambda *a, **k: pytest.fail("download into a read-only folder"))
+    with pytest.raises(common.UserError, match="not writable") as info:
+        common.load_cifar10(tmp_path, download=True)
+    assert "--data-dir" in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_an_archive_without_the_cifar_folder_is_refused(tiny_cifar, tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(tar_gz(tiny_cifar / "cifar-10-batches-py", "other"))
+    with pytest.raises(common.UserError, match="did not contain cifar-10-batches-py/") as info:
+        load_quietly(tmp_path, download=False)
+    assert "delete it" in str(info.value)
 
 
 def test_subset_is_first_n_and_deterministic(tiny_cifar):
@@ -852,6 +916,17 @@ def manual_eval(model, images, labels, views):
     preds = probs.argmax(1)
     loss = F.nll_loss(probs.log(), labels).item()
     return loss, (preds == labels).double().mean().item() * 100, preds
+
+
+def test_score_of_one_and_of_no_image_by_hand():
+    """One image, right with probability 0.8: loss -ln 0.8, accuracy 100%. A rank whose shard is empty predicts a
+    [0, 10] block (nothing to add to the gathered predictions)."""
+    probs = torch.full((1, 10), 0.2 / 9)
+    probs[0, 3] = 0.8
+    loss, accuracy, preds = mnv4.evaluation.score(probs, torch.tensor([3]))
+    assert loss == pytest.approx(-math.log(0.8), rel=1e-6) and accuracy == 100.0 and preds.tolist() == [3]
+    model = common.mobilenetv4("conv_small", 10, width_mult=0.25)
+    assert common.predict_probs(model, torch.zeros(0, 3, 32, 32, dtype=torch.uint8)).shape == (0, 10)
 
 
 @pytest.mark.parametrize("view_name", ["none", "flip", "flip_shift"])

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -147,23 +148,24 @@ def test_logged_accuracy_equals_single_process_evaluation(ddp_run, tiny_cifar):
     assert round(logged * 39 / 100, 6) == round(logged * 39 / 100)
 
 
-def test_resume_under_two_processes_continues_at_the_right_epoch(ddp_run, tiny_cifar):
-    tmp, _ = ddp_run
+def test_resume_under_two_processes_continues_at_the_right_epoch(ddp_run, tiny_cifar, tmp_path):
+    """(On a copy of the module's run: the other tests read its folder and its ranks' weights as they were.)"""
+    shutil.copytree(ddp_run[0] / "run", tmp_path / "run")
     out = torchrun(
-        tmp,
+        tmp_path,
         "mobilenetv4_baseline",
         "--data-dir",
         str(tiny_cifar),
         "--epochs",
         "2",
         "--resume",
-        str(tmp / "run" / "last.pt"),
+        str(tmp_path / "run" / "last.pt"),
         *SHARDED,
     )
     assert "resumed from" in out.stdout and "epoch 2, step 0" in out.stdout
-    rows = metrics(tmp / "run")
+    rows = metrics(tmp_path / "run")
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert json.loads((tmp / "run" / "summary.json").read_text())["epochs_completed"] == 2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs_completed"] == 2
 
 
 def test_single_process_checkpoint_resumes_under_two_processes(tiny_cifar, tmp_path):
@@ -177,6 +179,7 @@ def test_single_process_checkpoint_resumes_under_two_processes(tiny_cifar, tmp_p
         str(tmp_path / "run"),
         *SHARDED,
     )
+    single_history = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["history"]
     out = torchrun(
         tmp_path,
         "mobilenetv4_baseline",
@@ -189,17 +192,27 @@ def test_single_process_checkpoint_resumes_under_two_processes(tiny_cifar, tmp_p
         *SHARDED,
     )
     assert "epoch 2, step 0" in out.stdout
-    assert len(metrics(tmp_path / "run")) == 2
+    first = metrics(tmp_path / "run")
+    assert len(first) == 2
+    # The resume continued the single process's run: its epoch is kept as logged, Adam's state carries on from its
+    # 12 steps (plus 6 global steps of 32 images under 2 processes), and the record names both processes.
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["history"][0] == single_history[0]
+    assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {12 + 6}
+    assert [s["world_size"] for s in ckpt["segments"]] == [1, 2] and ckpt["world_size"] == 2
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt")["model"], torch.load(tmp_path / "rank1.pt")["model"]
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert all(torch.equal(rank0[k], ckpt["model"][k]) for k in rank0)  # the weights it saved are the ranks'
 
 
 def exit_codes(tmp_path, nproc=2):
     return [int((tmp_path / f"exit{rank}").read_text()) for rank in range(nproc)]
 
 
-def test_cosine_resumed_under_another_world_size_continues_the_curve(tiny_cifar, tmp_path):
+def test_onecycle_resumed_under_another_world_size_continues_the_curve(tiny_cifar, tmp_path):
     """An epoch-end checkpoint of a 1-process run (12 steps per epoch) resumed under 2 processes (6 global steps
-    per epoch) continues the same cosine: before the fix the step counter was reinterpreted and the lr dropped
-    to the floor for the rest of the run."""
+    per epoch) continues the same one-cycle schedule (the default): before the fix the step counter was
+    reinterpreted and the lr dropped to the floor for the rest of the run."""
     flags = ["--data-dir", str(tiny_cifar), "--epochs", "4", *SHARDED]
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir(), split.mkdir()
@@ -250,8 +263,9 @@ def test_ranks_draw_their_own_dropout_and_drop_path_masks(ddp_enhanced):
         assert torch.equal(rank0["model"][key], rank1["model"][key]), key
 
 
-def test_enhanced_cosine_schedule_spans_the_sharded_epoch(ddp_enhanced):
-    """Under 2 processes an epoch has half the steps: the cosine must still reach --min-lr at the last one."""
+def test_enhanced_onecycle_schedule_spans_the_sharded_epoch(ddp_enhanced):
+    """Under 2 processes an epoch has half the steps: the one-cycle schedule must still reach --min-lr at the last
+    one."""
     assert float(metrics(ddp_enhanced / "run")[-1]["lr"]) == pytest.approx(1e-6, rel=1e-3)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import common
 import mnv4.checkpoint
@@ -187,28 +188,37 @@ def test_kill9_then_resume(wrapper, tiny_cifar, base3, tmp_path):
     assert_same_run(out, base3[0], res.summary, base3[1].summary)
 
 
-def test_crash_between_checkpoint_writes(tiny_cifar, tmp_path, monkeypatch):
-    """Die right after the first checkpoint file of epoch 1 is in place: whatever is on disk must be consistent
-    (a last.pt recording a best accuracy comes with the best.pt holding it), and resuming ends with a best.pt."""
+@pytest.mark.parametrize("dies_after", [1, 2, 3])
+def test_crash_between_checkpoint_writes(dies_after, base3, tiny_cifar, tmp_path, monkeypatch):
+    """Die right after the n-th checkpoint file of a 3-epoch run is in place (epoch 1 writes best.pt, then last.pt;
+    epoch 2 starts with whichever it writes first): what is on disk is consistent (a last.pt recording a best
+    accuracy comes with a best.pt at least that good), and a resume from last.pt ends where 3 epochs straight do."""
     out = tmp_path / "run"
     save, written = common.save_checkpoint, []
 
     def save_then_die(path, state):
         save(path, state)
         written.append(Path(path).name)
-        raise _Crash
+        if len(written) == dies_after:
+            raise _Crash
 
     monkeypatch.setattr(mnv4.checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(_Crash):
-        run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 2])
+        run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 3, "--deterministic"])
     monkeypatch.undo()
-    if (out / "last.pt").exists():
-        last = load(out / "last.pt")
-        assert (out / "best.pt").exists(), f"only {written} written: last.pt records best_acc {last['best_acc']}"
-        assert load(out / "best.pt")["history"][-1]["test_acc"] == last["best_acc"]
-        res = run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--epochs", 2, "--resume", out / "last.pt"])
-        assert res.code == 0, res.err
-        assert (out / "best.pt").exists()
+    assert written[:2] == ["best.pt", "last.pt"][:dies_after]
+    if dies_after == 1:
+        assert not (out / "last.pt").exists()  # nothing to resume: the run starts again
+        return
+    last = load(out / "last.pt")
+    assert last["epoch"] == written.count("last.pt"), written
+    assert max(r["test_acc"] for r in load(out / "best.pt")["history"]) >= last["best_acc"]
+    res = run_main(
+        "baseline", [*TINY, "--data-dir", tiny_cifar, "--epochs", 3, "--deterministic", "--resume", out / "last.pt"]
+    )
+    assert res.code == 0, res.err
+    assert "resumed from" in res.out
+    assert_same_run(out, base3[0], res.summary, base3[1].summary)
 
 
 def test_failed_save_keeps_previous_checkpoint(base1, tiny_cifar, tmp_path, monkeypatch):
@@ -281,14 +291,30 @@ def test_nan_loss_stops_with_exit_3(script, tiny_cifar, tmp_path, monkeypatch):
     assert len(read_metrics(out / "metrics.csv")) == 1
 
 
+def test_nan_loss_at_an_epochs_first_step_stops_too(tiny_cifar, tmp_path, monkeypatch):
+    """Step 1 of epoch 2 is the meter's slot 0: a NaN there stops the run as one anywhere else does."""
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", nan_criterion_at(STEPS_PER_EPOCH + 1))
+    res = run_main("baseline", [*TINY, "--data-dir", tiny_cifar, "--output-dir", tmp_path / "run", "--epochs", 2])
+    monkeypatch.undo()
+    assert res.code == 3, res.err
+    assert_one_error_line(res.err, "epoch 2, step 1")
+
+
 @pytest.mark.parametrize("script", ["baseline", "enhanced"])
 def test_skip_nonfinite_completes(script, tiny_cifar, tmp_path, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setattr(torch.nn, "CrossEntropyLoss", nan_criterion_at(STEPS_PER_EPOCH + 3))
-    res = run_main(script, [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 2, "--skip-nonfinite"])
+    steps = []  # every optimizer step taken: all but the NaN one
+    hook = register_optimizer_step_post_hook(lambda *_: steps.append(1))
+    try:
+        res = run_main(
+            script, [*TINY, "--data-dir", tiny_cifar, "--output-dir", out, "--epochs", 2, "--skip-nonfinite"]
+        )
+    finally:
+        hook.remove()
     monkeypatch.undo()
     assert res.code == 0, res.err
-    assert res.summary["epochs_completed"] == 2
+    assert res.summary["epochs_completed"] == 2 and len(steps) == 2 * STEPS_PER_EPOCH - 1
     assert [int(r["skipped_steps"]) for r in read_metrics(out / "metrics.csv")] == [0, 1]
     ckpt = load(out / "last.pt")
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())

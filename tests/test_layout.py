@@ -133,11 +133,14 @@ def test_the_rule_catches_a_late_attribute():
 
 def test_importing_has_no_side_effects(tmp_path):
     """Importing common and every mnv4 and studies module in a fresh process changes no environment variable, no random
-    state and no torch setting, and writes no file in the working directory."""
+    state and no torch setting, and writes no file in the working directory. The snapshot is taken after the
+    third-party imports (with TORCHINDUCTOR_CACHE_DIR unset, `import torchvision` itself sets it, which no code of
+    common's can avoid); the process starts without the variables a module might be tempted to setdefault (thread
+    counts, torch / CUDA knobs, torchrun's), so that setting a default is noticed too."""
     probe = f"""
 import json, os, sys
 sys.path.insert(0, {str(ROOT)!r})
-import torch
+import torch, torchvision, torchvision.ops  # common's third-party imports
 env, rng = dict(os.environ), torch.get_rng_state()
 flags = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
 import importlib
@@ -147,36 +150,16 @@ after = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), 
 print(json.dumps({{"env": sorted(set(os.environ.items()) ^ set(env.items())),
                   "rng": bool(torch.equal(rng, torch.get_rng_state())), "flags": after == flags}}))
 """
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report == {"env": [], "rng": True, "flags": True}
-    assert list(tmp_path.iterdir()) == []
-
-
-IMPORT_CHECK = """
-import os
-import torch, torchvision, torchvision.ops  # common's third-party imports
-after_deps = dict(os.environ)
-import common
-changed = set(os.environ.items()) ^ set(after_deps.items())
-assert not changed, f"import common changed os.environ: {sorted(changed)}"
-"""
-
-
-def test_import_does_not_touch_environment():
-    """common's own import code sets nothing. The snapshot is taken after torch/torchvision are imported: with
-    TORCHINDUCTOR_CACHE_DIR unset, `import torchvision` itself sets it (torch._dynamo.package -> cache_dir_utils),
-    which no code of common's can avoid; everything common adds on top is caught."""
-    # Without the variables a module might be tempted to setdefault (thread counts, torch/CUDA knobs, torchrun's),
-    # so that setting a default is noticed too.
     prefixes = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "PYTORCH_", "TORCH", "CUDA", "CUBLAS", "NCCL", "MASTER_")
     env = {
         k: v
         for k, v in os.environ.items()
         if k != "PYTHONPATH" and not k.startswith(prefixes) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     }
-    result = subprocess.run(
-        [sys.executable, "-c", IMPORT_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
-    assert result.returncode == 0, result.stderr
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"env": [], "rng": True, "flags": True}
+    assert list(tmp_path.iterdir()) == []
