@@ -56,7 +56,8 @@ FLOOR_TESTS := tests/test_floor.py \
 	tests/test_devices.py::test_an_autocast_torch_turns_off_is_refused_rather_than_recorded \
 	tests/test_devices.py::test_a_mid_epoch_checkpoint_on_mps_before_torch_2_5_is_refused_in_one_line
 
-$(FLOOR_VENV)/.installed: requirements.txt
+# No prerequisite: the folder's name is requirements.txt's hash, and a fresh clone's file times say nothing.
+$(FLOOR_VENV)/.installed:
 	@test "$(words $(FLOOR_PINS))" = 2 || { echo "requirements.txt must bound torch and torchvision with >=" >&2; exit 1; }
 	@for old in $(FLOOR_ROOT)/*/; do [ -f "$$old/pyvenv.cfg" ] && rm -rf "$$old"; done; true
 	$(PYTHON) -m venv $(FLOOR_VENV)
