@@ -152,8 +152,8 @@ def shipped_weights() -> Path:
     """The shipped weights file, or a UserError naming what to do if it is not there."""
     if not SHIPPED_WEIGHTS.is_file():
         raise common.UserError(
-            f"no weights file at {SHIPPED_WEIGHTS} (where the enhanced default's trained weights ship): "
-            "name a model with --checkpoint PT (a run's last.pt or best.pt) or --onnx MODEL.onnx"
+            f"the shipped weights {SHIPPED_WEIGHTS} are missing (restore them with git checkout -- weights/); "
+            "or name a model with --checkpoint PT or --onnx MODEL.onnx"
         )
     return SHIPPED_WEIGHTS
 

@@ -1,16 +1,19 @@
 """What the documentation and --help say, checked against the code and the committed files: the recipes the docs
-quote exist, the README's headline rows are committed results, the declared Python version is the one the code
-needs, and --help files each flag where it acts."""
+quote exist, the README's headline rows are committed results and the shipped weights' own figure, the verify
+command parses, the declared Python version is the one the code needs, and --help files each flag where it acts."""
 
 import ast
 import json
 import re
+import shlex
 
 import pytest
+import torch
 
 import mobilenetv4_baseline
 import mobilenetv4_enhanced
 from helpers import ROOT
+from mnv4.checkpoint import SHIPPED_WEIGHTS
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}
@@ -73,6 +76,27 @@ def test_readme_headline_rows_are_committed_runs():
     for script, figures in rows.items():
         recorded = {(round(s["test_acc"], 2), round(s["test_acc_tta"], 2)) for s in runs if s["script"] == script}
         assert figures in recorded, (script, figures)
+
+
+def test_readme_enhanced_row_is_the_shipped_weights_figure():
+    """The verify command reproduces the enhanced row's final figure: the shipped file records the same one (so the
+    file and the row change in the same commit)."""
+    assert SHIPPED_WEIGHTS.is_file(), (
+        f"{SHIPPED_WEIGHTS} is missing: python export.py --checkpoint RUN/last.pt --weights"
+    )
+    shipped = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)["shipped"]
+    assert headline_rows()["enhanced"][0] == round(shipped["test_acc"], 2), shipped
+
+
+def test_readme_verify_command_parses_and_evaluates_the_shipped_file_without_tta():
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"python mobilenetv4_enhanced\.py (--test-only (?:[^\n]*\\\n)*[^\n]*)", text)
+    assert match, "the README's verify command"
+    argv = shlex.split(match.group(1).replace("\\\n", " "))
+    args = mobilenetv4_enhanced.parse_args(argv)
+    assert args.test_only and (ROOT / args.resume).resolve() == SHIPPED_WEIGHTS
+    assert args.tta == "none" and not args.tta_table  # the headline is the no-TTA figure; one pass over the images
+    assert args.device == "cpu"  # fp32, as the run evaluated: a GPU's --amp auto would not reproduce it exactly
 
 
 # ---- Python version ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import export
 import mobilenetv4_enhanced
 import predict
 from inference_support import MD5_WARNING, call, error_line, onnx_for_other_input, run_script, train
+from mnv4.checkpoint import SHIPPED_WEIGHTS
 
 pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
 INSTALL = "pip install -r requirements-export.txt"
@@ -244,15 +245,14 @@ def test_weights_bad_input_is_one_error_line(checkpoint_of, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mid.pt"]
 
 
-def test_onnx_export_without_checkpoint_exports_the_default_weights_file(checkpoint_of, monkeypatch, tmp_path):
-    """No --checkpoint: the weights file at the shipped path is exported (and checked) without any training; with
-    no file there, one error line."""
-    weights = tmp_path / "default.pt"
-    assert export_cli("--checkpoint", checkpoint_of("conv_small"), "--weights", weights).code == 0
-    monkeypatch.setattr(predict, "SHIPPED_WEIGHTS", weights)
+def test_onnx_export_without_checkpoint_exports_the_shipped_weights(tmp_path):
+    """No --checkpoint: the shipped weights file is exported (and checked) without any training."""
     outcome = export_cli("--output", tmp_path / "m.onnx", "--num-images", 4)
     assert outcome.code == 0, outcome.err
-    assert str(weights) in outcome.out and (tmp_path / "m.onnx").is_file()
+    assert str(SHIPPED_WEIGHTS) in outcome.out and (tmp_path / "m.onnx").is_file()
+
+
+def test_onnx_export_without_checkpoint_and_without_the_shipped_file_is_one_error_line(monkeypatch, tmp_path):
     monkeypatch.setattr(predict, "SHIPPED_WEIGHTS", tmp_path / "gone.pt")
     missing = export_cli("--output", tmp_path / "n.onnx", "--num-images", 4)
     assert missing.code == 2 and "gone.pt" in error_line(missing.err)

@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import common
 import export
+import mobilenetv4_enhanced
 import predict
 from inference_support import (
     MD5_WARNING,
@@ -28,7 +29,7 @@ from inference_support import (
     train,
     write_pngs,
 )
-from mnv4.checkpoint import saved_model_config
+from mnv4.checkpoint import MODEL_KEYS, SHIPPED_WEIGHTS, saved_model_config
 
 pytestmark = pytest.mark.filterwarnings(f"ignore:{MD5_WARNING}")
 
@@ -67,20 +68,25 @@ def assert_probs(results, expected: torch.Tensor):
 
 
 # ---- The shipped weights ---------------------------------------------------------------------------------------
-def test_without_a_model_flag_predict_classifies_with_the_default_weights_file(trained, monkeypatch, tmp_path):
-    """A weights file (export.py --weights) at the shipped path loads with weights_only=True, and predict.py without
-    a model flag classifies with it: each image's probabilities are the rebuilt model's."""
-    weights = tmp_path / "default.pt"
-    assert call(export.main, ["--checkpoint", trained[0], "--weights", weights]).code == 0
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+def test_the_shipped_weights_rebuild_the_enhanced_default_and_classify(tmp_path):
+    """The weights file in the repository loads with weights_only=True, rebuilds the enhanced default's model (so
+    `--test-only --resume` with the default flags evaluates it), and predict.py without a model flag classifies
+    with it: each image's probabilities are the rebuilt model's."""
+    assert SHIPPED_WEIGHTS.is_file(), (
+        f"{SHIPPED_WEIGHTS} is missing: python export.py --checkpoint RUN/last.pt --weights"
+    )
+    state = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)
+    shipped = state["shipped"]
+    assert state["script"] == "enhanced" and shipped["run"] and 0 < shipped["test_acc"] <= 100
     assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
-    model, _ = common.model_from_checkpoint(common.load_checkpoint(weights))
-    monkeypatch.setattr(predict, "SHIPPED_WEIGHTS", weights)
+    model, _ = common.model_from_checkpoint(common.load_checkpoint(SHIPPED_WEIGHTS))
+    default = common.model_from_args(mobilenetv4_enhanced.parse_args([])).config
+    assert {k: model.config[k] for k in MODEL_KEYS} == {k: default[k] for k in MODEL_KEYS}
     images = torch.from_numpy(random_images(4)).permute(0, 3, 1, 2).contiguous()
     pngs = write_pngs(images, tmp_path / "images")
     outcome = classify("--device", "cpu", "--top-k", 10, *pngs)
     assert outcome.code == 0, outcome.err
-    assert str(weights) in outcome.err and f"test acc {state['shipped']['test_acc']:.2f}%" in outcome.err
+    assert str(SHIPPED_WEIGHTS) in outcome.err and f"test acc {shipped['test_acc']:.2f}%" in outcome.err
     assert_probs(outcome.value, common.predict_probs(model, images))
 
 
