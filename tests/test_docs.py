@@ -99,6 +99,15 @@ def test_readme_verify_command_parses_and_evaluates_the_shipped_file_without_tta
     assert args.device == "cpu"  # fp32, as the run evaluated: a GPU's --amp auto would not reproduce it exactly
 
 
+def test_the_recorded_verify_run_evaluated_todays_shipped_file():
+    """results/verify-shipped-weights (the README's timing of the verify command) is a run of that command on the
+    shipped file as it is now: same file, the same accuracy, no TTA; a new shipped file needs a new verify run."""
+    summary = json.loads((ROOT / "results" / "verify-shipped-weights" / "summary.json").read_text())
+    shipped = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)["shipped"]
+    assert (ROOT / summary["checkpoint"]).resolve() == SHIPPED_WEIGHTS
+    assert summary["test_acc"] == shipped["test_acc"] and summary["tta"] == "none" and summary["test_images"] == 10000
+
+
 # ---- Python version ---------------------------------------------------------------------------------------------
 def test_declared_python_is_the_one_ruff_checks_and_the_code_parses_with():
     config = (ROOT / "pyproject.toml").read_text()  # (tomllib is 3.11+)
