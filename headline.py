@@ -96,6 +96,14 @@ def comparable(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
+def flag_text(key: str, value) -> str:
+    """A setting as the command line spells it: `--lr 0.2`, `--crop-padding 4`; a switch as `--se` or `--no-se`."""
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+
+
 def recipe_label(config: dict) -> str:
     """A run named by what it trained: the script's recipe it equals (`project`, the default, or `notebook`), or the
     nearest one and the flags that differ from it today, then its seed. Flags the run predates are not compared:
@@ -106,7 +114,7 @@ def recipe_label(config: dict) -> str:
     for name in module.RECIPES:
         defaults = vars(module.build_parser(name).parse_args([]))
         differ = [
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+            flag_text(k, v)
             for k, v in args.items()
             if k in defaults and k not in NOT_RECIPE and comparable(v) != comparable(defaults[k])
         ]

@@ -292,10 +292,17 @@ def test_charts_name_each_run_by_its_recipe_and_mark_the_default():
         "enhanced-sgd-lightaug-20ep-seed0": "enhanced project + --crop-padding 4, seed 0",
         "enhanced-nocrop-20ep-seed1": "enhanced project (the default), seed 1",
         "enhanced-lr0.2-20ep-seed0": "enhanced project + --lr 0.2, seed 0",
+        "enhanced-stack-20ep-seed0": "enhanced project + --zero-init-last --dropout 0.1 --hflip-mode alternate, seed 0",
     }
     for run, label in expected.items():
         config = json.loads((ROOT / "results" / run / "config.json").read_text())
         assert headline.recipe_label(config) == label
+
+
+def test_a_switched_off_flag_is_named_as_the_command_line_spells_it():
+    config = json.loads((ROOT / "results" / "enhanced-nocrop-20ep-seed0" / "config.json").read_text())
+    config["args"]["se"] = False
+    assert headline.recipe_label(config) == "enhanced project + --no-se, seed 0"
 
 
 def test_points_sharing_macs_are_fanned_out_around_them():
