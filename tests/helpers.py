@@ -21,8 +21,17 @@ from torch import nn
 import common
 import mobilenetv4_baseline
 import mobilenetv4_enhanced
+from mnv4.checkpoint import SHIPPED_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def shipped_weights_state() -> dict:
+    """The shipped weights file as `torch.load(weights_only=True)` reads it; a missing file fails naming the fix."""
+    assert SHIPPED_WEIGHTS.is_file(), (
+        f"{SHIPPED_WEIGHTS} is missing: python export.py --checkpoint RUN/last.pt --weights"
+    )
+    return torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)
 
 
 SCRIPTS = {"baseline": mobilenetv4_baseline, "enhanced": mobilenetv4_enhanced}

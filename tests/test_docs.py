@@ -8,11 +8,10 @@ import re
 import shlex
 
 import pytest
-import torch
 
 import mobilenetv4_baseline
 import mobilenetv4_enhanced
-from helpers import ROOT
+from helpers import ROOT, shipped_weights_state
 from mnv4.checkpoint import SHIPPED_WEIGHTS
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -81,10 +80,7 @@ def test_readme_headline_rows_are_committed_runs():
 def test_readme_enhanced_row_is_the_shipped_weights_figure():
     """The verify command reproduces the enhanced row's final figure: the shipped file records the same one (so the
     file and the row change in the same commit)."""
-    assert SHIPPED_WEIGHTS.is_file(), (
-        f"{SHIPPED_WEIGHTS} is missing: python export.py --checkpoint RUN/last.pt --weights"
-    )
-    shipped = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)["shipped"]
+    shipped = shipped_weights_state()["shipped"]
     assert headline_rows()["enhanced"][0] == round(shipped["test_acc"], 2), shipped
 
 
@@ -103,7 +99,7 @@ def test_the_recorded_verify_run_evaluated_todays_shipped_file():
     """results/verify-shipped-weights (the README's timing of the verify command) is a run of that command on the
     shipped file as it is now: same file, the same accuracy, no TTA; a new shipped file needs a new verify run."""
     summary = json.loads((ROOT / "results" / "verify-shipped-weights" / "summary.json").read_text())
-    shipped = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)["shipped"]
+    shipped = shipped_weights_state()["shipped"]
     assert (ROOT / summary["checkpoint"]).resolve() == SHIPPED_WEIGHTS
     assert summary["test_acc"] == shipped["test_acc"] and summary["tta"] == "none" and summary["test_images"] == 10000
 

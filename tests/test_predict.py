@@ -19,6 +19,7 @@ import common
 import export
 import mobilenetv4_enhanced
 import predict
+from helpers import shipped_weights_state
 from inference_support import (
     MD5_WARNING,
     call,
@@ -72,10 +73,7 @@ def test_the_shipped_weights_rebuild_the_enhanced_default_and_classify(tmp_path)
     """The weights file in the repository loads with weights_only=True, rebuilds the enhanced default's model (so
     `--test-only --resume` with the default flags evaluates it), and predict.py without a model flag classifies
     with it: each image's probabilities are the rebuilt model's."""
-    assert SHIPPED_WEIGHTS.is_file(), (
-        f"{SHIPPED_WEIGHTS} is missing: python export.py --checkpoint RUN/last.pt --weights"
-    )
-    state = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)
+    state = shipped_weights_state()
     shipped = state["shipped"]
     assert state["script"] == "enhanced" and shipped["run"] and 0 < shipped["test_acc"] <= 100
     assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
