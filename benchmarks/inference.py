@@ -1,7 +1,7 @@
 """Inference speed on the CPU: PyTorch eager against onnxruntime, for the two scripts' default models.
 
 For the model each training script builds with no flags (baseline: Conv-S, ReLU6, linear head; enhanced: Conv-S
-width 1.2, SiLU, SE, MLP head), in eval mode with random weights (speed does not depend on their values):
+width 1.6, SiLU, SE, MLP head), in eval mode with random weights (speed does not depend on their values):
 batch-1 latency (median of --runs calls after warm-up) and batch-256 throughput, fp32, for PyTorch (channels_last,
 the scripts' CPU layout, and contiguous) and for the same model exported by export.py and run by onnxruntime,
 all on the same number of threads. Prints a markdown table; writes JSON with the machine, versions, thread

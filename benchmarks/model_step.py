@@ -1,7 +1,9 @@
 """Model training-step speed: forward + backward + optimizer step of MobileNetV4 on synthetic batches.
 
 Times the baseline and the enhanced model configuration (median of several steps after warm-up, synchronised)
-in fp32 and with each layout / precision option, so the defaults can be chosen by measurement.
+in fp32 and with each layout / precision option, so the defaults can be chosen by measurement. The enhanced
+configuration is the width-1.2 model that results/model-step-cpu.json measured (the default's width is 1.6 now);
+`--width-mult` is not a flag here, so the committed figures and this code describe the same model.
 
     python benchmarks/model_step.py [--batch-size 128] [--steps 8] [--device auto] [--variant conv_small] [--json PATH]
 """

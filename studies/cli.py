@@ -9,19 +9,19 @@ from the repository root), for a chosen budget and seeds, and writes into --outp
   <config>/seed<k>/   each run's own output, its console output in train.log; a rerun skips finished runs and
                       resumes interrupted ones
 Studies given the same --output-dir (and budget) share their common rows' runs: a configuration key names the
-same settings in every study (the default's reference runs are trained once for all).
+same settings in every study (the reference runs are trained once for all).
 
 Studies (--study):
   cumulative     the notebook README's order: baseline, + SE, + stochastic depth, + SiLU, + width 1.2,
                  + MLP head (mobilenetv4_baseline.py, model flags added one by one), + training
                  optimizations (mobilenetv4_enhanced.py --recipe notebook), + TTA (flip, read from the previous
                  row's run: no extra training). Gain = row minus the previous row.
-  leave-one-out  the enhanced default (mobilenetv4_enhanced.py without flags), its settings spelled as flags so
-                 the row keeps its meaning when the default moves; then each ingredient switched off alone: SE,
+  leave-one-out  v3, the enhanced default until width 1.6 (Conv-S at width 1.2), its settings spelled as flags
+                 so the row keeps its meaning when the default moves; then each ingredient switched off alone: SE,
                  stochastic depth, SiLU (ReLU6), width 1.2 (1.0), MLP head (linear), augmentation, flip,
                  translation, label smoothing, gradient clipping, weight decay, one-cycle (constant lr); then
-                 TTA none and flip against the default's flip_shift, read from the reference runs' TTA table.
-                 Gain = row minus the default (negative: the ingredient helps).
+                 TTA none and flip against v3's flip_shift, read from the reference runs' TTA table.
+                 Gain = row minus v3 (negative: the ingredient helps).
   architecture   the same reference runs, then one change of architecture each: Conv-S with an 8x8 final map,
                  Conv-M at width 1.0, MobileNetV2 (4x4 and 8x8 final maps).
 Finished studies of the enhanced default's earlier versions (v1: the notebook's recipe without decay on norm /
@@ -29,8 +29,8 @@ bias; v2: v1 with SGD + one-cycle and flip + crop + translate only), their runs 
 results/ablation-proxy-5k (--report-only rewrites their tables; a row given to --configs trains again):
   candidates        changes to v1 one at a time, and the two that helped stacked (v2)
   leave-one-out-v1  each ingredient of v1 switched off alone, and its TTA views
-  tuning            changes to v2: EMA, label smoothing 0.2, no stochastic depth, no random crop (today's default)
-  tuning-2          the default's peak lr (0.2, 0.05) and batch 128
+  tuning            changes to v2: EMA, label smoothing 0.2, no stochastic depth, no random crop (v3)
+  tuning-2          v3's peak lr (0.2, 0.05) and batch 128
 
 Beyond noise: a row's gain is tested on a rows x seeds additive model (row effect + seed effect + noise), with
 one family-wise 5% level over the study's rows (Dunnett's many-to-one test, generalised to any reference),

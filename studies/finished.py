@@ -7,12 +7,12 @@ committed runs recorded.
   v1  the first enhanced default: the notebook's recipe without weight decay on norm / bias parameters
       (AdamW + cosine, all five augmentation ops)
   v2  v1 with Nesterov SGD + one-cycle and flip + crop + translate only (the candidates study's stacked row)
-  the current default: v2 without the random crop (rows.default_row)
+  v3  v2 without the random crop (rows.v3_row), the default until its width became 1.6
 """
 
 from __future__ import annotations
 
-from .rows import FLIP_TRANSLATE, NOTEBOOK_BASE, SGD_ONECYCLE, Config, default_row
+from .rows import FLIP_TRANSLATE, NOTEBOOK_BASE, SGD_ONECYCLE, Config, v3_row
 
 LIGHT_AUGMENT = FLIP_TRANSLATE[: FLIP_TRANSLATE.index("--crop-padding")]  # no rotation, no colour jitter
 V1 = NOTEBOOK_BASE
@@ -83,21 +83,21 @@ def leave_one_out_v1():
 
 
 def tuning():
-    """Changes to v2 (the candidates study's stacked row and its runs); its no-crop row is today's default."""
+    """Changes to v2 (the candidates study's stacked row and its runs); its no-crop row became v3."""
     v2 = Config("sgd_onecycle_flip_translate", "v2 (default until no crop)", script="enhanced", flags=V2)
-    no_crop = default_row().flags[len(V2) :]
+    no_crop = v3_row().flags[len(V2) :]
     return (
         v2,
         on(v2, "v2_ema", "+ EMA of weights (warm-up)", "--model-ema"),
         on(v2, "v2_label_smoothing_0.2", "label smoothing 0.2", "--label-smoothing", "0.2"),
         on(v2, "v2_no_drop_path", "no stochastic depth", "--drop-path", "0"),
-        on(v2, default_row().key, "no random crop (translate only)", *no_crop),
+        on(v2, v3_row().key, "no random crop (translate only)", *no_crop),
     )
 
 
 def tuning_2():
-    """The step size of today's default (the tuning study's no-crop row and its runs)."""
-    ref = default_row()
+    """The step size of v3 (the tuning study's no-crop row and its runs)."""
+    ref = v3_row()
     return (
         ref,
         on(ref, "nocrop_lr_0.2", "peak lr 0.2", "--lr", "0.2"),
@@ -117,8 +117,8 @@ NOTES = {
     "TTA (v1's own), so 'no TTA' shows what flip TTA buys.",
     "tuning": "Gain = this row minus v2, the enhanced default this study tuned (positive: the change helps): v1 "
     "plus Nesterov SGD + one-cycle and flip + crop + translate only, spelled as flags (the candidates study's "
-    "stacked row, whose runs it shares), with one change per row. Its no-crop row became today's default.",
-    "tuning-2": "Gain = this row minus project, the enhanced default (positive: the change helps): v2 without the "
-    "random crop, spelled as flags (the tuning study's no-crop row, whose runs it shares), with one change of step "
-    "size or batch per row.",
+    "stacked row, whose runs it shares), with one change per row. Its no-crop row became the default (v3).",
+    "tuning-2": "Gain = this row minus v3, the enhanced default until width 1.6 (positive: the change helps): v2 "
+    "without the random crop, spelled as flags (the tuning study's no-crop row, whose runs it shares), with one "
+    "change of step size or batch per row.",
 }

@@ -56,32 +56,37 @@ def cumulative():
     return tuple(rows)
 
 
-# The enhanced default spelled as flags on the notebook's recipe, which never moves: the rows built on it keep
-# their meaning (and their runs) when the project's default changes. The notebook decays norm / bias weights;
-# the default does not. SGD couples --wd as L2: 5e-4 is the usual CIFAR value (AdamW's 0.05 would be far too strong).
+# v3, the enhanced default before width 1.6, spelled as flags on the notebook's recipe, which never moves: the rows
+# built on it keep their meaning (and their runs) when the project's default changes. The notebook decays norm /
+# bias weights; v3 does not. SGD couples --wd as L2: 5e-4 is the usual CIFAR value (AdamW's 0.05 would be far
+# too strong).
 NOTEBOOK_BASE = ("--recipe", "notebook", "--norm-weight-decay", "0")
 SGD_ONECYCLE = ("--opt", "sgd", "--sched", "onecycle", "--lr", "0.1", "--wd", "5e-4")
 FLIP_TRANSLATE = ("--rotation", "0", "--color-jitter", "0", "0", "0", "0", "--crop-padding", "0")
 
 
-def default_row():
-    """The reference of the leave-one-out and architecture studies. Its key names the run folders that already
-    hold its runs (keys are folder names), so it stays whatever the label says; a test checks that its flags
-    still equal the default and the settings those runs recorded."""
+def v3_row():
+    """v3, the enhanced default until its width became 1.6 (Conv-S at the notebook's width 1.2): the reference of
+    the leave-one-out and architecture studies. Its key names the run folders that already hold its runs (keys
+    are folder names), so it stays whatever the label says; a test checks that its flags still give the settings
+    those runs recorded."""
     return Config(
-        "v2_no_crop", "project (default)", script="enhanced", flags=NOTEBOOK_BASE + SGD_ONECYCLE + FLIP_TRANSLATE
+        "v2_no_crop",
+        "v3 (default until width 1.6)",
+        script="enhanced",
+        flags=NOTEBOOK_BASE + SGD_ONECYCLE + FLIP_TRANSLATE,
     )
 
 
 def leave_one_out():
-    """Each ingredient of the default switched off alone. Keys carry the prefix of the reference's other rows, so
+    """Each ingredient of v3 switched off alone. Keys carry the prefix of the reference's other rows, so
     they never name a folder of an earlier study's rows (other settings, which the plan would refuse)."""
-    ref = default_row()
+    ref = v3_row()
 
     def off(key, label, *flags, base=ref.flags):
         return Config(key, label, script="enhanced", flags=base + flags, reference=ref.key)
 
-    def tta(key, label, views):  # the reference runs' own TTA table, against the default's view set
+    def tta(key, label, views):  # the reference runs' own TTA table, against v3's view set
         return Config(key, label, source=ref.key, tta=views, reference=ref.key, reference_tta="flip_shift")
 
     return (
@@ -105,15 +110,15 @@ def leave_one_out():
 
 
 def architecture():
-    """Where the compute goes and how much of it, under the enhanced default recipe: the final map (resolution),
+    """Where the compute goes and how much of it, under v3's recipe: the final map (resolution),
     a larger MobileNetV4 at similar MACs (capacity), and the MobileNetV2 peer the notebook trained."""
-    default = default_row()
+    ref = v3_row()
 
     def change(key, label, *flags):
-        return Config(key, label, script="enhanced", flags=default.flags + flags, reference=default.key)
+        return Config(key, label, script="enhanced", flags=ref.flags + flags, reference=ref.key)
 
     return (
-        default,
+        ref,
         change("conv_s_8x8", "Conv-S, 8x8 final map (--output-stride 4)", "--output-stride", "4"),
         change("conv_m_w1.0", "Conv-M, width 1.0 (4x4 map)", "--variant", "conv_medium", "--width-mult", "1.0"),
         change("mobilenetv2", "MobileNetV2 (4x4 map)", "--variant", "mobilenetv2"),
@@ -138,13 +143,13 @@ NOTES = {
     "Each script keeps its own default batch size (column 'run'), as it is part of its recipe: the "
     "'+ training optimizations' gain includes the change from batch 128 to 64. "
     "'+ TTA' is the flip TTA accuracy of the previous row's run, against that run's plain accuracy.",
-    "leave-one-out": "Gain = this row minus project, the enhanced default (negative: the ingredient helps). Every "
-    "row runs mobilenetv4_enhanced.py with the default's settings spelled as flags (the notebook's "
-    "recipe plus the default's changes, so the rows keep their meaning when the default moves) "
+    "leave-one-out": "Gain = this row minus v3, the enhanced default until width 1.6 (negative: the ingredient "
+    "helps). Every row runs mobilenetv4_enhanced.py with v3's settings spelled as flags (the notebook's "
+    "recipe plus v3's changes, so the rows keep their meaning when the default moves) "
     "and one ingredient switched off. TTA rows read the reference runs' TTA table and compare "
-    "with its flip_shift TTA (the default's).",
-    "architecture": "Gain = this row minus project, the enhanced default (Conv-S, width 1.2, 4x4 final map; positive: "
-    "the architecture does better). Every row runs mobilenetv4_enhanced.py with the default's "
+    "with its flip_shift TTA (v3's).",
+    "architecture": "Gain = this row minus v3, the enhanced default until width 1.6 (Conv-S, width 1.2, 4x4 final "
+    "map; positive: the architecture does better). Every row runs mobilenetv4_enhanced.py with v3's "
     "settings spelled as flags (the leave-one-out study's reference, whose runs it shares) and one "
     "change of architecture; the recipe (SE, SiLU, MLP head, width 1.2 where not stated, SGD + "
     "one-cycle, flip + translate) stays.",

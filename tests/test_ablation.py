@@ -170,10 +170,10 @@ def settings(script, flags):
 # The studies' rows
 # ---------------------------------------------------------------------------------------------------
 def test_leave_one_out_switches_off_one_ingredient_of_the_default_each():
-    """The reference is the enhanced default (the script without flags), spelled as flags on a recipe that never
-    moves; every other row changes the settings its label names, nothing more."""
+    """The reference is v3, the enhanced default until width 1.6 (the script with only `--width-mult 1.2`), spelled
+    as flags on a recipe that never moves; every other row changes the settings its label names, nothing more."""
     ref, *others = catalog.STUDIES["leave-one-out"]
-    assert settings("enhanced", ref.flags) == settings("enhanced", [])
+    assert settings("enhanced", ref.flags) == settings("enhanced", ["--width-mult", "1.2"])
     assert "project" not in " ".join(ref.flags)  # not a recipe name that moves with the default
     expected = {
         "nocrop_no_se": {"se"},
@@ -464,7 +464,7 @@ def test_the_table_names_the_test_and_judges_each_family(tmp_path, stub):
     rows = table_rows(out / "leave-one-out.md")
     verdict = {label: r["beyond noise"] for label, r in rows.items()}
     assert verdict == {
-        "project (default)": "-",
+        "v3 (default until width 1.6)": "-",
         "no SE": "no",
         "no augmentation": "yes",
         "no TTA (against flip_shift)": "yes",
@@ -680,8 +680,9 @@ def test_a_folder_with_other_settings_is_refused(tmp_path, stub, capsys):
 
 
 def test_settings_are_compared_by_value_not_by_recipe_name(tmp_path, stub, capsys):
-    """--recipe only names a set of defaults: a run of the default recorded under its recipe name is the same run
-    as the reference row's spelled-out flags (equal values), and other values refuse."""
+    """--recipe only names a set of defaults: a run recorded under the project recipe's name with the reference
+    row's values (v3: the default at width 1.2) is the same run as that row's spelled-out flags, and other values
+    refuse."""
     run_dir = tmp_path / "v2_no_crop" / "seed0"
     run_dir.mkdir(parents=True)
     budget = ["--epochs", "1", "--seed", "0"]
@@ -706,10 +707,10 @@ def test_settings_are_compared_by_value_not_by_recipe_name(tmp_path, stub, capsy
         str(tmp_path),
         "--dry-run",
     ]
-    finished()
+    finished("--width-mult", "1.2")
     run_ablation(*argv)
     assert "| done" in capsys.readouterr().out
-    finished("--lr", "0.2")
+    finished("--width-mult", "1.2", "--lr", "0.2")
     with pytest.raises(SystemExit) as exc:
         run_ablation(*argv)
     assert exc.value.code == 2 and "--lr 0.2 (now 0.1)" in capsys.readouterr().err
@@ -807,8 +808,8 @@ def test_studies_in_one_folder_share_their_common_runs(tmp_path, stub):
     run_ablation("--study", "leave-one-out", "--configs", "nocrop_no_se", "--seeds", "0", "--output-dir", str(tmp_path))
     assert [c["key"] for c in stub.calls()] == ["v2_no_crop", "mobilenetv2", "nocrop_no_se"]  # only no SE is new
     assert (
-        table_rows(tmp_path / "leave-one-out.md")["project (default)"]["test acc (%)"]
-        == table_rows(tmp_path / "architecture.md")["project (default)"]["test acc (%)"]
+        table_rows(tmp_path / "leave-one-out.md")["v3 (default until width 1.6)"]["test acc (%)"]
+        == table_rows(tmp_path / "architecture.md")["v3 (default until width 1.6)"]["test acc (%)"]
     )
 
 
@@ -913,7 +914,7 @@ def test_dry_run_on_the_committed_proxy_folder(monkeypatch, capsys):
         "--dry-run",
     )
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "[ablation 1/2] project (default) | seed 0 | done"
+    assert lines[0] == "[ablation 1/2] v3 (default until width 1.6) | seed 0 | done"
     mobilenetv2 = "results/ablation-proxy-5k/mobilenetv2/seed0"
     if (ROOT / mobilenetv2 / "summary.json").is_file():  # finished: read, not trained again (its last.pt may stay)
         assert lines[2] == "[ablation 2/2] MobileNetV2 (4x4 map) | seed 0 | done"
@@ -954,7 +955,7 @@ def test_real_run_on_tiny_cifar(tmp_path, tiny_cifar):
         "16",
     ]
     res = run_ablation(*argv)
-    assert list(table_rows(out / "architecture.md")) == ["project (default)"]
+    assert list(table_rows(out / "architecture.md")) == ["v3 (default until width 1.6)"]
     assert [r["status"] for r in res["runs"]] == ["ok"] and (out / "architecture.png").is_file()
     summary = json.loads((out / "v2_no_crop" / "seed0" / "summary.json").read_text())
     assert res["rows"][0]["values"] == {0: summary["test_acc"]} and 0 <= summary["test_acc"] <= 100

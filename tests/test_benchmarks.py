@@ -298,7 +298,7 @@ def test_inference_benchmark_models_are_the_scripts_defaults():
     assert models["enhanced"].config == {
         **models["enhanced"].config,
         "variant": "conv_small",
-        "width_mult": 1.2,
+        "width_mult": 1.6,
         "act": "silu",
         "se": True,
         "head": "mlp",

@@ -476,6 +476,18 @@ def test_width_1_2():
     assert common.count_params(model) > common.count_params(build("conv_small"))
 
 
+def test_the_enhanced_default_is_conv_s_at_width_1_6():
+    """mobilenetv4_enhanced.py with no flags builds Conv-S at width 1.6 (SE, SiLU, MLP head, 4x4 map): the model of
+    its committed full runs, 6,461,794 parameters and 142.61 M MACs, which the README's enhanced row states."""
+    args = SCRIPTS["enhanced"].parse_args([])
+    summary = common.model_summary(common.model_from_args(args), 32)
+    assert (args.variant, args.width_mult, args.output_stride) == ("conv_small", 1.6, 8)
+    assert summary["params"] == 6_461_794
+    assert summary["macs"] == pytest.approx(142.61e6, rel=0.0005)
+    assert summary["feature_maps"]["stem"] == [spec_make_divisible(32 * 1.6), 32, 32]
+    assert summary["feature_maps"]["stage4"] == [spec_make_divisible(960 * 1.6), 4, 4]
+
+
 def test_width_0_5_keeps_stem():
     model = build("conv_small", width_mult=0.5)
     assert _first_conv(model.stem).out_channels == 32  # stem unscaled for w < 1

@@ -289,10 +289,12 @@ def test_charts_name_each_run_by_its_recipe_and_mark_the_default():
     expected = {
         "baseline-20ep-seed0": "baseline project (the default), seed 0",
         "enhanced-20ep-seed0": "enhanced notebook + --norm-weight-decay 0.0, seed 0",
-        "enhanced-sgd-lightaug-20ep-seed0": "enhanced project + --crop-padding 4, seed 0",
-        "enhanced-nocrop-20ep-seed1": "enhanced project (the default), seed 1",
-        "enhanced-lr0.2-20ep-seed0": "enhanced project + --lr 0.2, seed 0",
-        "enhanced-stack-20ep-seed0": "enhanced project + --zero-init-last --dropout 0.1 --hflip-mode alternate, seed 0",
+        "enhanced-sgd-lightaug-20ep-seed0": "enhanced project + --width-mult 1.2 --crop-padding 4, seed 0",
+        "enhanced-nocrop-20ep-seed1": "enhanced project + --width-mult 1.2, seed 1",
+        "enhanced-lr0.2-20ep-seed0": "enhanced project + --width-mult 1.2 --lr 0.2, seed 0",
+        "enhanced-stack-20ep-seed0": "enhanced project + --width-mult 1.2 --zero-init-last --dropout 0.1 "
+        "--hflip-mode alternate, seed 0",
+        "enhanced-w1.6-20ep-seed0": "enhanced project (the default), seed 0",
     }
     for run, label in expected.items():
         config = json.loads((ROOT / "results" / run / "config.json").read_text())
@@ -302,7 +304,7 @@ def test_charts_name_each_run_by_its_recipe_and_mark_the_default():
 def test_a_switched_off_flag_is_named_as_the_command_line_spells_it():
     config = json.loads((ROOT / "results" / "enhanced-nocrop-20ep-seed0" / "config.json").read_text())
     config["args"]["se"] = False
-    assert headline.recipe_label(config) == "enhanced project + --no-se, seed 0"
+    assert headline.recipe_label(config) == "enhanced project + --width-mult 1.2 --no-se, seed 0"
 
 
 def test_points_sharing_macs_are_fanned_out_around_them():
