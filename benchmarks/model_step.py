@@ -1,14 +1,15 @@
 """Model training-step speed: forward + backward + optimizer step of MobileNetV4 on synthetic batches.
 
-Times the baseline and the enhanced model configuration (median of several steps after warm-up, synchronised)
-in fp32 and with each layout / precision option, so the defaults can be chosen by measurement. The enhanced
-configuration is the width-1.2 model that results/model-step-cpu.json measured (the default's width is 1.6 now);
-`--width-mult` is not a flag here, so the committed figures and this code describe the same model.
+Times the model each training script builds with no flags (the baseline's and the enhanced script's defaults,
+read from their own parsers, so the figures follow them; `--variant` swaps the block table of both) in fp32 and
+with each layout / precision option (median of several steps after warm-up, synchronised), so the defaults can be
+chosen by measurement. The JSON records each model's configuration beside its figures.
 
     python benchmarks/model_step.py [--batch-size 128] [--steps 8] [--device auto] [--variant conv_small] [--json PATH]
 """
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -20,18 +21,24 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-
-CONFIGS = {
-    "baseline": dict(act="relu6"),
-    "enhanced": dict(act="silu", se=True, drop_path_rate=0.1, width_mult=1.2, head="mlp"),
-}
+import mobilenetv4_baseline  # noqa: E402
+import mobilenetv4_enhanced  # noqa: E402
 
 
-def step_time(variant, config, batch_size, steps, device, channels_last, amp_dtype):
+def default_models(variant: str) -> dict:
+    """{name: the model the script builds given only `--variant`}, seeded random weights."""
+    models = {}
+    for name, script in (("baseline", mobilenetv4_baseline), ("enhanced", mobilenetv4_enhanced)):
+        torch.manual_seed(0)
+        models[name] = common.model_from_args(script.build_parser().parse_args(["--variant", variant]))
+    return models
+
+
+def step_time(model, batch_size, steps, device, channels_last, amp_dtype):
+    """Median seconds per training step of a copy of `model` (each option starts from the same weights)."""
     torch.manual_seed(0)
-    model = common.mobilenetv4(variant, 10, **config).to(device).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = copy.deepcopy(model).to(device).train().to(memory_format=fmt)
     images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     labels = torch.randint(0, 10, (batch_size,), device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -73,9 +80,10 @@ def main(argv=None):
     )
     print("| config | option | ms/step | img/s |\n|---|---|---|---|")
     rows = []
-    for name, config in CONFIGS.items():
+    models = default_models(args.variant)
+    for name, model in models.items():
         for option, (channels_last, amp_dtype) in options.items():
-            t = step_time(args.variant, config, args.batch_size, args.steps, device, channels_last, amp_dtype)
+            t = step_time(model, args.batch_size, args.steps, device, channels_last, amp_dtype)
             rows.append({"model": name, "option": option, "ms_per_step": t * 1e3, "img_per_s": args.batch_size / t})
             print(f"| {name} | {option} | {t * 1e3:.0f} | {args.batch_size / t:.0f} |", flush=True)
     if args.json:
@@ -85,6 +93,7 @@ def main(argv=None):
             "batch_size": args.batch_size,
             "steps": args.steps,
             "threads": torch.get_num_threads(),
+            "models": {name: model.config for name, model in models.items()},
             "results": rows,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -205,24 +205,47 @@ def test_pil_dataset_matches_the_notebook_transform_shapes(tiny_cifar):
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == int(data.train_labels[0])
 
 
+def tiny_models(monkeypatch, *names):
+    """benchmarks/model_step.py on width-0.25 models (ReLU6 for the baseline, SiLU for the enhanced)."""
+    acts = {"baseline": "relu6", "enhanced": "silu"}
+    monkeypatch.setattr(
+        model_step,
+        "default_models",
+        lambda variant: {n: common.mobilenetv4(variant, 10, width_mult=0.25, act=acts[n]) for n in names},
+    )
+
+
 def test_model_step_times_a_step(monkeypatch):
     """A step's time is the median of the timed steps' (end - start), the two warm-up steps left out: a clock whose
     readings make the timed steps take 3, 1 and 2 s (the warm-ups' 100 and 50 s would move any mean or max)."""
     readings = iter([0.0, 100.0, 150.0, 153.0, 160.0, 161.0, 168.0, 170.0])  # warm-up starts; (start, end) x 3
     monkeypatch.setattr(model_step, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
-    seconds = model_step.step_time("conv_small", {"width_mult": 0.25}, 4, 3, torch.device("cpu"), True, None)
+    model = common.mobilenetv4("conv_small", 10, width_mult=0.25)
+    seconds = model_step.step_time(model, 4, 3, torch.device("cpu"), True, None)
     assert seconds == 2.0
     assert next(readings, None) is None  # the clock was read at each step, no more
+
+
+def test_model_step_times_each_option_from_the_same_model():
+    """Each option trains a copy: the model handed in keeps its weights and its layout, so the option timed next
+    starts from the same model in the layout its label names, not from the previous option's."""
+    torch.manual_seed(0)
+    model = common.mobilenetv4("conv_small", 10, width_mult=0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model_step.step_time(model, 4, 1, torch.device("cpu"), True, None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters()), (
+        "the caller's model was converted to channels_last"
+    )
 
 
 def test_model_step_main_saves_every_option_with_its_provenance(tmp_path, monkeypatch):
     """The JSON holds every model x option row the table printed, img/s = batch / step time, and the machine and
     commit that measured them (the README quotes this file)."""
-    monkeypatch.setattr(
-        model_step, "CONFIGS", {name: {**config, "width_mult": 0.25} for name, config in model_step.CONFIGS.items()}
-    )
+    tiny_models(monkeypatch, "baseline", "enhanced")
     model_step.main(["-b", "4", "--steps", "1", "--device", "cpu", "--json", str(tmp_path / "step.json")])
     saved = json.loads((tmp_path / "step.json").read_text())
+    assert saved["models"]["enhanced"] == {**saved["models"]["enhanced"], "width_mult": 0.25, "act": "silu"}
     rows = saved["results"]
     assert {(r["model"], r["option"]) for r in rows} == {
         (m, o)
@@ -285,8 +308,14 @@ def test_inference_benchmark_times_each_pytorch_row_in_its_own_memory_format(tmp
     assert layouts["contiguous"] and not any(layouts["contiguous"])
 
 
-def test_inference_benchmark_models_are_the_scripts_defaults():
-    models = inference.default_models()
+@pytest.mark.parametrize(
+    "default_models",
+    [inference.default_models, lambda: model_step.default_models("conv_small")],
+    ids=["inference", "model_step"],
+)
+def test_benchmark_models_are_the_scripts_defaults(default_models):
+    """Both speed benchmarks time the models the scripts train given no flags, whatever their defaults become."""
+    models = default_models()
     assert models["baseline"].config == {
         **models["baseline"].config,
         "variant": "conv_small",
@@ -304,7 +333,11 @@ def test_inference_benchmark_models_are_the_scripts_defaults():
         "head": "mlp",
         "drop_path_rate": 0.1,
     }
-    assert not any(m.training for model in models.values() for m in model.modules())
+
+
+def test_inference_benchmark_times_eval_mode_and_model_step_the_variant_asked_for():
+    assert not any(m.training for model in inference.default_models().values() for m in model.modules())
+    assert {m.config["variant"] for m in model_step.default_models("mobilenetv2").values()} == {"mobilenetv2"}
 
 
 def test_provenance_names_the_code_the_libraries_and_the_machine():
@@ -374,7 +407,7 @@ def test_every_benchmark_saves_the_same_provenance_record(
     its recipe through throughput.recipe_args: tiny here too.)"""
     import pipeline_accuracy
 
-    monkeypatch.setattr(model_step, "CONFIGS", {"baseline": {"width_mult": 0.25}})
+    tiny_models(monkeypatch, "baseline")
     model_step.main(["-b", "4", "--steps", "1", "--device", "cpu", "--json", str(tmp_path / "m.json")])
     inference.main(["--quick", "--threads", "1", "--json", str(tmp_path / "i.json")])
     pipeline_accuracy.main(
