@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,7 +261,11 @@ def test_the_notebooks_point_is_torchvisions_mobilenet_v2_at_32x32():
     reference = torchvision.models.mobilenet_v2(num_classes=10)
     macs = headline.notebook_macs()
     assert macs["baseline"] == common.count_macs(reference)
-    assert macs["enhanced"] > macs["baseline"]
+    # The notebook's width, whatever this project's default width becomes.
+    notebook_enhanced = common.mobilenetv4(
+        "mobilenetv2", 10, output_stride=32, width_mult=1.2, act="silu", se=True, head="mlp"
+    )
+    assert macs["enhanced"] == common.count_macs(notebook_enhanced)
 
 
 def test_a_run_still_training_shows_its_last_epoch(learned, tmp_path):
@@ -311,3 +316,22 @@ def test_points_sharing_macs_are_fanned_out_around_them():
     x = headline.spread([84.33, 58.5, 84.33, 84.33])
     assert x[1] == 58.5 and len(set(x)) == 4
     assert x[2] == pytest.approx(84.33) and x[0] < x[2] < x[3]
+
+
+def test_the_macs_chart_shows_every_finished_run_and_the_notebooks_points(monkeypatch):
+    """Every marker lies inside the axes, whatever the models cost: a Conv-M-sized run (270 M MACs) and a
+    baseline-sized one beside the notebook's points (6 and 11 M)."""
+    drawn = {}
+    monkeypatch.setattr(headline.common, "save_figure", lambda fig, path: drawn.setdefault("fig", fig))
+    config = json.loads((ROOT / "results" / "enhanced-w1.6-20ep-seed0" / "config.json").read_text())
+    runs = [
+        {"config": config, "summary": {"macs": macs, "test_acc": 88.0, "test_acc_tta": 89.0}}
+        for macs in (270.3e6, 58.5e6, 142.6e6)
+    ]
+    headline.plot_macs(Path("unused.png"), runs, {"baseline": 6.1e6, "enhanced": 11.1e6})
+    ax = drawn["fig"].axes[0]
+    low, high = ax.get_xlim()
+    xs = [x for line in ax.get_lines() for x in line.get_xdata()]
+    assert len(xs) >= 3 * 3 + 2  # each run: its point, its TTA line (2), its TTA point; the two notebook crosses
+    assert all(low < x < high for x in xs), (low, high, sorted(xs))
+    assert ax.get_xticks().tolist() and all(low <= t <= high for t in ax.get_xticks())
