@@ -96,7 +96,7 @@ def build_parser(recipes: dict, name: str, description: str) -> argparse.Argumen
         default=recipe.get("output_stride", 8),
         choices=OUTPUT_STRIDES,
         help="total down-sampling: 8 gives a 4x4 final map at 32x32 (stem and first strided stage at "
-        "stride 1), 4 an 8x8 map (the next stage too, about 2.6x the MACs), 32 the ImageNet strides",
+        "stride 1), 4 an 8x8 map (the next stage too, 2.6-2.8x the MACs), 32 the ImageNet strides",
     )
     m.add_argument("--act", default=recipe["act"], choices=tuple(ACTIVATIONS), help="activation function")
     m.add_argument("--se", action=bool_flag, default=recipe["se"], help="squeeze-and-excitation in every UIB")
