@@ -7,7 +7,7 @@ run() { name=$1; shift
   echo "$name $(tail -1 runs/timing/$name/metrics.csv | cut -d, -f7,8)"; }
 mkdir -p runs/timing
 for pass in 1 2; do
-run default-p$pass
+run default-p$pass --width-mult 1.2  # v3, the reference of the ratios
 run w1.4-p$pass --width-mult 1.4
 run w1.5-p$pass --width-mult 1.5
 run w1.6-p$pass --width-mult 1.6
