@@ -33,12 +33,12 @@ import predict  # noqa: E402
 BIG_BATCH = 256
 
 
-def default_models() -> dict:
-    """{name: the model the script builds when given no flags}, in eval mode, seeded random weights."""
+def default_models(*flags: str) -> dict:
+    """{name: the model the script builds when given no flags but `flags`}, in eval mode, seeded random weights."""
     models = {}
     for name, script in (("baseline", mobilenetv4_baseline), ("enhanced", mobilenetv4_enhanced)):
         torch.manual_seed(0)
-        models[name] = common.model_from_args(script.build_parser().parse_args([])).eval()
+        models[name] = common.model_from_args(script.build_parser().parse_args(list(flags))).eval()
     return models
 
 

@@ -20,18 +20,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from inference import default_models  # noqa: E402  (the same models; step_time trains a copy in train mode)
+
 import common  # noqa: E402
-import mobilenetv4_baseline  # noqa: E402
-import mobilenetv4_enhanced  # noqa: E402
-
-
-def default_models(variant: str) -> dict:
-    """{name: the model the script builds given only `--variant`}, seeded random weights."""
-    models = {}
-    for name, script in (("baseline", mobilenetv4_baseline), ("enhanced", mobilenetv4_enhanced)):
-        torch.manual_seed(0)
-        models[name] = common.model_from_args(script.build_parser().parse_args(["--variant", variant]))
-    return models
 
 
 def step_time(model, batch_size, steps, device, channels_last, amp_dtype):
@@ -80,7 +71,7 @@ def main(argv=None):
     )
     print("| config | option | ms/step | img/s |\n|---|---|---|---|")
     rows = []
-    models = default_models(args.variant)
+    models = default_models("--variant", args.variant)
     for name, model in models.items():
         for option, (channels_last, amp_dtype) in options.items():
             t = step_time(model, args.batch_size, args.steps, device, channels_last, amp_dtype)

@@ -211,7 +211,7 @@ def tiny_models(monkeypatch, *names):
     monkeypatch.setattr(
         model_step,
         "default_models",
-        lambda variant: {n: common.mobilenetv4(variant, 10, width_mult=0.25, act=acts[n]) for n in names},
+        lambda *flags: {n: common.mobilenetv4(flags[-1], 10, width_mult=0.25, act=acts[n]) for n in names},
     )
 
 
@@ -310,7 +310,7 @@ def test_inference_benchmark_times_each_pytorch_row_in_its_own_memory_format(tmp
 
 @pytest.mark.parametrize(
     "default_models",
-    [inference.default_models, lambda: model_step.default_models("conv_small")],
+    [inference.default_models, lambda: model_step.default_models("--variant", "conv_small")],
     ids=["inference", "model_step"],
 )
 def test_benchmark_models_are_the_scripts_defaults(default_models):
@@ -337,7 +337,9 @@ def test_benchmark_models_are_the_scripts_defaults(default_models):
 
 def test_inference_benchmark_times_eval_mode_and_model_step_the_variant_asked_for():
     assert not any(m.training for model in inference.default_models().values() for m in model.modules())
-    assert {m.config["variant"] for m in model_step.default_models("mobilenetv2").values()} == {"mobilenetv2"}
+    assert {m.config["variant"] for m in model_step.default_models("--variant", "mobilenetv2").values()} == {
+        "mobilenetv2"
+    }
 
 
 def test_provenance_names_the_code_the_libraries_and_the_machine():
