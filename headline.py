@@ -187,8 +187,18 @@ def markdown(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mark_notebook(ax, x_of: dict, first_color: int, where: str):
-    """The notebook's reported accuracies as crosses at x_of[script], in colours after the runs' own."""
+# Matplotlib's colour cycle has ten colours: the runs after the tenth take them again with another marker.
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def run_style(i: int) -> dict:
+    """Colour and marker of the i-th run, unique for the first 60 runs (the notebook's crosses use "x")."""
+    return {"color": f"C{i % 10}", "marker": MARKERS[i // 10 % len(MARKERS)]}
+
+
+def mark_notebook(ax, x_of: dict, first_color: int, where: dict):
+    """The notebook's reported accuracies as crosses at x_of[script], in colours after the runs' own; where[script]
+    ends each legend entry."""
     for j, (script, value) in enumerate(NOTEBOOK.items()):
         ax.plot(
             [x_of[script]],
@@ -197,8 +207,8 @@ def mark_notebook(ax, x_of: dict, first_color: int, where: str):
             ms=10,
             mew=2,
             ls="none",
-            color=f"C{first_color + j}",
-            label=f"notebook {script}: {value:.2f}% reported {where}",
+            color=f"C{(first_color + j) % 10}",
+            label=f"notebook {script}: {value:.2f}% reported {where[script]}",
         )
 
 
@@ -214,13 +224,14 @@ def plot(path: Path, runs: list[dict]):
         ax.plot(
             [r["epoch"] for r in rows],
             [r["test_acc"] for r in rows],
-            "o-",
+            ls="-",
             ms=3,
             lw=2.2 if "(the default)" in label else 1.2,  # the default's runs stand out
-            color=f"C{i}",
             label=label,
+            **run_style(i),
         )
-    mark_notebook(ax, {script: 20 for script in NOTEBOOK}, len(runs), "at epoch 20 (no curve published)")
+    where = {script: "at epoch 20 (no curve published)" for script in NOTEBOOK}
+    mark_notebook(ax, {script: 20 for script in NOTEBOOK}, len(runs), where)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%), no TTA")
@@ -245,22 +256,37 @@ def notebook_macs() -> dict:
 
 
 def spread(values: list[float], factor: float = 1.09) -> list[float]:
-    """x positions on a log axis for points that share one: each group of equal values fanned out by `factor`
-    around its value, so no point hides another."""
-    groups: dict[float, list[int]] = {}
-    for i, value in enumerate(values):
-        groups.setdefault(value, []).append(i)
+    """x positions on a log axis where no point hides another: neighbours (in the order of their values, ties in
+    the given order) at least `factor` apart. Points that would come closer are pooled and laid out `factor` apart
+    around the geometric mean of their values, pooling again until no two groups overlap; a point with room
+    stays at its value."""
+    gap = math.log(factor)
+    groups: list[list[int]] = []  # runs of neighbours laid out together, in the order of their values
+
+    def centre(group):
+        return statistics.fmean(math.log(values[i]) for i in group)
+
+    def ends(group):
+        half = (len(group) - 1) / 2 * gap
+        return centre(group) - half, centre(group) + half
+
+    for i in sorted(range(len(values)), key=lambda i: (values[i], i)):
+        groups.append([i])
+        while len(groups) > 1 and ends(groups[-1])[0] - ends(groups[-2])[1] < gap - 1e-12:
+            groups[-2:] = [groups[-2] + groups[-1]]
     x = list(values)
-    for value, members in groups.items():
-        for k, i in enumerate(members):
-            x[i] = value * factor ** (k - (len(members) - 1) / 2)
+    for group in groups:
+        first = ends(group)[0]
+        for k, i in enumerate(group):
+            x[i] = values[i] if len(group) == 1 else math.exp(first + k * gap)
     return x
 
 
 def plot_macs(path: Path, runs: list[dict], notebook: dict):
     """Final accuracy against MACs per image (log scale): a filled marker without TTA and a hollow one with it,
     joined by a line, for each finished run; the notebook's reported figures as crosses. Runs of one model share
-    its MACs: they are fanned out sideways around it."""
+    its MACs, and models can cost almost the same: points are fanned out sideways (`spread`), and the legend gives
+    each run's MACs."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, NullLocator
 
@@ -269,16 +295,15 @@ def plot_macs(path: Path, runs: list[dict], notebook: dict):
     finished = [run for run in runs if run["summary"]]
     xs = spread([run["summary"]["macs"] / 1e6 for run in finished])
     for i, (run, x) in enumerate(zip(finished, xs)):
-        summary, color = run["summary"], f"C{i}"
-        ax.plot([x], [summary["test_acc"]], "o", ms=7, color=color, label=recipe_label(run["config"]))
+        summary, style = run["summary"], run_style(i)
+        label = f"{recipe_label(run['config'])}: {summary['macs'] / 1e6:.1f} M MACs"
+        ax.plot([x], [summary["test_acc"]], ls="none", ms=7, label=label, **style)
         if summary.get("test_acc_tta") is not None:
-            ax.plot([x, x], [summary["test_acc"], summary["test_acc_tta"]], "-", color=color, lw=1)
-            ax.plot([x], [summary["test_acc_tta"]], "o", ms=7, mfc="white", color=color)
-    for macs in {run["summary"]["macs"] for run in finished}:  # each group's true MACs, under its points
-        low = min(run["summary"]["test_acc"] for run in finished if run["summary"]["macs"] == macs)
-        ax.annotate(f"{macs / 1e6:.2f} M", (macs / 1e6, low), textcoords="offset points", xytext=(0, -16), ha="center")
+            ax.plot([x, x], [summary["test_acc"], summary["test_acc_tta"]], "-", color=style["color"], lw=1)
+            ax.plot([x], [summary["test_acc_tta"]], ls="none", ms=7, mfc="white", **style)
     notebook_mmacs = {script: value / 1e6 for script, value in notebook.items()}
-    mark_notebook(ax, notebook_mmacs, len(finished), "(MACs of its model rebuilt here)")
+    where = {script: f"(its model rebuilt here): {mmacs:.1f} M MACs" for script, mmacs in notebook_mmacs.items()}
+    mark_notebook(ax, notebook_mmacs, len(finished), where)
     ax.set_xscale("log")
     # room on both sides for the widest fan of points and the labels under them, whatever the models cost
     low, high = min([*xs, *notebook_mmacs.values()]) / 1.5, max([*xs, *notebook_mmacs.values()]) * 1.3
@@ -288,7 +313,7 @@ def plot_macs(path: Path, runs: list[dict], notebook: dict):
     ax.xaxis.set_major_formatter(lambda x, _: f"{x:g}")
     ax.xaxis.set_minor_locator(NullLocator())
     ax.margins(y=0.08)  # no marker clipped at the top or bottom
-    ax.set_xlabel("MACs per 32x32 image (millions, log scale); runs of one model are spread sideways")
+    ax.set_xlabel("MACs per 32x32 image (millions, log scale); points close in MACs are spread sideways")
     ax.set_ylabel("test accuracy after the last epoch (%)")
     ax.set_title("CIFAR-10 accuracy against compute (filled: no TTA; hollow: with the run's TTA)", fontsize=10)
     ax.grid(alpha=0.3)

@@ -318,6 +318,52 @@ def test_points_sharing_macs_are_fanned_out_around_them():
     assert x[2] == pytest.approx(84.33) and x[0] < x[2] < x[3]
 
 
+def test_points_close_in_macs_keep_apart_in_their_order():
+    """Different models a few percent apart in MACs (MobileNetV2 134.95 M, the default 142.61 M twice) must not
+    hide one another either: each neighbour at least the fan's factor away, in the order of their MACs."""
+    values = [142.61, 58.5, 134.95, 142.61, 84.33]
+    x = headline.spread(values, factor=1.09)
+    order = sorted(range(len(values)), key=lambda i: (values[i], i))
+    assert [x[i] for i in order] == sorted(x)
+    assert all(b / a >= 1.09 - 1e-9 for a, b in zip(sorted(x), sorted(x)[1:]))
+    assert x[1] == 58.5 and x[4] == 84.33  # alone: at their MACs
+
+
+def drawn_styles(monkeypatch, n_runs: int) -> dict:
+    """Legend entries of both charts for n_runs finished runs: {chart: [(label, colour, marker), ...]}."""
+    from matplotlib.colors import to_hex
+
+    figures = []
+    monkeypatch.setattr(headline.common, "save_figure", lambda fig, path: figures.append(fig))
+    config = json.loads((ROOT / "results" / "enhanced-w1.6-20ep-seed0" / "config.json").read_text())
+    rows = [{"epoch": e, "test_acc": 80.0 + e} for e in (1, 2)]
+    summaries = [{"macs": 84.3e6 * (1 + i % 3), "test_acc": 88.0, "test_acc_tta": 89.0} for i in range(n_runs)]
+    runs = [{"config": config, "rows": rows, "summary": summary} for summary in summaries]
+    headline.plot(Path("unused.png"), runs)
+    headline.plot_macs(Path("unused.png"), runs, {"baseline": 6.1e6, "enhanced": 11.1e6})
+    styles = {}
+    for name, fig in zip(("curves", "macs"), figures):
+        handles, labels = fig.axes[0].get_legend_handles_labels()
+        styles[name] = [(label, to_hex(h.get_color()), h.get_marker()) for h, label in zip(handles, labels)]
+    return styles
+
+
+def test_every_run_and_notebook_mark_has_its_own_colour_and_marker(monkeypatch):
+    """More runs than matplotlib's ten-colour cycle: a colour that comes round again gets another marker, so no two
+    legend entries look alike (the eleventh run was drawn in the first one's blue)."""
+    for name, entries in drawn_styles(monkeypatch, 13).items():
+        assert len(entries) == 13 + 2, name
+        looks = [(colour, marker) for _, colour, marker in entries]
+        assert len(set(looks)) == len(looks), (name, looks)
+
+
+def test_the_macs_charts_legend_gives_each_runs_macs(monkeypatch):
+    """The MACs are read from the legend: labels under the points collided where two models cost about the same."""
+    entries = drawn_styles(monkeypatch, 3)["macs"]
+    assert [label.rsplit(": ", 1)[-1] for label, _, _ in entries[:3]] == ["84.3 M MACs", "168.6 M MACs", "252.9 M MACs"]
+    assert all("M MACs" in label for label, _, _ in entries[3:])  # the notebook's crosses too
+
+
 def test_the_macs_chart_shows_every_finished_run_and_the_notebooks_points(monkeypatch):
     """Every marker lies inside the axes, whatever the models cost: a Conv-M-sized run (270 M MACs) and a
     baseline-sized one beside the notebook's points (6 and 11 M)."""
