@@ -327,6 +327,8 @@ def test_points_close_in_macs_keep_apart_in_their_order():
     assert [x[i] for i in order] == sorted(x)
     assert all(b / a >= 1.09 - 1e-9 for a, b in zip(sorted(x), sorted(x)[1:]))
     assert x[1] == 58.5 and x[4] == 84.33  # alone: at their MACs
+    high, low = headline.spread([142.61, 134.95])  # the cheapest two pool as well
+    assert high / low == pytest.approx(1.09) and low < 134.95 < 142.61 < high
 
 
 def drawn_styles(monkeypatch, n_runs: int) -> dict:
