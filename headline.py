@@ -263,12 +263,9 @@ def spread(values: list[float], factor: float = 1.09) -> list[float]:
     gap = math.log(factor)
     groups: list[list[int]] = []  # runs of neighbours laid out together, in the order of their values
 
-    def centre(group):
-        return statistics.fmean(math.log(values[i]) for i in group)
-
     def ends(group):
-        half = (len(group) - 1) / 2 * gap
-        return centre(group) - half, centre(group) + half
+        centre, half = statistics.fmean(math.log(values[i]) for i in group), (len(group) - 1) / 2 * gap
+        return centre - half, centre + half
 
     for i in sorted(range(len(values)), key=lambda i: (values[i], i)):
         groups.append([i])
@@ -305,7 +302,7 @@ def plot_macs(path: Path, runs: list[dict], notebook: dict):
     where = {script: f"(its model rebuilt here): {mmacs:.1f} M MACs" for script, mmacs in notebook_mmacs.items()}
     mark_notebook(ax, notebook_mmacs, len(finished), where)
     ax.set_xscale("log")
-    # room on both sides for the widest fan of points and the labels under them, whatever the models cost
+    # room on both sides for the widest fan of points, whatever the models cost
     low, high = min([*xs, *notebook_mmacs.values()]) / 1.5, max([*xs, *notebook_mmacs.values()]) * 1.3
     ax.set_xlim(low, high)
     ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if low <= t <= high]
