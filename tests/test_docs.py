@@ -104,6 +104,48 @@ def test_the_recorded_verify_run_evaluated_todays_shipped_file():
     assert summary["test_acc"] == shipped["test_acc"] and summary["tta"] == "none" and summary["test_images"] == 10000
 
 
+def committed_tta_tables() -> dict:
+    """{run folder: {view set: test acc}} of every committed full run's final-weights TTA table."""
+    tables = {}
+    for path in sorted((ROOT / "results").glob("*/summary.json")):
+        table = json.loads(path.read_text()).get("tta_table", {})
+        if {"none", "flip", "flip_rot90", "flip_shift"} <= set(table):
+            tables[path.parent.name] = {view: row["test_acc"] for view, row in table.items()}
+    return tables
+
+
+def full_budget_cell(row_name: str) -> str:
+    """The "full budget" cell of an ABLATION.md "What each ingredient buys" row."""
+    for line in (ROOT / "docs" / "ABLATION.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == row_name:
+            return cells[-1]
+    raise AssertionError(f"no row {row_name!r}")
+
+
+@pytest.mark.parametrize(
+    "row_name, view, against, enhanced_only",
+    [
+        ("TTA flip_rot90 instead of flip", "flip_rot90", "flip", True),
+        ("TTA flip_shift instead of flip", "flip_shift", "flip", False),
+        ("TTA flip instead of none", "flip", "none", False),
+    ],
+)
+def test_ablation_tta_rows_span_every_committed_full_run(row_name, view, against, enhanced_only):
+    """The TTA rows' full-budget ranges, run counts and positive counts are those of the committed TTA tables, so a
+    new run that widens a range cannot leave the table quoting the old one."""
+    tables = {k: t for k, t in committed_tta_tables().items() if not enhanced_only or k.startswith("enhanced")}
+    gains = [round(t[view] - t[against], 2) for t in tables.values()]
+    cell = full_budget_cell(row_name)
+    pattern = r"([+-][\d.]+) to ([+-][\d.]+) on (all )?(\d+) (?:enhanced )?runs(?: \((\d+) positive\))?"
+    match = re.fullmatch(pattern, cell)
+    assert match, cell
+    assert (float(match.group(1)), float(match.group(2))) == (min(gains), max(gains))
+    assert int(match.group(4)) == len(tables) >= 10
+    positive = sum(g > 0 for g in gains)
+    assert int(match.group(5)) == positive if match.group(5) else positive in (0, len(gains))
+
+
 # ---- Python version ---------------------------------------------------------------------------------------------
 def test_declared_python_is_the_one_ruff_checks_and_the_code_parses_with():
     config = (ROOT / "pyproject.toml").read_text()  # (tomllib is 3.11+)
