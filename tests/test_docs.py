@@ -1,6 +1,7 @@
 """What the documentation and --help say, checked against the code and the committed files: the recipes the docs
 quote exist, the README's headline rows are committed results and the shipped weights' own figure, the verify
-command parses, the declared Python version is the one the code needs, and --help files each flag where it acts."""
+command parses, ABLATION.md's TTA rows span every committed run's TTA table, the declared Python version is the one
+the code needs, and --help files each flag where it acts."""
 
 import ast
 import json
