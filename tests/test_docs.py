@@ -58,11 +58,20 @@ def test_each_docs_contents_list_every_section_with_its_anchor(doc):
 
 
 # ---- The README's first screen ---------------------------------------------------------------------------------
+def table_cells(doc) -> list[list[str]]:
+    """Each line of a markdown file split at its `|` into stripped cells (a line without one is one cell)."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in doc.read_text().splitlines()]
+
+
+def committed_summaries() -> dict:
+    """{run folder: summary.json} of every committed run."""
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted((ROOT / "results").glob("*/summary.json"))}
+
+
 def headline_rows() -> dict:
     """{script: (final %, TTA %)} of the README table's "this project" rows."""
     rows = {}
-    for line in (ROOT / "README.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
+    for cells in table_cells(ROOT / "README.md"):
         if len(cells) >= 4 and cells[0] in SCRIPTS and cells[1] == "this project":
             rows[cells[0]] = tuple(float(re.match(r"([\d.]+)%", c).group(1)) for c in cells[2:4])
     return rows
@@ -72,7 +81,7 @@ def test_readme_headline_rows_are_committed_runs():
     """Each "this project" row's final and TTA figures are one committed run's summary.json (of that script)."""
     rows = headline_rows()
     assert set(rows) == set(SCRIPTS)
-    runs = [json.loads(p.read_text()) for p in (ROOT / "results").glob("*/summary.json")]
+    runs = committed_summaries().values()
     for script, figures in rows.items():
         recorded = {(round(s["test_acc"], 2), round(s["test_acc_tta"], 2)) for s in runs if s["script"] == script}
         assert figures in recorded, (script, figures)
@@ -108,17 +117,16 @@ def test_the_recorded_verify_run_evaluated_todays_shipped_file():
 def committed_tta_tables() -> dict:
     """{run folder: {view set: test acc}} of every committed full run's final-weights TTA table."""
     tables = {}
-    for path in sorted((ROOT / "results").glob("*/summary.json")):
-        table = json.loads(path.read_text()).get("tta_table", {})
+    for run, summary in committed_summaries().items():
+        table = summary.get("tta_table", {})
         if {"none", "flip", "flip_rot90", "flip_shift"} <= set(table):
-            tables[path.parent.name] = {view: row["test_acc"] for view, row in table.items()}
+            tables[run] = {view: row["test_acc"] for view, row in table.items()}
     return tables
 
 
 def full_budget_cell(row_name: str) -> str:
     """The "full budget" cell of an ABLATION.md "What each ingredient buys" row."""
-    for line in (ROOT / "docs" / "ABLATION.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    for cells in table_cells(ROOT / "docs" / "ABLATION.md"):
         if cells[0] == row_name:
             return cells[-1]
     raise AssertionError(f"no row {row_name!r}")
