@@ -64,10 +64,11 @@ def load_checkpoint(path) -> dict:
 
 def eval_weights(state: dict) -> tuple[dict, str]:
     """The weights a checkpoint's run evaluated and reported, and which they are: the EMA when the run kept
-    one (its ModelEma state, `module.` prefix and `n_averaged` stripped), else the raw model."""
+    one (its ModelEma state, `module.` prefix and `n_averaged` stripped), else the raw model. A weights file
+    keeps the evaluated weights under "model" and says in `shipped` which they are."""
     ema = state.get("ema")
     if ema is None:
-        return state["model"], "model"
+        return state["model"], (state.get("shipped") or {}).get("evaluated", "model")
     prefix = "module."
     return {k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)}, "ema"
 
@@ -173,8 +174,10 @@ def prepare_output_dir(args, script: str) -> Path:
 def check_resumable(ckpt: dict, args, script: str, model_config: dict, world_size: int, must_match: tuple = ()):
     """Refuse (UserError) a checkpoint this run cannot continue: another model; another script's (its optimizer
     and schedule states differ); a setting in `must_match` changed (the settings whose saved optimizer or
-    scheduler state would silently win over the flag: the script names them); or, mid-epoch, anything that
-    decides that epoch's batch order. --test-only needs only the model to match. `args`: this run's flags."""
+    scheduler state would silently win over the flag: the script names them); a weight EMA added or dropped
+    (the reported average would cover part of the run, or best.pt would mix two kinds of weights); or, mid-epoch,
+    anything that decides that epoch's batch order. --test-only needs only the model to match. `args`: this run's
+    flags."""
     path, test_only = args.resume, args.test_only
     theirs = saved_model_config(ckpt)
     diff = [
@@ -190,6 +193,13 @@ def check_resumable(ckpt: dict, args, script: str, model_config: dict, world_siz
         raise UserError(
             f"checkpoint {path} was written by mobilenetv4_{ckpt.get('script')}.py: resume it with that "
             f"script (--test-only evaluates it with either)"
+        )
+    saved_ema, ema = ckpt.get("ema") is not None, bool(getattr(args, "model_ema", False))
+    if saved_ema != ema:
+        raise UserError(
+            f"checkpoint {path} trained {'with' if saved_ema else 'without'} a weight EMA (this run: "
+            f"{'with' if ema else 'without'}); the average must cover the whole run: resume "
+            f"{'with' if saved_ema else 'without'} --model-ema, or start a new run"
         )
     saved = {**ckpt["config"], "world_size": ckpt.get("world_size", 1)}
     mine = {**vars(args), "world_size": world_size}

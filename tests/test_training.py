@@ -584,6 +584,27 @@ def test_resume_refuses_optimizer_settings_the_checkpoint_overrides(script, flag
     assert res.code == 0, res.err
 
 
+def test_resume_refuses_adding_or_dropping_the_weight_ema(one_epoch_of_two, tiny_cifar, tmp_path):
+    """A resume without --model-ema dropped the checkpoint's average: the raw weights were evaluated from then on,
+    best.pt compared their accuracy with the average's best_acc, and summary.json said 'model'. Adding it part-way
+    started an average of the last epochs only, reported as the run's EMA. Both are refused in one line naming
+    the flag; the checkpoint is untouched."""
+    with_ema = tmp_path / "ema"
+    train("enhanced", tiny_cifar, with_ema, 1, "--model-ema", "--no-tta-table")
+    assert load(with_ema / "last.pt")["ema"] is not None
+    for ckpt, flags in ((with_ema / "last.pt", []), (one_epoch_of_two["enhanced"] / "last.pt", ["--model-ema"])):
+        before = ckpt.read_bytes()
+        args = [*TINY, "--data-dir", tiny_cifar, "--epochs", 2, "--deterministic", *flags, "--resume", ckpt]
+        res = run_main("enhanced", args)
+        assert res.code == 2, res.err
+        assert_one_error_line(res.err, "--model-ema")
+        assert ckpt.read_bytes() == before
+    # The checkpoint's own setting resumes, and the average goes on from the saved one.
+    again = tmp_path / "again"
+    train("enhanced", tiny_cifar, again, 2, "--model-ema", "--no-tta-table", "--resume", with_ema / "last.pt")
+    assert load(again / "last.pt")["ema"]["n_averaged"] > load(with_ema / "last.pt")["ema"]["n_averaged"]
+
+
 def test_fp16_loss_scale_survives_a_resume(tiny_cifar, tmp_path):
     """--amp fp16 keeps a GradScaler whose scale adapts over the run; a checkpoint without it restarted the scale
     at 2**16 on resume, so the next steps overflowed and were skipped: not the run that was interrupted."""
@@ -739,3 +760,11 @@ def test_a_config_of_the_other_script_is_refused(tmp_path):
     enhanced = next(p for p in COMMITTED if json.loads(p.read_text())["script"] == "enhanced")
     code, _, err = replayed_main("baseline", ["--config", enhanced])
     assert code == 2 and err.count("\n") == 1 and "lacks" in err and "betas" in err, err
+
+
+def test_best_pt_keeps_the_first_of_equally_accurate_epochs(tiny_cifar, tmp_path, monkeypatch):
+    """The README's 'best (epoch)' and headline.py's 'best + TTA' name the first epoch that reached the best
+    accuracy; with ties (a small test set makes them common), best.pt must hold that epoch, not a later one."""
+    monkeypatch.setattr(mnv4.evaluation.Evaluator, "epoch", lambda self: (1.0, 50.0))
+    train("enhanced", tiny_cifar, tmp_path / "run", 3, "--no-tta-table")
+    assert load(tmp_path / "run" / "best.pt")["epoch"] == 1 and load(tmp_path / "run" / "last.pt")["epoch"] == 3
