@@ -39,6 +39,7 @@ from mnv4.data import (
 )
 from mnv4.device import (
     AMP_MODES,
+    AMP_NAMES,
     DEVICES,
     autocast_dtype,
     cpu_model,
@@ -47,7 +48,9 @@ from mnv4.device import (
     device_warnings,
     peak_memory_mb,
     precision_context,
+    reduced_precision,
     rng_state,
+    seed_everything,
     select_device,
     set_rng_state,
     synchronize,

@@ -48,6 +48,18 @@ def step_time(model, batch_size, steps, device, channels_last, amp_dtype):
     return statistics.median(times)
 
 
+def step_options(device) -> dict:
+    """{label: (channels_last, autocast dtype)}: fp32 in both layouts, then the reduced precision the training
+    scripts' --amp auto picks (bf16 where native), in both layouts, unless torch would run it as fp32 or fail."""
+    options = {"fp32": (False, None), "fp32 channels_last": (True, None)}
+    dtype, why = common.reduced_precision(device)
+    if dtype is None:
+        print(f"no reduced-precision rows: {why}")
+        return options
+    name = common.AMP_NAMES[dtype]
+    return {**options, f"{name} autocast": (False, dtype), f"{name} channels_last": (True, dtype)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-b", "--batch-size", type=int, default=128)
@@ -57,14 +69,10 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the table, machine and commit to this JSON file")
     args = parser.parse_args(argv)
     device = common.select_device(args.device)
+    common.seed_everything(0, deterministic=False)  # cuDNN autotuned, as in every training run
     # Read when the measurement starts: the code measured is what the process loaded then, whatever changes meanwhile.
     provenance = common.provenance(device)
-    options = {
-        "fp32": (False, None),
-        "fp32 channels_last": (True, None),
-        "bf16 autocast": (False, torch.bfloat16),
-        "bf16 channels_last": (True, torch.bfloat16),
-    }
+    options = step_options(device)
     print(
         f"{args.variant}, CIFAR stem, batch {args.batch_size}, {device} ({common.device_name(device)}), "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.steps} steps"

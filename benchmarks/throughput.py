@@ -118,11 +118,18 @@ def timed(fn, repeats, device):
     return statistics.median(times)
 
 
-def loader_images(dataset, batch_size, workers):
-    """One pass over the dataset's full batches (the last partial batch is dropped, as ours drops it)."""
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=False
+def pil_loader(dataset, batch_size, workers):
+    """The notebook-style DataLoader over full batches (the last partial one is dropped, as ours drops it). Its
+    workers persist between timed passes: restarting them each pass (a fresh torch import per worker on macOS's
+    spawn) would be timed as data loading."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0
     )
+
+
+def loader_images(dataset, batch_size, workers):
+    """One pass over the dataset's full batches."""
+    loader = pil_loader(dataset, batch_size, workers)
 
     def run():
         for _ in loader:
@@ -192,9 +199,7 @@ def bench_training(data, device, steps, repeats, options, recipe):
     results = {}
     step = make_trainer(device, recipe)
     for workers in sorted({0, os.cpu_count() or 1}):
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True
-        )
+        loader = pil_loader(dataset, batch, workers)
 
         def notebook_epoch():
             for images, labels in loader:  # noqa: B023 (called in this iteration, with its own loader)
@@ -251,10 +256,11 @@ def training_options(device, quick):
         ("ours fp32, contiguous", {}),
         ("ours + channels_last", {"channels_last": True}),
     ]
-    if device.type in ("cpu", "mps") or torch.cuda.is_bf16_supported():
-        options.append(("ours + bf16 autocast", {"autocast_dtype": torch.bfloat16}))
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        options.append(("ours + fp16 autocast", {"autocast_dtype": torch.float16}))
+    dtype, why = common.reduced_precision(device)  # bf16 where native, else fp16 on a GPU; none where torch can't
+    if dtype is not None:
+        options.append((f"ours + {common.AMP_NAMES[dtype]} autocast", {"autocast_dtype": dtype}))
+    elif not quick:
+        print(f"no reduced-precision row: {why}")
     if not quick:
         options.append(("ours + channels_last + torch.compile", {"channels_last": True, "compile_model": True}))
     return options
@@ -317,6 +323,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         device = common.select_device(args.device)
+        common.seed_everything(0, deterministic=False)  # cuDNN autotuned, as in every training run
         data = common.load_cifar10(args.data_dir, download=False)
     except common.UserError as exc:
         parser.exit(2, f"error: {exc}\n")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .model import ATTENTION_VARIANTS
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -62,6 +63,10 @@ MPS_NEEDS = {
     # torch.mps.set_rng_state dropped the Philox offset (pytorch/pytorch#130613), so dropout and drop-path masks
     # after a resume differed from the uninterrupted run's.
     "resume": ((2, 5), "torch.mps.set_rng_state does not restore the Philox offset before it"),
+    # The attention's key/value projections get their gradients transposed (channels_last strides); torch 2.5's MPS
+    # convolution backward gave wrong input gradients for those on macOS 13-14 and failed on macOS 15
+    # (pytorch/pytorch#142344, fixed by #143196); earlier releases are not verified here.
+    "attention": ((2, 6), "its convolution backward gave the attention blocks wrong gradients before it"),
 }
 
 
@@ -132,6 +137,17 @@ def check_precision(device: torch.device, dtype: torch.dtype | None):
 AMP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def reduced_precision(device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype a benchmark's reduced-precision rows time on `device` (bf16; fp16 on a GPU without
+    native bf16, as --amp auto picks), or (None, why) where this torch or device would run them as fp32 or fail."""
+    try:
+        dtype = autocast_dtype(device, "auto" if device.type == "cuda" else "bf16")
+        check_precision(device, dtype)
+    except UserError as exc:
+        return None, str(exc)
+    return dtype, ""
+
+
 def check_exact_resume(device: torch.device):
     """A mid-epoch checkpoint resumes exactly only where the device's random state can be restored."""
     if device.type == "mps":
@@ -151,12 +167,19 @@ def device_warnings(device: torch.device, args) -> list[str]:
             "--compile on MPS is a prototype in PyTorch, with known failures in backward: drop "
             "--compile if training fails or its losses look wrong"
         )
-    if device.type == "mps" and args.channels_last:
-        warnings_.append(
-            "--channels-last on MPS makes convolution backward much slower in PyTorch's MPS backend "
-            "(hence off by default there): drop it unless you measured otherwise"
-        )
     return warnings_
+
+
+def check_mps_training(device: torch.device, variant: str):
+    """Refuse, in one line, training a variant with attention blocks on an MPS torch that computes their gradients
+    wrongly (MPS_NEEDS["attention"])."""
+    if device.type != "mps" or variant not in ATTENTION_VARIANTS:
+        return
+    supported, reason = mps_supports("attention")
+    if not supported:
+        raise UserError(
+            f"training {variant} (attention blocks) on MPS {reason}: upgrade torch, or train a conv_* variant"
+        )
 
 
 def default_channels_last(device: torch.device) -> bool:
@@ -226,7 +249,9 @@ def seed_everything(seed: int, deterministic: bool):
     if deterministic:
         # cuBLAS needs this for deterministic matmuls; the user's own setting wins.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+    # Set either way: several main() calls may share a process, and a --deterministic run must not leave the next
+    # one deterministic.
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def device_name(device: torch.device) -> str:
@@ -268,6 +293,15 @@ def run_device(args, dist) -> tuple[torch.device, torch.dtype | None, bool]:
         raise UserError(
             f"--sync-bn needs CUDA (SyncBatchNorm runs on CUDA devices only), not {device.type}: drop --sync-bn"
         )
+    if device.type == "mps" and args.channels_last:
+        # PyTorch's MPS BatchNorm backward gave wrong weight gradients for channels_last inputs (silently on macOS
+        # 14; pytorch/pytorch#175189) and its convolution backward mishandled channels_last gradients (#142344).
+        raise UserError(
+            "--channels-last on MPS: PyTorch's MPS BatchNorm and convolution backward have computed wrong "
+            "gradients for channels_last tensors: drop --channels-last (contiguous is the default there)"
+        )
+    if not args.test_only:
+        check_mps_training(device, args.variant)
     amp_dtype = autocast_dtype(device, args.amp)
     check_precision(device, amp_dtype)
     dist.init(device)

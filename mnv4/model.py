@@ -71,6 +71,9 @@ BLOCK_TABLES = {
 
 
 VARIANTS = tuple(BLOCK_TABLES)
+ATTENTION_VARIANTS = tuple(
+    name for name, table in BLOCK_TABLES.items() if any(s.kind == "mqa" for stage in table["stages"] for s in stage)
+)
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU}

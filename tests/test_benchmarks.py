@@ -22,6 +22,7 @@ import throughput  # noqa: E402
 
 import common  # noqa: E402
 import mnv4.batches  # noqa: E402
+import mnv4.device  # noqa: E402
 import mnv4.provenance  # noqa: E402
 import mobilenetv4_enhanced  # noqa: E402
 
@@ -446,3 +447,60 @@ def test_throughput_records_the_commit_it_started_from(throughput_run):
     """The code a benchmark measures is the code it loaded at its start: a commit (or an edit) made while it runs,
     which can take most of an hour, must not be what its JSON names."""
     assert throughput_run.saved["provenance"]["git_commit"] == throughput_run.start_commit
+
+
+def fake_device_torch(monkeypatch, version, native_bf16=True):
+    """An MPS that torch `version` drives, and a CUDA GPU whose bf16 is native or only emulated (a T4, a V100);
+    autocast is taken as working wherever the project's own checks allow it (no GPU here to try it on)."""
+    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
+    bf16 = lambda including_emulation=True: native_bf16 or including_emulation  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16)
+    monkeypatch.setattr(mnv4.device, "check_precision", lambda device, dtype: None)
+
+
+@pytest.mark.parametrize(
+    "device, version, native_bf16, amp",
+    [
+        ("cpu", "2.4.1", True, "bf16"),
+        ("cuda", "2.4.1", True, "bf16"),
+        ("cuda", "2.4.1", False, "fp16"),  # emulated bf16 runs far slower than fp16: the row a training run gets
+        ("mps", "2.6.0", True, "bf16"),
+        ("mps", "2.5.1", True, None),  # torch turns bf16 autocast off on MPS before 2.6: the row would time fp32
+        ("mps", "2.4.1", True, None),  # no MPS autocast at all: the row failed
+    ],
+)
+def test_benchmark_precision_rows_time_the_precision_they_name(device, version, native_bf16, amp, monkeypatch):
+    """The reduced-precision rows of both training benchmarks: bf16 where it runs natively, fp16 on a GPU whose
+    bf16 is emulated, and no row (with the reason printed) where torch would run fp32 under the label or fail."""
+    fake_device_torch(monkeypatch, version, native_bf16)
+    device = torch.device(device)
+    throughput_rows = {name for name, kwargs in throughput.training_options(device, True) if "autocast" in name}
+    step_rows = {name for name, (_, dtype) in model_step.step_options(device).items() if dtype is not None}
+    if amp is None:
+        assert throughput_rows == step_rows == set()
+        assert "needs torch 2.6" in common.reduced_precision(device)[1]
+        return
+    assert throughput_rows == {f"ours + {amp} autocast"}
+    assert step_rows == {f"{amp} autocast", f"{amp} channels_last"}
+
+
+def test_benchmarks_run_cudnn_autotuned_as_training_does(tmp_path, monkeypatch):
+    """Every training run seeds through mnv4.device.seed_everything, which turns cuDNN's autotuner on; the
+    benchmarks never did, so their CUDA figures timed cuDNN's default algorithms, not what training runs."""
+    calls = []
+    monkeypatch.setattr(common, "seed_everything", lambda seed, deterministic: calls.append(deterministic))
+    tiny_models(monkeypatch, "baseline")
+    model_step.main(["-b", "2", "--steps", "1", "--device", "cpu"])
+    with pytest.raises(SystemExit):  # a missing data folder: it has set up the device by then
+        throughput.main(["--quick", "--device", "cpu", "--data-dir", str(tmp_path / "missing")])
+    assert calls == [False, False]
+
+
+def test_pil_loader_keeps_its_workers_between_passes(tiny_cifar):
+    """Each timed pass over the notebook-style loader used to start its workers again: on macOS (spawn) that is a
+    fresh torch import per worker per pass, timed as data loading."""
+    data = common.load_cifar10(tiny_cifar, download=False).subset(8)
+    dataset = throughput.PilCifar(data.train_images, data.train_labels, script_augmentation("project"))
+    assert throughput.pil_loader(dataset, 4, 2).persistent_workers is True
+    assert throughput.pil_loader(dataset, 4, 0).persistent_workers is False
