@@ -73,15 +73,22 @@ def read_run(folder: Path) -> dict:
     if not rows:
         raise common.UserError(f"{folder}/metrics.csv has no epoch yet: wait for the run's first epoch")
 
-    def summary(path):
-        return json.loads(path.read_text()) if path.is_file() else None
+    def summary(path, row):
+        """The file at `path` if it describes `row`'s epoch (same epoch count and test accuracy), else None: a run
+        that went on after it (--resume with more --epochs) or was trained again into the folder (--overwrite)
+        leaves the old file behind."""
+        found = json.loads(path.read_text()) if path.is_file() else None
+        describes = found and found["epochs_completed"] == row["epoch"] and found["test_acc"] == row["test_acc"]
+        return found if describes else None
 
+    evaluated = [r for r in rows if not math.isnan(r["test_acc"])]  # --eval-every leaves NaN in skipped epochs
+    best = max(evaluated, key=lambda r: r["test_acc"])  # the first of equals, as best.pt keeps it
     return {
         "folder": folder,
         "config": config,
         "rows": rows,
-        "summary": summary(folder / "summary.json"),
-        "best_eval": summary(folder / "eval-best" / "summary.json"),
+        "summary": summary(folder / "summary.json", rows[-1]),
+        "best_eval": summary(folder / "eval-best" / "summary.json", best),
     }
 
 

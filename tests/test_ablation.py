@@ -64,7 +64,9 @@ with open(spec["calls"], "a") as f:
     f.write(json.dumps({"script": script, "key": key, "seed": seed, "argv": argv, "cwd": os.getcwd()}) + "\n")
 out.mkdir(parents=True, exist_ok=True)
 print(f"stub {script} {key} seed {seed}", flush=True)
-config = {"script": script, "args": {"epochs": epochs, "seed": seed}}
+budget = {k: int(flag(f"--{k.replace('_', '-')}")) if flag(f"--{k.replace('_', '-')}") else None
+          for k in ("max_train_samples", "max_test_samples")}
+config = {"script": script, "args": {"epochs": epochs, "seed": seed, **budget}}
 (out / "config.json").write_text(json.dumps(config))
 action = spec["actions"].get(f"{key}/{seed}", spec["actions"].get(key))
 
@@ -670,13 +672,22 @@ def test_failed_runs_are_reported_and_the_rest_goes_on(tmp_path, stub):
 # ---------------------------------------------------------------------------------------------------
 # Refusals before any training
 # ---------------------------------------------------------------------------------------------------
-def test_a_folder_with_other_settings_is_refused(tmp_path, stub, capsys):
-    run_ablation("--configs", "baseline", "--seeds", "0", "--epochs", "1", "--output-dir", str(tmp_path))
+@pytest.mark.parametrize(
+    "flag, first, then", [("--epochs", 1, 2), ("--max-train-samples", 64, 32), ("--max-test-samples", 32, 16)]
+)
+def test_a_folder_with_other_settings_is_refused(flag, first, then, tmp_path, stub, capsys):
+    """A run at another budget (epochs, training or test images) is another run: never counted as done."""
+    common_flags = ["--configs", "baseline", "--seeds", "0", "--output-dir", str(tmp_path)]
+
+    def budget(value):
+        return [str(a) for pair in {"--epochs": 1, flag: value}.items() for a in pair]
+
+    run_ablation(*common_flags, *budget(first))
     n = len(stub.calls())
     with pytest.raises(SystemExit) as exc:
-        run_ablation("--configs", "baseline", "--seeds", "0", "--epochs", "2", "--output-dir", str(tmp_path))
+        run_ablation(*common_flags, *budget(then))
     assert exc.value.code == 2 and len(stub.calls()) == n == 1
-    assert "--epochs 1 (now 2)" in capsys.readouterr().err
+    assert f"{flag} {first} (now {then})" in capsys.readouterr().err
 
 
 def test_settings_are_compared_by_value_not_by_recipe_name(tmp_path, stub, capsys):

@@ -281,6 +281,28 @@ def test_a_run_still_training_shows_its_last_epoch(learned, tmp_path):
     assert row["final"] == f"{float(read_metrics(run / 'metrics.csv')[-1]['test_acc']):.2f}"
 
 
+def test_results_files_from_another_point_of_the_run_are_not_quoted(learned, tmp_path):
+    """summary.json and eval-best/ stay in a folder when the run goes on (--resume with more --epochs) or another
+    run is trained into it (--overwrite): the row quoted the old run's TTA figure beside the new final accuracy,
+    and the chart plotted it. Each file counts only when it describes the epoch its column names."""
+    run = tmp_path / "run"
+    shutil.copytree(learned[0], run, ignore=shutil.ignore_patterns("eval-*"))
+    metrics = (run / "metrics.csv").read_text().splitlines()
+    last = metrics[-1].split(",")
+    last[0], last[4] = str(int(last[0]) + 1), "99.5"  # one more epoch, trained after summary.json was written
+    (run / "metrics.csv").write_text("\n".join([*metrics, ",".join(last)]) + "\n")
+    best = run / "eval-best"
+    best.mkdir()
+    summary = json.loads((run / "summary.json").read_text())
+    (best / "summary.json").write_text(json.dumps(summary))  # the end of the run, not its best epoch (99.5)
+    code, out, err = call([run, "--output-dir", tmp_path / "report"])
+    assert code == 0, err
+    row = cells(out)[0]
+    assert row["final"] == "99.50" and row["final + TTA"] == "in progress"
+    assert row["best on test set (epoch)"] == f"99.50 ({last[0]})" and row["best on test set + TTA"] == "-"
+    assert headline.read_run(run)["summary"] is None
+
+
 def test_a_folder_without_a_run_is_one_error_line(tmp_path):
     code, _, err = call([tmp_path, "--output-dir", tmp_path / "report"])
     assert code == 2
