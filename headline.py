@@ -31,6 +31,7 @@ import json
 import math
 import shlex
 import statistics
+import sys
 from pathlib import Path
 
 import common
@@ -76,17 +77,29 @@ def read_run(folder: Path) -> dict:
     def summary(path, row):
         """The file at `path` if it describes `row`'s epoch (same epoch count and test accuracy), else None: a run
         that went on after it (--resume with more --epochs) or was trained again into the folder (--overwrite)
-        leaves the old file behind."""
-        found = json.loads(path.read_text()) if path.is_file() else None
-        describes = found and found["epochs_completed"] == row["epoch"] and found["test_acc"] == row["test_acc"]
-        return found if describes else None
+        leaves the old file behind, and an evaluation on another device or precision can differ by a few images.
+        A file left out is named on stderr, so a missing figure is not read as never measured."""
+        if not path.is_file() or row is None:
+            return None
+        found = json.loads(path.read_text())
+        if found["epochs_completed"] == row["epoch"] and found["test_acc"] == row["test_acc"]:
+            return found
+        print(
+            f"note: {path} (epoch {found['epochs_completed']}, {found['test_acc']:.2f}%) is not quoted: it does not "
+            f"describe epoch {int(row['epoch'])} of metrics.csv ({row['test_acc']:.2f}%)",
+            file=sys.stderr,
+        )
+        return None
 
     evaluated = [r for r in rows if not math.isnan(r["test_acc"])]  # --eval-every leaves NaN in skipped epochs
-    best = max(evaluated, key=lambda r: r["test_acc"])  # the first of equals, as best.pt keeps it
+    # The first of equals, as best.pt keeps it; None before the first evaluated epoch.
+    best = max(evaluated, key=lambda r: r["test_acc"], default=None)
     return {
         "folder": folder,
         "config": config,
         "rows": rows,
+        "final": evaluated[-1] if evaluated else None,
+        "best": best,
         "summary": summary(folder / "summary.json", rows[-1]),
         "best_eval": summary(folder / "eval-best" / "summary.json", best),
     }
@@ -158,8 +171,7 @@ def short_commit(commit) -> str:
 def row_cells(run: dict) -> list[str]:
     config, rows, summary, best_eval = run["config"], run["rows"], run["summary"], run["best_eval"]
     script, planned = config["script"], config["args"]["epochs"]
-    evaluated = [r for r in rows if not math.isnan(r["test_acc"])]  # --eval-every leaves NaN in skipped epochs
-    best = max(evaluated, key=lambda r: r["test_acc"])  # the first of equals, as best.pt keeps it
+    final, best = run["final"], run["best"]
     tta = config["args"]["tta"]
     final_tta = f"{acc(summary['test_acc_tta'])} ({tta})" if summary else "in progress"
     best_tta = f"{acc(best_eval['test_acc_tta'])} ({best_eval['tta']})" if best_eval else "-"
@@ -176,9 +188,9 @@ def row_cells(run: dict) -> list[str]:
         f"{len(rows)} / {planned}",
         f"{size['params'] / 1e6:.2f} M" if size else "-",
         f"{size['macs'] / 1e6:.1f} M" if size else "-",
-        acc(evaluated[-1]["test_acc"]),
+        acc(final["test_acc"] if final else None),
         final_tta,
-        f"{acc(best['test_acc'])} ({int(best['epoch'])})",
+        f"{acc(best['test_acc'])} ({int(best['epoch'])})" if best else "-",
         best_tta,
         hours(sum(r["epoch_time_s"] for r in rows)),
         f"{statistics.median(r['img_per_s'] for r in rows):.0f}",

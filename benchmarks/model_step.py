@@ -49,15 +49,21 @@ def step_time(model, batch_size, steps, device, channels_last, amp_dtype):
 
 
 def step_options(device) -> dict:
-    """{label: (channels_last, autocast dtype)}: fp32 in both layouts, then the reduced precision the training
-    scripts' --amp auto picks (bf16 where native), in both layouts, unless torch would run it as fp32 or fail."""
-    options = {"fp32": (False, None), "fp32 channels_last": (True, None)}
+    """{label: (channels_last, autocast dtype)}: fp32, then the reduced precision training can run here (bf16, or
+    fp16 on a GPU without native bf16; none where torch would run it as fp32 or fail), each contiguous and in
+    channels_last where training allows that layout (not on MPS)."""
     dtype, why = common.reduced_precision(device)
     if dtype is None:
         print(f"no reduced-precision rows: {why}")
-        return options
-    name = common.AMP_NAMES[dtype]
-    return {**options, f"{name} autocast": (False, dtype), f"{name} channels_last": (True, dtype)}
+    precisions = {"fp32": None} if dtype is None else {"fp32": None, common.AMP_NAMES[dtype]: dtype}
+    options = {}
+    for name, amp_dtype in precisions.items():
+        options[name if amp_dtype is None else f"{name} autocast"] = (False, amp_dtype)
+        if common.channels_last_allowed(device):
+            options[f"{name} channels_last"] = (True, amp_dtype)
+    if not common.channels_last_allowed(device):
+        print(f"no channels_last rows: {common.MPS_CHANNELS_LAST}")
+    return options
 
 
 def main(argv=None):

@@ -251,18 +251,20 @@ def training_options(device, quick):
         "channels_last": common.default_channels_last(device),
         "autocast_dtype": common.autocast_dtype(device, "auto"),
     }
-    options = [
-        (DEFAULTS_NAME, defaults),
-        ("ours fp32, contiguous", {}),
-        ("ours + channels_last", {"channels_last": True}),
-    ]
+    options = [(DEFAULTS_NAME, defaults), ("ours fp32, contiguous", {})]
+    layouts = common.channels_last_allowed(device)
+    if layouts:
+        options.append(("ours + channels_last", {"channels_last": True}))
+    elif not quick:
+        print(f"no channels_last rows: {common.MPS_CHANNELS_LAST}")
     dtype, why = common.reduced_precision(device)  # bf16 where native, else fp16 on a GPU; none where torch can't
     if dtype is not None:
         options.append((f"ours + {common.AMP_NAMES[dtype]} autocast", {"autocast_dtype": dtype}))
     elif not quick:
         print(f"no reduced-precision row: {why}")
     if not quick:
-        options.append(("ours + channels_last + torch.compile", {"channels_last": True, "compile_model": True}))
+        compiled = "ours + channels_last + torch.compile" if layouts else "ours + torch.compile"
+        options.append((compiled, {"channels_last": layouts, "compile_model": True}))
     return options
 
 

@@ -182,10 +182,24 @@ def check_mps_training(device: torch.device, variant: str):
         )
 
 
+# Why channels_last is refused on MPS, in training and evaluation alike: PyTorch's MPS BatchNorm backward gave wrong
+# weight gradients for channels_last inputs (silently on macOS 14), its convolution backward mishandled
+# channels_last gradients, and its forward convolution read channel slices of channels_last tensors wrongly.
+MPS_CHANNELS_LAST = (
+    "PyTorch's MPS kernels have computed wrong results for channels_last tensors (BatchNorm and convolution backward: "
+    "pytorch/pytorch#175189, #142344; convolution of channel slices: #180984)"
+)
+
+
+def channels_last_allowed(device: torch.device) -> bool:
+    """Whether a run (or a benchmark row) may use channels_last on `device`: everywhere but MPS (MPS_CHANNELS_LAST)."""
+    return device.type != "mps"
+
+
 def default_channels_last(device: torch.device) -> bool:
     """channels_last: faster for a Conv-S training step on the CPU (oneDNN; docs/PERFORMANCE.md, model training
-    step), and the layout cuDNN prefers for depthwise and 1x1 convs; off on MPS, where PyTorch's convolution
-    backward is much slower with it."""
+    step), and the layout cuDNN prefers for depthwise and 1x1 convs; never on MPS (MPS_CHANNELS_LAST), where its
+    convolution backward is also many times slower (pytorch/pytorch#193349)."""
     return device.type in ("cuda", "cpu")
 
 
@@ -293,12 +307,9 @@ def run_device(args, dist) -> tuple[torch.device, torch.dtype | None, bool]:
         raise UserError(
             f"--sync-bn needs CUDA (SyncBatchNorm runs on CUDA devices only), not {device.type}: drop --sync-bn"
         )
-    if device.type == "mps" and args.channels_last:
-        # PyTorch's MPS BatchNorm backward gave wrong weight gradients for channels_last inputs (silently on macOS
-        # 14; pytorch/pytorch#175189) and its convolution backward mishandled channels_last gradients (#142344).
+    if args.channels_last and not channels_last_allowed(device):
         raise UserError(
-            "--channels-last on MPS: PyTorch's MPS BatchNorm and convolution backward have computed wrong "
-            "gradients for channels_last tensors: drop --channels-last (contiguous is the default there)"
+            f"--channels-last on MPS: {MPS_CHANNELS_LAST}: drop --channels-last (contiguous is the default there)"
         )
     if not args.test_only:
         check_mps_training(device, args.variant)

@@ -482,12 +482,34 @@ def test_benchmark_precision_rows_time_the_precision_they_name(device, version, 
         assert "needs torch 2.6" in common.reduced_precision(device)[1]
         return
     assert throughput_rows == {f"ours + {amp} autocast"}
-    assert step_rows == {f"{amp} autocast", f"{amp} channels_last"}
+    assert step_rows == {f"{amp} autocast"} | ({f"{amp} channels_last"} if device.type != "mps" else set())
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
+def test_benchmarks_time_channels_last_only_where_training_allows_it(device, monkeypatch):
+    """Training refuses --channels-last on MPS (wrong results there, mnv4.device.run_device): a benchmark row with
+    it would time a configuration nobody can train."""
+    fake_device_torch(monkeypatch, "2.14.1")
+    device = torch.device(device)
+    layouts = {kwargs.get("channels_last", False) for _, kwargs in throughput.training_options(device, False)}
+    layouts |= {channels_last for channels_last, _ in model_step.step_options(device).values()}
+    assert layouts == ({False} if device.type == "mps" else {False, True})
+
+
+def test_the_reduced_precision_rows_are_dropped_where_autocast_stays_off(monkeypatch):
+    """torch turns an autocast it cannot run off with a warning (mnv4.device.check_precision): the row would time
+    fp32 under a bf16 label."""
+
+    def autocast_stays_off(device, dtype):
+        raise common.UserError("--amp bf16: autocast stayed off")
+
+    monkeypatch.setattr(mnv4.device, "check_precision", autocast_stays_off)
+    assert common.reduced_precision(torch.device("cpu")) == (None, "--amp bf16: autocast stayed off")
 
 
 def test_benchmarks_run_cudnn_autotuned_as_training_does(tmp_path, monkeypatch):
-    """Every training run seeds through mnv4.device.seed_everything, which turns cuDNN's autotuner on; the
-    benchmarks never did, so their CUDA figures timed cuDNN's default algorithms, not what training runs."""
+    """Every training run seeds through mnv4.device.seed_everything, which turns cuDNN's autotuner on: a benchmark
+    that skipped it would time cuDNN's default algorithms on CUDA, not what training runs."""
     calls = []
     monkeypatch.setattr(common, "seed_everything", lambda seed, deterministic: calls.append(deterministic))
     tiny_models(monkeypatch, "baseline")
@@ -498,8 +520,8 @@ def test_benchmarks_run_cudnn_autotuned_as_training_does(tmp_path, monkeypatch):
 
 
 def test_pil_loader_keeps_its_workers_between_passes(tiny_cifar):
-    """Each timed pass over the notebook-style loader used to start its workers again: on macOS (spawn) that is a
-    fresh torch import per worker per pass, timed as data loading."""
+    """A loader that starts its workers again for each timed pass would time, on macOS (spawn), a fresh torch
+    import per worker per pass as data loading."""
     data = common.load_cifar10(tiny_cifar, download=False).subset(8)
     dataset = throughput.PilCifar(data.train_images, data.train_labels, script_augmentation("project"))
     assert throughput.pil_loader(dataset, 4, 2).persistent_workers is True

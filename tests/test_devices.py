@@ -699,17 +699,36 @@ def test_torch_release_reads_major_and_minor():
     assert mnv4.device.torch_release("2.5") == (2, 5)
 
 
-def test_channels_last_on_mps_is_refused(monkeypatch):
+@pytest.mark.parametrize("test_only", [False, True])
+def test_channels_last_on_mps_is_refused(test_only, monkeypatch):
     """PyTorch's MPS BatchNorm backward gave wrong weight gradients for channels_last inputs (pytorch/pytorch#175189,
-    silent on macOS 14) and its convolution backward mishandled channels_last gradients (#142344): a forced
-    --channels-last on MPS was only warned about as slow. Refused now; the default layout there is contiguous."""
+    silent on macOS 14), its convolution backward mishandled channels_last gradients (#142344), and its forward
+    convolution read channel slices of channels_last tensors wrongly (#180984): evaluation is refused as well as
+    training. The default layout there is contiguous."""
     fake_mps(monkeypatch)
-    args = mobilenetv4_enhanced.parse_args(["--device", "mps", "--channels-last"])
+    args = mobilenetv4_enhanced.parse_args(
+        ["--device", "mps", "--channels-last", *(["--test-only", "--resume", "best.pt"] * test_only)]
+    )
     with pytest.raises(common.UserError) as refused:
         mnv4.device.run_device(args, common.Distributed({}))
     assert "\n" not in str(refused.value) and "drop --channels-last" in str(refused.value)
+    assert "#180984" in str(refused.value)
     cpu = mobilenetv4_enhanced.parse_args(["--device", "cpu", "--channels-last"])
     assert mnv4.device.run_device(cpu, common.Distributed({}))[2] is True
+
+
+def test_evaluating_attention_on_mps_is_not_refused(monkeypatch):
+    """The attention check is about gradients: --test-only of hybrid_medium on an MPS torch older than 2.6 runs."""
+    fake_mps(monkeypatch)
+    with_torch(monkeypatch, "2.5.1")
+    evaluate = mobilenetv4_enhanced.parse_args(
+        ["--device", "mps", "--variant", "hybrid_medium", "--test-only", "--resume", "b.pt"]
+    )
+    device, _, channels_last = mnv4.device.run_device(evaluate, common.Distributed({}))
+    assert device.type == "mps" and channels_last is False
+    train = mobilenetv4_enhanced.parse_args(["--device", "mps", "--variant", "hybrid_medium"])
+    with pytest.raises(common.UserError, match="needs torch 2.6"):
+        mnv4.device.run_device(train, common.Distributed({}))
 
 
 @pytest.mark.parametrize("version, refused", [("2.4.1", True), ("2.5.1", True), ("2.6.0", False), ("2.14.1", False)])

@@ -201,7 +201,7 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
 def test_weights_file_holds_the_evaluated_weights_and_reproduces_the_runs_accuracy(checkpoint_of, tiny_cifar, tmp_path):
     """--weights keeps the weights the run evaluated (here its EMA) in fp32 with the run's record, loads with
     weights_only=True, and --test-only on it scores exactly what the run logged for its last epoch, reporting the
-    weights as the EMA they are (they were labelled 'model', the raw weights, once stored in the file)."""
+    weights as the EMA they are, not as 'model' (the raw weights)."""
     checkpoint = checkpoint_of("conv_small")
     outcome = export_cli("--checkpoint", checkpoint, "--weights", tmp_path / "w.pt", "--run-name", "tiny")
     assert outcome.code == 0, outcome.err

@@ -303,6 +303,39 @@ def test_results_files_from_another_point_of_the_run_are_not_quoted(learned, tmp
     assert headline.read_run(run)["summary"] is None
 
 
+def test_a_folder_trained_again_to_the_same_epoch_is_not_quoted_and_says_why(learned, tmp_path):
+    """--overwrite trains a new run into the folder: until it ends, the old summary.json has the same epoch count
+    as the new run's metrics.csv, but another accuracy. The row must not quote it, and the report says which file
+    it left out and why (a figure silently missing from the table reads as never measured)."""
+    run = tmp_path / "run"
+    shutil.copytree(learned[0], run, ignore=shutil.ignore_patterns("eval-*"))
+    metrics = (run / "metrics.csv").read_text().splitlines()
+    last = metrics[-1].split(",")
+    last[4] = "99.5"  # the new run's accuracy at the epoch the old summary.json describes
+    (run / "metrics.csv").write_text("\n".join([*metrics[:-1], ",".join(last)]) + "\n")
+    code, out, err = call([run, "--output-dir", tmp_path / "report"])
+    assert code == 0, err
+    assert cells(out)[0]["final + TTA"] == "in progress"
+    assert f"{run / 'summary.json'}" in err and "not quoted" in err
+
+
+def test_a_run_with_no_evaluated_epoch_yet_is_a_row_not_a_traceback(learned, tmp_path):
+    """With --eval-every N the epochs before the first evaluation log NaN test accuracy: a run read then has no
+    accuracy to quote, which the row says with dashes."""
+    run = tmp_path / "run"
+    shutil.copytree(learned[0], run, ignore=shutil.ignore_patterns("eval-*"))
+    (run / "summary.json").unlink()
+    metrics = (run / "metrics.csv").read_text().splitlines()
+    first = metrics[1].split(",")
+    first[3] = first[4] = "nan"
+    (run / "metrics.csv").write_text("\n".join([metrics[0], ",".join(first)]) + "\n")
+    code, out, err = call([run, "--output-dir", tmp_path / "report", "--curves"])
+    assert code == 0, err
+    row = cells(out)[0]
+    assert row["final"] == "-" and row["best on test set (epoch)"] == "-"
+    assert row["epochs"].startswith("1 / ")
+
+
 def test_a_folder_without_a_run_is_one_error_line(tmp_path):
     code, _, err = call([tmp_path, "--output-dir", tmp_path / "report"])
     assert code == 2
