@@ -364,7 +364,7 @@ def test_provenance_names_the_code_the_libraries_and_the_machine():
     }
     machine = record["machine"]
     assert machine["device"] == "cpu" and machine["cpu_count"] == os.cpu_count()
-    assert machine["device_name"] == (platform.processor() or platform.machine())
+    assert machine["device_name"] == common.device_name(torch.device("cpu"))
     names = [
         line.split(":", 1)[1].strip()
         for line in Path("/proc/cpuinfo").read_text().splitlines()

@@ -502,6 +502,16 @@ def test_mac_chip_is_recorded(monkeypatch):
     assert common.device_name(torch.device("mps")) == "Apple M4 (MPS)"
 
 
+def test_a_cpu_run_records_the_cpu_its_vector_unit_and_threads(monkeypatch):
+    """The same CPU name ("AMD EPYC") covers machines whose epochs differ by tens of percent: one with AVX-512,
+    one with AVX2 only. A run's config.json (each resumed segment too) must tell them apart, and say how many
+    threads the epoch ran on."""
+    monkeypatch.setattr(mnv4.device, "cpu_model", lambda: "AMD EPYC")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    assert common.device_name(torch.device("cpu")) == "AMD EPYC, AVX512, 7 threads"
+
+
 def test_peak_memory_on_mps_is_not_invented():
     """PyTorch keeps no peak for MPS: report none rather than the current allocation under a peak's name."""
     assert common.peak_memory_mb(torch.device("mps")) is None
