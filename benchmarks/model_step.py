@@ -5,7 +5,8 @@ read from their own parsers, so the figures follow them; `--variant` swaps the b
 with each layout / precision option (median of several steps after warm-up, synchronised), so the defaults can be
 chosen by measurement. The JSON records each model's configuration beside its figures.
 
-    python benchmarks/model_step.py [--batch-size 128] [--steps 8] [--device auto] [--variant conv_small] [--json PATH]
+    python benchmarks/model_step.py [--batch-size 128] [--steps 8] [--device auto] [--variant conv_small]
+        [--fp32-only] [--json PATH]
 """
 
 import argparse
@@ -48,11 +49,11 @@ def step_time(model, batch_size, steps, device, channels_last, amp_dtype):
     return statistics.median(times)
 
 
-def step_options(device) -> dict:
+def step_options(device, reduced_precision: bool = True) -> dict:
     """{label: (channels_last, autocast dtype)}: fp32, then the reduced precision training can run here (bf16, or
     fp16 on a GPU without native bf16; none where torch would run it as fp32 or fail), each contiguous and in
     channels_last where training allows that layout (not on MPS)."""
-    dtype, why = common.reduced_precision(device)
+    dtype, why = common.reduced_precision(device) if reduced_precision else (None, "--fp32-only")
     if dtype is None:
         print(f"no reduced-precision rows: {why}")
     precisions = {"fp32": None} if dtype is None else {"fp32": None, common.AMP_NAMES[dtype]: dtype}
@@ -72,13 +73,18 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--device", default="auto", choices=common.DEVICES)
     parser.add_argument("--variant", default="conv_small", choices=common.VARIANTS)
+    parser.add_argument(
+        "--fp32-only",
+        action="store_true",
+        help="leave out the reduced-precision rows (on a CPU without native bf16 they run many times slower)",
+    )
     parser.add_argument("--json", default=None, help="also write the table, machine and commit to this JSON file")
     args = parser.parse_args(argv)
     device = common.select_device(args.device)
     common.seed_everything(0, deterministic=False)  # cuDNN autotuned, as in every training run
     # Read when the measurement starts: the code measured is what the process loaded then, whatever changes meanwhile.
     provenance = common.provenance(device)
-    options = step_options(device)
+    options = step_options(device, reduced_precision=not args.fp32_only)
     print(
         f"{args.variant}, CIFAR stem, batch {args.batch_size}, {device} ({common.device_name(device)}), "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.steps} steps"
@@ -98,6 +104,7 @@ def main(argv=None):
             "batch_size": args.batch_size,
             "steps": args.steps,
             "threads": torch.get_num_threads(),
+            "fp32_only": args.fp32_only,
             "models": {name: model.config for name, model in models.items()},
             "results": rows,
         }

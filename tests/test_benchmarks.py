@@ -257,6 +257,15 @@ def test_model_step_main_saves_every_option_with_its_provenance(tmp_path, monkey
     assert saved["batch_size"] == 4 and saved["steps"] == 1 and saved["provenance"]["machine"]["device"] == "cpu"
 
 
+def test_model_step_fp32_only_times_the_layouts_alone(tmp_path, monkeypatch):
+    """On a CPU without native bf16 (AVX2 only) each bf16 step takes many times an fp32 one: --fp32-only compares
+    the layouts without waiting for rows known to lose, and the JSON says the rows were left out."""
+    tiny_models(monkeypatch, "baseline")
+    model_step.main(["-b", "2", "--steps", "1", "--device", "cpu", "--fp32-only", "--json", str(tmp_path / "s.json")])
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert {r["option"] for r in saved["results"]} == {"fp32", "fp32 channels_last"} and saved["fp32_only"] is True
+
+
 def test_inference_benchmark_reports_both_runtimes(tmp_path, tiny_inference):
     """benchmarks/inference.py on one tiny model: every figure positive, speedups are ratios of the figures, and
     the exported model agrees with PyTorch."""
