@@ -271,7 +271,7 @@ def seed_everything(seed: int, deterministic: bool):
 def device_name(device: torch.device) -> str:
     """What a run's figures were measured on: the GPU's name, the Mac's chip (MPS), or the CPU with the vector
     instructions torch's kernels use and the threads it runs (one CPU name can cover machines with and without
-    AVX-512, whose epochs differ by tens of percent)."""
+    AVX-512, which train at different speeds)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":

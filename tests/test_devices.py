@@ -503,9 +503,8 @@ def test_mac_chip_is_recorded(monkeypatch):
 
 
 def test_a_cpu_run_records_the_cpu_its_vector_unit_and_threads(monkeypatch):
-    """The same CPU name ("AMD EPYC") covers machines whose epochs differ by tens of percent: one with AVX-512,
-    one with AVX2 only. A run's config.json (each resumed segment too) must tell them apart, and say how many
-    threads the epoch ran on."""
+    """The same CPU name ("AMD EPYC") covers machines that train at different speeds, with AVX-512 or AVX2 only: a
+    run's config.json (each resumed segment too) must tell them apart, and say how many threads it ran on."""
     monkeypatch.setattr(mnv4.device, "cpu_model", lambda: "AMD EPYC")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
