@@ -56,14 +56,15 @@ def step_options(device, reduced_precision: bool = True) -> dict:
     dtype, why = common.reduced_precision(device) if reduced_precision else (None, "--fp32-only")
     if dtype is None:
         print(f"no reduced-precision rows: {why}")
+    channels_last_ok = common.channels_last_allowed(device)
+    if not channels_last_ok:
+        print(f"no channels_last rows: {common.MPS_CHANNELS_LAST}")
     precisions = {"fp32": None} if dtype is None else {"fp32": None, common.AMP_NAMES[dtype]: dtype}
     options = {}
     for name, amp_dtype in precisions.items():
         options[name if amp_dtype is None else f"{name} autocast"] = (False, amp_dtype)
-        if common.channels_last_allowed(device):
+        if channels_last_ok:
             options[f"{name} channels_last"] = (True, amp_dtype)
-    if not common.channels_last_allowed(device):
-        print(f"no channels_last rows: {common.MPS_CHANNELS_LAST}")
     return options
 
 

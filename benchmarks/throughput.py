@@ -252,8 +252,8 @@ def training_options(device, quick):
         "autocast_dtype": common.autocast_dtype(device, "auto"),
     }
     options = [(DEFAULTS_NAME, defaults), ("ours fp32, contiguous", {})]
-    layouts = common.channels_last_allowed(device)
-    if layouts:
+    channels_last_ok = common.channels_last_allowed(device)
+    if channels_last_ok:
         options.append(("ours + channels_last", {"channels_last": True}))
     elif not quick:
         print(f"no channels_last rows: {common.MPS_CHANNELS_LAST}")
@@ -263,8 +263,8 @@ def training_options(device, quick):
     elif not quick:
         print(f"no reduced-precision row: {why}")
     if not quick:
-        compiled = "ours + channels_last + torch.compile" if layouts else "ours + torch.compile"
-        options.append((compiled, {"channels_last": layouts, "compile_model": True}))
+        compiled = "ours + channels_last + torch.compile" if channels_last_ok else "ours + torch.compile"
+        options.append((compiled, {"channels_last": channels_last_ok, "compile_model": True}))
     return options
 
 

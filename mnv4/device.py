@@ -200,7 +200,7 @@ def default_channels_last(device: torch.device) -> bool:
     """channels_last: faster for a Conv-S training step on the CPU (oneDNN; docs/PERFORMANCE.md, model training
     step), and the layout cuDNN prefers for depthwise and 1x1 convs; never on MPS (MPS_CHANNELS_LAST), where its
     convolution backward is also many times slower (pytorch/pytorch#193349)."""
-    return device.type in ("cuda", "cpu")
+    return channels_last_allowed(device)
 
 
 def synchronize(device: torch.device):
